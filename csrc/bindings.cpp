@@ -1,0 +1,396 @@
+// pybind11 module bitswitch._C: thin declarations over the ops glue.
+//
+// Array arguments may be numpy arrays (ml_dtypes.bfloat16 included), torch CPU tensors
+// or anything exporting DLPack (MLX arrays); each is turned into a TensorView without a
+// copy. The GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "bitswitch/format.h"
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "dlpack.h"
+#include "ops.h"
+
+namespace py = pybind11;
+namespace bs = bitswitch;
+namespace fmt = bitswitch::format;
+
+#ifndef BITSWITCH_VERSION
+#define BITSWITCH_VERSION "0.0.0"
+#endif
+
+namespace {
+
+// A TensorView plus whatever keeps its memory alive while an op runs.
+struct Arg {
+  bs::TensorView v;
+  py::object keep;
+  bs::dlpack::ManagedTensor* managed = nullptr;
+  Arg() = default;
+  Arg(const Arg&) = delete;
+  Arg& operator=(const Arg&) = delete;
+  ~Arg() {
+    if (managed && managed->deleter) managed->deleter(managed);  // runs with the GIL held
+  }
+};
+
+// A weight's arrays, converted once.
+struct PackedWeight {
+  Arg plane0, plane1, scales, biases;
+  bs::WeightViews w;
+  // torch tensors can have their storage swapped (Tensor.set_, .data =); holding the
+  // storages keeps every pointer above valid for as long as this object lives.
+  std::vector<py::object> storages;
+};
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+std::string arg_prefix(const char* op, const char* name) { return std::string(op) + ": " + name + " "; }
+
+// torch is optional: its types are looked up once torch has been imported (a module in
+// sys.modules), never imported from here.
+struct TorchTypes {
+  bool ready = false;
+  py::object tensor, f32, bf16, f16, u32;
+};
+
+TorchTypes& torch_types() {
+  static TorchTypes* t = new TorchTypes();  // leaked: must outlive interpreter teardown
+  if (!t->ready) {
+    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // new ref or null, no import
+    if (torch == nullptr) {
+      PyErr_Clear();
+      return *t;
+    }
+    py::object mod = py::reinterpret_steal<py::object>(torch);
+    if (py::hasattr(mod, "Tensor") && py::hasattr(mod, "uint32")) {
+      t->tensor = mod.attr("Tensor");
+      t->f32 = mod.attr("float32");
+      t->bf16 = mod.attr("bfloat16");
+      t->f16 = mod.attr("float16");
+      t->u32 = mod.attr("uint32");
+      t->ready = true;
+    }
+  }
+  return *t;
+}
+
+bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
+  TorchTypes& t = torch_types();
+  if (!t.ready || !py::isinstance(obj, t.tensor)) return false;
+  bs::TensorView& v = a.v;
+  py::object dt = obj.attr("dtype");
+  v.dtype_known = true;
+  if (dt.is(t.f32)) v.dtype = bs::DType::kFloat32;
+  else if (dt.is(t.bf16)) v.dtype = bs::DType::kBFloat16;
+  else if (dt.is(t.f16)) v.dtype = bs::DType::kFloat16;
+  else if (dt.is(t.u32)) v.dtype = bs::DType::kUInt32;
+  else {
+    v.dtype_known = false;
+    v.dtype_name = py::str(dt);
+  }
+  v.device = obj.attr("is_cpu").ptr() == Py_True ? bs::Device::kCPU
+             : obj.attr("is_cuda").ptr() == Py_True ? bs::Device::kCUDA
+                                                     : bs::Device::kOther;
+  // is_contiguous() is cheaper than building the stride tuple; a non-contiguous tensor is
+  // rejected by every op, so its exact strides are never needed.
+  py::tuple sh = obj.attr("shape");
+  if (sh.size() > size_t(bs::TensorView::kMaxDims))
+    throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
+  v.ndim = int(sh.size());
+  const bool contiguous = obj.attr("is_contiguous")().ptr() == Py_True;
+  int64_t expect = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.shape[i] = PyLong_AsLongLong(sh[i].ptr());
+    v.strides[i] = contiguous ? expect : -1;
+    expect *= v.shape[i];
+  }
+  v.data = PyLong_AsVoidPtr(obj.attr("data_ptr")().ptr());
+  v.writable = true;
+  a.keep = py::reinterpret_borrow<py::object>(obj);
+  return true;
+}
+
+// numpy type numbers of the accepted dtypes; bfloat16 comes from ml_dtypes (registered
+// at run time, so its number is looked up once).
+struct NumpyTypes {
+  int f32, f16, u32, bf16 = -1;
+};
+
+const NumpyTypes& numpy_types() {
+  static const NumpyTypes t = [] {
+    NumpyTypes r;
+    r.f32 = py::dtype::of<float>().num();
+    r.f16 = py::dtype("float16").num();
+    r.u32 = py::dtype::of<uint32_t>().num();
+    try {
+      r.bf16 = py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")).num();
+    } catch (const py::error_already_set&) {
+    }
+    return r;
+  }();
+  return t;
+}
+
+bool from_numpy(py::handle obj, Arg& a, const char* op, const char* name) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  py::array arr = py::reinterpret_borrow<py::array>(obj);
+  bs::TensorView& v = a.v;
+  const NumpyTypes& nt = numpy_types();
+  py::dtype dt = arr.dtype();
+  const int num = dt.num();
+  const auto size = dt.itemsize();
+  v.dtype_known = true;
+  if (num == nt.f32) v.dtype = bs::DType::kFloat32;
+  else if (num == nt.f16) v.dtype = bs::DType::kFloat16;
+  else if (num == nt.u32) v.dtype = bs::DType::kUInt32;
+  else if (num == nt.bf16) v.dtype = bs::DType::kBFloat16;
+  else {
+    v.dtype_known = false;
+    v.dtype_name = py::str(dt);
+  }
+  if (arr.ndim() > bs::TensorView::kMaxDims) throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
+  v.ndim = int(arr.ndim());
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = arr.shape(i);
+    // numpy strides are in bytes; a stride that is not a whole element is never contiguous.
+    v.strides[i] = size > 0 && arr.strides(i) % size == 0 ? arr.strides(i) / size : -1;
+  }
+  v.data = const_cast<void*>(arr.data());
+  v.writable = arr.writeable();
+  v.device = bs::Device::kCPU;
+  a.keep = arr;
+  return true;
+}
+
+bool from_dlpack(py::handle obj, Arg& a, const char* op, const char* name) {
+  if (!py::hasattr(obj, "__dlpack__")) return false;
+  py::object cap = obj.attr("__dlpack__")();
+  PyObject* c = cap.ptr();
+  if (!PyCapsule_IsValid(c, "dltensor"))
+    throw bs::TypeError(arg_prefix(op, name) + "exported an unsupported DLPack capsule");
+  auto* mt = static_cast<bs::dlpack::ManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+  PyCapsule_SetName(c, "used_dltensor");  // consumed: we call the deleter
+  a.managed = mt;
+  const bs::dlpack::Tensor& t = mt->dl_tensor;
+  bs::TensorView& v = a.v;
+  const auto& d = t.dtype;
+  v.dtype_known = d.lanes == 1;
+  if (d.code == bs::dlpack::kDLFloat && d.bits == 32) v.dtype = bs::DType::kFloat32, v.dtype_name = "float32";
+  else if (d.code == bs::dlpack::kDLFloat && d.bits == 16) v.dtype = bs::DType::kFloat16, v.dtype_name = "float16";
+  else if (d.code == bs::dlpack::kDLBfloat && d.bits == 16) v.dtype = bs::DType::kBFloat16, v.dtype_name = "bfloat16";
+  else if (d.code == bs::dlpack::kDLUInt && d.bits == 32) v.dtype = bs::DType::kUInt32, v.dtype_name = "uint32";
+  else {
+    v.dtype_known = false;
+    const char* kinds[] = {"int", "uint", "float", "?", "bfloat"};
+    v.dtype_name = std::string(d.code <= 4 ? kinds[d.code] : "?") + std::to_string(d.bits);
+  }
+  if (t.ndim > bs::TensorView::kMaxDims || t.ndim < 0)
+    throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
+  v.ndim = t.ndim;
+  int64_t expect = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.shape[i] = t.shape[i];
+    v.strides[i] = t.strides ? t.strides[i] : expect;
+    expect *= t.shape[i];
+  }
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.writable = false;  // DLPack producers here (MLX) treat their arrays as immutable
+  v.device = t.device.device_type == bs::dlpack::kDLCPU ? bs::Device::kCPU
+             : t.device.device_type == bs::dlpack::kDLCUDA ? bs::Device::kCUDA
+                                                            : bs::Device::kOther;
+  a.keep = std::move(cap);
+  return true;
+}
+
+// Fills `a` from a numpy array, torch tensor or DLPack exporter.
+void to_arg(py::handle obj, Arg& a, const char* op, const char* name) {
+  if (from_numpy(obj, a, op, name) || from_torch(obj, a, op, name) || from_dlpack(obj, a, op, name)) return;
+  throw bs::TypeError(arg_prefix(op, name) +
+                      "must be a numpy array, a torch tensor or an array exporting DLPack (MLX), got " +
+                      type_name(obj));
+}
+
+py::dict cpu_info() {
+  const auto& f = bs::cpu::cpu_features();
+  py::dict d;
+  d["vendor"] = f.vendor;
+  d["brand"] = f.brand;
+  py::dict feats;
+  feats["avx2"] = f.avx2;
+  feats["fma"] = f.fma;
+  feats["f16c"] = f.f16c;
+  feats["avx512f"] = f.avx512f;
+  feats["avx512bw"] = f.avx512bw;
+  feats["avx512dq"] = f.avx512dq;
+  feats["avx512vl"] = f.avx512vl;
+  feats["avx512vnni"] = f.avx512vnni;
+  feats["avx512bf16"] = f.avx512bf16;
+  feats["avx_vnni"] = f.avx_vnni;
+  feats["amx_tile"] = f.amx_tile;
+  feats["amx_bf16"] = f.amx_bf16;
+  feats["amx_int8"] = f.amx_int8;
+  feats["os_avx"] = f.os_ymm;
+  feats["os_avx512"] = f.os_zmm;
+  feats["os_amx"] = f.os_amx;
+  d["features"] = feats;
+  py::dict variants;
+  for (auto v : {bs::cpu::Variant::kScalar, bs::cpu::Variant::kAvx2, bs::cpu::Variant::kAvx512}) {
+    std::string why;
+    const bool ok = bs::cpu::variant_supported(v, &why);
+    variants[bs::cpu::variant_name(v)] = ok ? py::object(py::str("ok")) : py::object(py::str(why));
+  }
+  d["variants"] = variants;
+  d["best"] = bs::cpu::variant_name(bs::cpu::best_variant());
+  bs::cpu::Variant active;
+  std::string why;
+  d["active"] = bs::cpu::active_variant(&active, &why) ? py::object(py::str(bs::cpu::variant_name(active)))
+                                                       : py::object(py::none());
+  d["active_error"] = why;
+  d["avx512_emulated"] = bs::cpu::avx512_emulated();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bitswitch native CPU kernels (framework-free; see bitswitch.ops for the Python API)";
+  m.attr("__version__") = BITSWITCH_VERSION;
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const bs::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const bs::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  py::module_ f = m.def_submodule("format", "Constants of the nibble-plane format (csrc/include/bitswitch/format.h)");
+  f.attr("PLANE_BITS") = fmt::kPlaneBits;
+  f.attr("VALUES_PER_WORD") = fmt::kValuesPerWord;
+  f.attr("CODE_MAX") = fmt::kCodeMax;
+  f.attr("MAX_PLANES") = fmt::kMaxPlanes;
+  f.attr("GROUP_SIZES") = py::make_tuple(fmt::kGroupSize32, fmt::kGroupSize64, fmt::kGroupSize128);
+  f.attr("BITS") = py::make_tuple(fmt::kInt4Bits, fmt::kInt8Bits);
+  f.attr("RESIDUAL_DIVISOR") = fmt::kResidualDivisor;
+  f.attr("RESIDUAL_CENTER") = fmt::kResidualCenter;
+
+  py::class_<PackedWeight>(m, "PackedWeight", R"doc(A weight's arrays resolved once for repeated qmatmul_packed calls.
+
+Holds references to plane0, plane1 (or None), scales and biases and their validated
+views, so a call converts only x and out. The arrays must not be resized or moved while
+it is in use (build a new one if they are replaced).)doc")
+      .def(py::init([](py::handle plane0, py::handle plane1, py::handle scales, py::handle biases,
+                       int64_t group_size) {
+             auto pw = std::make_unique<PackedWeight>();
+             const char* op = "PackedWeight";
+             to_arg(plane0, pw->plane0, op, "plane0");
+             pw->w.has_plane1 = !plane1.is_none();
+             if (pw->w.has_plane1) to_arg(plane1, pw->plane1, op, "plane1");
+             to_arg(scales, pw->scales, op, "scales");
+             to_arg(biases, pw->biases, op, "biases");
+             pw->w.plane0 = pw->plane0.v;
+             pw->w.plane1 = pw->plane1.v;
+             pw->w.scales = pw->scales.v;
+             pw->w.biases = pw->biases.v;
+             pw->w.group_size = group_size;
+             bs::validate_weight(op, pw->w);
+             for (py::handle h : {plane0, plane1, scales, biases})
+               if (!h.is_none() && py::hasattr(h, "untyped_storage"))
+                 pw->storages.push_back(h.attr("untyped_storage")());
+             return pw;
+           }),
+           py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"), py::arg("group_size"))
+      .def_property_readonly("shape", [](const PackedWeight& p) {
+        return py::make_tuple(p.w.plane0.shape[0], p.w.plane0.shape[1] * fmt::kValuesPerWord);
+      })
+      .def_property_readonly("has_plane1", [](const PackedWeight& p) { return p.w.has_plane1; });
+
+  m.def(
+      "qmatmul",
+      [](py::handle x, py::handle plane0, py::handle plane1, py::handle scales, py::handle biases,
+         int64_t group_size, int64_t bits, py::handle out) {
+        const char* op = "qmatmul";
+        Arg ax, ap0, ap1, as, ab, ao;
+        to_arg(x, ax, op, "x");
+        to_arg(plane0, ap0, op, "plane0");
+        bs::WeightViews w;
+        w.has_plane1 = !plane1.is_none();
+        if (w.has_plane1) to_arg(plane1, ap1, op, "plane1");
+        to_arg(scales, as, op, "scales");
+        to_arg(biases, ab, op, "biases");
+        to_arg(out, ao, op, "out");
+        w.plane0 = ap0.v;
+        w.plane1 = ap1.v;
+        w.scales = as.v;
+        w.biases = ab.v;
+        w.group_size = group_size;
+        py::gil_scoped_release nogil;
+        bs::qmatmul(ax.v, w, bits, ao.v);
+      },
+      py::arg("x"), py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"),
+      py::arg("group_size"), py::arg("bits"), py::arg("out"),
+      R"doc(out[M, N] = x[M, K] @ W[N, K]^T for a nibble-plane weight W.
+
+x: float32/bfloat16/float16 [M, K]; plane0, plane1: uint32 [N, K/8] (plane1 may be None,
+then only bits=4 is possible); scales, biases: [N, K/group_size], one float dtype; out:
+[M, N] of x's dtype, written in place. bits 4 reads plane 0 (w = s*q + b), bits 8 reads
+both planes (w = s*q + b + s/16*(r - 7.5)). All arrays C-contiguous and in CPU memory.)doc");
+
+  m.def(
+      "qmatmul_packed",
+      [](py::handle x, const PackedWeight& pw, int64_t bits, py::handle out) {
+        const char* op = "qmatmul";
+        Arg ax, ao;
+        to_arg(x, ax, op, "x");
+        to_arg(out, ao, op, "out");
+        py::gil_scoped_release nogil;
+        bs::qmatmul(ax.v, pw.w, bits, ao.v);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bits"), py::arg("out"),
+      "qmatmul with a PackedWeight: only x and out are converted per call.");
+
+  m.def(
+      "read_stream",
+      [](py::handle buffer) {
+        Arg a;
+        to_arg(buffer, a, "read_stream", "buffer");
+        py::gil_scoped_release nogil;
+        return bs::read_stream(a.v);
+      },
+      py::arg("buffer"), "Reads the whole buffer on every pool thread (the read-bandwidth anchor); returns a checksum.");
+
+  m.def("cpu_info", &cpu_info, "CPU vendor, brand, features, which kernel variants run here and the active one.");
+  m.def(
+      "set_cpu_variant",
+      [](const std::string& name) {
+        std::string why;
+        if (!bs::cpu::set_variant(name, &why)) throw bs::ValueError("set_cpu_variant: " + why);
+      },
+      py::arg("name"),
+      "Forces the kernel variant ('scalar', 'avx2', 'avx512'); '' returns to BITSWITCH_CPU or automatic.");
+  m.def(
+      "cpu_variant",
+      []() {
+        bs::cpu::Variant v;
+        std::string why;
+        if (!bs::cpu::active_variant(&v, &why)) throw bs::ValueError(why);
+        return std::string(bs::cpu::variant_name(v));
+      },
+      "The kernel variant ops use now.");
+  m.def("num_threads", &bs::cpu::num_threads_setting, "Threads the kernels use.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 0 || n > 4096) throw bs::ValueError("set_num_threads: n must be 0 (automatic) .. 4096, got " + std::to_string(n));
+        bs::cpu::set_num_threads(n);
+      },
+      py::arg("n"), "Sets the kernel thread count (0: BITSWITCH_NUM_THREADS or all CPUs of this process).");
+}

@@ -1,0 +1,113 @@
+// AVX2 + FMA + F16C variant of qmatmul.
+//
+// Small M (decode): an integer GEMV that streams the weights once at memory bandwidth.
+// x is prepared once per call (x86_common.h) as 15-bit integers split into two int8
+// halves, so each 32 plane bytes (64 weights) cost two nibble masks and four vpmaddubsw
+// per x row. vpmaddubsw adds pairs of u8*s8 products in int16: with codes <= 15 and
+// |x half| <= 128 a pair stays below 3840, and two pairs below 7680, so nothing
+// saturates; the INT8 view must keep its planes apart because a whole 8-bit code
+// (<= 255) would.
+//
+// Large M (prefill): dequantized float32 panels and a 6x16 FMA micro-kernel
+// (x86_qmatmul.h), 12 accumulators + 2 panel rows + 1 broadcast of 16 ymm registers.
+#include "x86_qmatmul.h"
+
+namespace bitswitch {
+namespace cpu {
+namespace {
+
+// Scales of the 8 lanes of chunk c (0 or 1) of a step; sc points at the step's first group.
+template <int G, DType SD>
+inline __m256 scale_lanes(const void* sc, int c) {
+  if (G == 128) return _mm256_set1_ps(load_scale<SD>(sc, 0));
+  if (G == 64) return _mm256_set1_ps(load_scale<SD>(sc, c));
+  const __m128 lo = _mm_set1_ps(load_scale<SD>(sc, 2 * c));
+  const __m128 hi = _mm_set1_ps(load_scale<SD>(sc, 2 * c + 1));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+
+struct Avx2 {
+  using Acc = __m256;
+  // x rows per GEMV pass: 8 accumulators plus temporaries fit 16 ymm registers.
+  static constexpr int kMaxMT = 2;
+  static constexpr int kMR = 6, kNR = 16;
+
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static float hsum(Acc v) { return cpu::hsum(v); }
+
+  // One 128-element step (two 64-element chunks) for kRows weight rows and MT x rows.
+  // w0, w1: per weight row, the step's 16 words of plane 0 / plane 1.
+  // sc: per weight row, the step's first scale.  xq, xl: per x row, the step's prepped
+  // bytes and lanes.  acc: [weight row][x row], 8 partial sums each.
+  template <int BITS, int G, DType SD, int MT>
+  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const void* const* sc,
+                   const int8_t* const* xq, const float* const* xl, Acc (&acc)[kRows][MT]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m256i x256 = _mm256_set1_epi16(256);
+    for (int c = 0; c < 2; ++c) {
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0[r] + 8 * c));
+        const __m256i L = _mm256_and_si256(p, m4);
+        const __m256i H = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
+        __m256i L1 = L, H1 = H;
+        if (BITS == fmt::kInt8Bits) {
+          const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1[r] + 8 * c));
+          L1 = _mm256_and_si256(p1, m4);
+          H1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
+        }
+        const __m256 sl = scale_lanes<G, SD>(sc[r], c);
+        for (int t = 0; t < MT; ++t) {
+          // xv: [xe_hi 0..1 | xo_hi 2..3 | xe_lo 4..5 | xo_lo 6..7], 32 bytes each.
+          const __m256i* xv = reinterpret_cast<const __m256i*>(xq[t]);
+          const __m256i ehi = _mm256_load_si256(xv + c), ohi = _mm256_load_si256(xv + 2 + c);
+          const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
+          const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(L, ehi), _mm256_maddubs_epi16(H, ohi));
+          const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
+          __m256i i32;
+          if (BITS == fmt::kInt8Bits) {
+            const __m256i rhi = _mm256_add_epi16(_mm256_maddubs_epi16(L1, ehi), _mm256_maddubs_epi16(H1, ohi));
+            const __m256i rlo = _mm256_add_epi16(_mm256_maddubs_epi16(L1, elo), _mm256_maddubs_epi16(H1, olo));
+            // code 16q + r against v = 256*hi + lo: 4096*q.hi + 16*q.lo + 256*r.hi + r.lo.
+            i32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(4096)),
+                                                    _mm256_madd_epi16(lo, _mm256_set1_epi16(16))),
+                                   _mm256_add_epi32(_mm256_madd_epi16(rhi, x256), _mm256_madd_epi16(rlo, one)));
+          } else {
+            i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, x256), _mm256_madd_epi16(lo, one));
+          }
+          const __m256 f = _mm256_mul_ps(sl, _mm256_load_ps(xl[t] + 8 * c));
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), f, acc[r][t]);
+        }
+      }
+    }
+  }
+
+  // c[MRt x 16] += x[MRt x klen] @ panel[klen x 16]; x rows ldx apart, c rows ldc apart.
+  template <int MRt>
+  static void micro(const float* x, int64_t ldx, const float* panel, int64_t klen, float* c, int64_t ldc) {
+    __m256 acc[MRt][2];
+    for (int i = 0; i < MRt; ++i) {
+      acc[i][0] = _mm256_loadu_ps(c + i * ldc);
+      acc[i][1] = _mm256_loadu_ps(c + i * ldc + 8);
+    }
+    for (int64_t k = 0; k < klen; ++k) {
+      const __m256 b0 = _mm256_load_ps(panel + k * kNR), b1 = _mm256_load_ps(panel + k * kNR + 8);
+      for (int i = 0; i < MRt; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
+        acc[i][0] = _mm256_fmadd_ps(xv, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xv, b1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < MRt; ++i) {
+      _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+      _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+    }
+  }
+};
+
+}  // namespace
+
+Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool) { return qmatmul_x86<Avx2>(a, pool); }
+
+}  // namespace cpu
+}  // namespace bitswitch

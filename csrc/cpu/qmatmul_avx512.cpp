@@ -1,0 +1,113 @@
+// AVX-512 (F, BW, DQ, VL) + VNNI variant of qmatmul.
+//
+// Small M: the integer GEMV of the AVX2 unit with one 64-byte step per weight row and
+// vpdpbusd, which multiplies unsigned by signed bytes and sums four products straight
+// into int32. With no int16 intermediate to saturate, the INT8 view packs its two planes
+// into one 8-bit code c = 16q + r (a shift and an OR per plane) and needs the same four
+// dot products per step as the INT4 view.
+//
+// Large M: dequantized float32 panels and an 8x32 FMA micro-kernel (16 accumulators).
+//
+// Built with BITSWITCH_EMULATE_AVX512 the 512-bit intrinsics map onto portable code
+// (avx512_emulation.h) so this unit's logic is tested on CPUs without AVX-512.
+#if defined(BITSWITCH_EMULATE_AVX512)
+#include "avx512_emulation.h"
+#endif
+
+#include "x86_qmatmul.h"
+
+namespace bitswitch {
+namespace cpu {
+namespace {
+
+// Scales of the 16 lanes of a step; sc points at the step's first group.
+template <int G, DType SD>
+inline __m512 scale_lanes(const void* sc) {
+  if (G == 128) return _mm512_set1_ps(load_scale<SD>(sc, 0));
+  if (G == 64)
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(load_scale<SD>(sc, 0))),
+                              _mm256_set1_ps(load_scale<SD>(sc, 1)), 1);
+  __m128 v;
+  if (SD == DType::kFloat32) {
+    v = _mm_loadu_ps(static_cast<const float*>(sc));
+  } else if (SD == DType::kBFloat16) {
+    const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(sc)));
+    v = _mm_castsi128_ps(_mm_slli_epi32(u, 16));
+  } else {
+    v = _mm_cvtph_ps(_mm_loadl_epi64(static_cast<const __m128i*>(sc)));
+  }
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+
+struct Avx512 {
+  using Acc = __m512;
+  // x rows per GEMV pass: 16 accumulators plus per-row codes and temporaries fit 32 zmm.
+  static constexpr int kMaxMT = 4;
+  static constexpr int kMR = 8, kNR = 32;
+
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static float hsum(Acc v) {
+    return cpu::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  }
+
+  // One 128-element step for kRows weight rows and MT x rows (arguments as in the AVX2 unit).
+  template <int BITS, int G, DType SD, int MT>
+  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const void* const* sc,
+                   const int8_t* const* xq, const float* const* xl, Acc (&acc)[kRows][MT]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i p = _mm512_loadu_si512(w0[r]);
+      __m512i ce = _mm512_and_si512(p, m4);                        // even elements
+      __m512i co = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);  // odd elements
+      if (BITS == fmt::kInt8Bits) {
+        // Every byte holds a value below 16, so shifting 16-bit lanes by 4 cannot carry
+        // into the neighbouring byte.
+        const __m512i p1 = _mm512_loadu_si512(w1[r]);
+        ce = _mm512_or_si512(_mm512_slli_epi16(ce, 4), _mm512_and_si512(p1, m4));
+        co = _mm512_or_si512(_mm512_slli_epi16(co, 4), _mm512_and_si512(_mm512_srli_epi16(p1, 4), m4));
+      }
+      const __m512 sl = scale_lanes<G, SD>(sc[r]);
+      for (int t = 0; t < MT; ++t) {
+        const __m512i* xv = reinterpret_cast<const __m512i*>(xq[t]);  // xe_hi, xo_hi, xe_lo, xo_lo
+        const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
+                                               _mm512_load_si512(xv + 1));
+        const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
+                                               _mm512_load_si512(xv + 3));
+        const __m512i i32 = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+        const __m512 f = _mm512_mul_ps(sl, _mm512_load_ps(xl[t]));
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), f, acc[r][t]);
+      }
+    }
+  }
+
+  // c[MRt x 32] += x[MRt x klen] @ panel[klen x 32].
+  template <int MRt>
+  static void micro(const float* x, int64_t ldx, const float* panel, int64_t klen, float* c, int64_t ldc) {
+    __m512 acc[MRt][2];
+    for (int i = 0; i < MRt; ++i) {
+      acc[i][0] = _mm512_loadu_ps(c + i * ldc);
+      acc[i][1] = _mm512_loadu_ps(c + i * ldc + 16);
+    }
+    for (int64_t k = 0; k < klen; ++k) {
+      const __m512 b0 = _mm512_load_ps(panel + k * kNR), b1 = _mm512_load_ps(panel + k * kNR + 16);
+      for (int i = 0; i < MRt; ++i) {
+        const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
+        acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(xv, b1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < MRt; ++i) {
+      _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+      _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+    }
+  }
+};
+
+}  // namespace
+
+Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool) { return qmatmul_x86<Avx512>(a, pool); }
+
+}  // namespace cpu
+}  // namespace bitswitch

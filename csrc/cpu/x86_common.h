@@ -1,0 +1,315 @@
+// AVX2-level building blocks shared by the AVX2 and AVX-512 translation units.
+//
+// Everything here has internal linkage: each ISA unit is compiled with its own flags and
+// gets its own copy, so no function compiled for AVX-512 can be picked by the linker
+// for a caller on an AVX2-only CPU.
+//
+// Activation layout for the integer GEMV ("x prep"). One 128-element step of a row of x
+// is stored as 256 bytes:
+//     [ xe_hi[64] | xo_hi[64] | xe_lo[64] | xo_lo[64] ]
+// where xe/xo are the even/odd elements of the step (a plane byte holds an even element
+// in its low nibble and the next odd one in its high nibble, so permuting x once per
+// call lets the weights be used as loaded), and every element is a 15-bit integer
+// v = round(x / dx) split as v = 256*hi + lo with hi, lo both int8. Two int8 dot
+// products then give float-grade accuracy (~2e-5 relative) instead of int8's ~1e-2.
+// dx is per group of G elements. Per step, 16 float "lanes" hold dx of the group each
+// 32-bit lane of a dot product falls into (lane L covers elements 8L..8L+7 of the step).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "bitswitch/format.h"
+#include "convert.h"
+#include "kernels.h"
+
+namespace bitswitch {
+namespace cpu {
+namespace {
+
+namespace fmt = bitswitch::format;
+
+// Elements per x-prep step: one 64-byte cache line of one plane row.
+constexpr int64_t kStep = 128;
+constexpr int64_t kStepWords = kStep / fmt::kValuesPerWord;  // 16 uint32 per plane row
+constexpr int64_t kStepBytes = 256;                           // prepped int8 bytes per step
+constexpr int kLanes = 16;                                    // float lanes per step
+// Largest |v| of the split representation: hi = round(v / 256) must stay <= 127.
+constexpr float kXMax = 127.0f * 256.0f + 127.0f;
+
+static_assert(kStep % fmt::kMaxGroupSize == 0, "a step holds whole groups");
+static_assert(kLanes * 8 == kStep, "each 32-bit lane of a step covers 8 elements");
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// 8 floats from p[0..7] of type t.
+inline __m256 load8(const void* p, DType t) {
+  switch (t) {
+    case DType::kBFloat16: {
+      __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    }
+    case DType::kFloat16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(p));
+  }
+}
+
+// Stores 8 floats to p[0..7] as type t (round to nearest even).
+inline void store8(void* p, DType t, __m256 v) {
+  switch (t) {
+    case DType::kBFloat16: {
+      __m256i u = _mm256_castps_si256(v);
+      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+      // NaN must stay NaN (the rounding add could carry it into infinity).
+      __m256 isnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+      __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(isnan));
+      __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(static_cast<__m128i*>(p), packed);
+      break;
+    }
+    case DType::kFloat16:
+      _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      break;
+    default:
+      _mm256_storeu_ps(static_cast<float*>(p), v);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// In-place transpose of an 8x8 float block held in 8 registers.
+inline void transpose8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// ---------------------------------------------------------------------------------------
+// x prep for the integer GEMV.
+
+struct XPrep {
+  uint8_t* base = nullptr;  // row m starts at base + m * row_bytes
+  int64_t row_bytes = 0;
+  int64_t steps = 0;        // ceil(K / kStep); the last step is zero-padded
+  int64_t groups = 0;       // K / G
+  int64_t lanes_off = 0;    // float lanes: [steps][kLanes]
+  int64_t xsum_off = 0;     // float per-group sums of x: [groups]
+
+  const int8_t* q(int64_t m, int64_t step) const {
+    return reinterpret_cast<const int8_t*>(base + m * row_bytes + step * kStepBytes);
+  }
+  const float* lanes(int64_t m, int64_t step) const {
+    return reinterpret_cast<const float*>(base + m * row_bytes + lanes_off) + step * kLanes;
+  }
+  const float* xsum(int64_t m) const {
+    return reinterpret_cast<const float*>(base + m * row_bytes + xsum_off);
+  }
+};
+
+inline XPrep plan_xprep(int64_t k, int g) {
+  XPrep p;
+  p.steps = (k + kStep - 1) / kStep;
+  p.groups = k / g;
+  p.lanes_off = p.steps * kStepBytes;
+  p.xsum_off = p.lanes_off + p.steps * kLanes * 4;
+  p.row_bytes = round_up(p.xsum_off + p.groups * 4, 64);
+  return p;
+}
+
+// Packs 4 vectors of 8 int32 (each within int8 range) into 32 int8 in order.
+inline __m256i pack_i32x32_to_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
+  __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+  __m256i r = _mm256_packs_epi16(ab, cd);
+  return _mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Even and odd elements of the 16 floats a (0..7) and b (8..15), each in order.
+inline void split_even_odd(__m256 a, __m256 b, __m256& ev, __m256& od) {
+  __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+  ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+  od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// Prepares one row of x (K elements of type t). lane_mult multiplies every dx lane
+// (1/16 folds the INT8 view's s/16 into the activations).
+inline void prep_x_row(const void* x, DType t, int64_t k, int g, float lane_mult, const XPrep& p,
+                       int64_t m) {
+  uint8_t* row = p.base + m * p.row_bytes;
+  float* lanes = reinterpret_cast<float*>(row + p.lanes_off);
+  float* xsum = reinterpret_cast<float*>(row + p.xsum_off);
+  const int64_t esize = dtype_size(t);
+  const char* xb = static_cast<const char*>(x);
+
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t e0 = s * kStep;
+    const int64_t n_el = imin(kStep, k - e0);  // multiple of 32
+    // dx and 1/dx of the groups in this step, from their absolute maximum.
+    float gdx[kStep / fmt::kMinGroupSize] = {}, ginv[kStep / fmt::kMinGroupSize] = {};
+    const int gps = int(kStep / g);
+    for (int gi = 0; gi < gps; ++gi) {
+      const int64_t ge = e0 + int64_t(gi) * g;
+      if (ge >= k) break;
+      __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+      for (int j = 0; j < g; j += 8) {
+        __m256 v = load8(xb + (ge + j) * esize, t);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        sm = _mm256_add_ps(sm, v);
+      }
+      const float amax = hmax(mx);
+      xsum[ge / g] = hsum(sm);
+      gdx[gi] = amax / kXMax;
+      ginv[gi] = amax > 0.0f ? kXMax / amax : 0.0f;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t e = int64_t(l) * 8;
+      lanes[s * kLanes + l] = e < n_el ? gdx[e / g] * lane_mult : 0.0f;
+    }
+    // Quantize: 8 blocks of 16 elements -> 8 even and 8 odd vectors of 8.
+    __m256i eh[8], el[8], oh[8], ol[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t e = int64_t(i) * 16;
+      if (e >= n_el) {
+        eh[i] = el[i] = oh[i] = ol[i] = _mm256_setzero_si256();
+        continue;
+      }
+      __m256 a = load8(xb + (e0 + e) * esize, t), b = load8(xb + (e0 + e + 8) * esize, t);
+      __m256 ev, od;
+      split_even_odd(a, b, ev, od);
+      const __m256 sc = _mm256_set1_ps(ginv[e / g]);
+      const __m256i c128 = _mm256_set1_epi32(128);
+      __m256i ve = _mm256_cvtps_epi32(_mm256_mul_ps(ev, sc));
+      __m256i vo = _mm256_cvtps_epi32(_mm256_mul_ps(od, sc));
+      eh[i] = _mm256_srai_epi32(_mm256_add_epi32(ve, c128), 8);
+      oh[i] = _mm256_srai_epi32(_mm256_add_epi32(vo, c128), 8);
+      el[i] = _mm256_sub_epi32(ve, _mm256_slli_epi32(eh[i], 8));
+      ol[i] = _mm256_sub_epi32(vo, _mm256_slli_epi32(oh[i], 8));
+    }
+    __m256i* dst = reinterpret_cast<__m256i*>(row + s * kStepBytes);
+    dst[0] = pack_i32x32_to_i8(eh[0], eh[1], eh[2], eh[3]);
+    dst[1] = pack_i32x32_to_i8(eh[4], eh[5], eh[6], eh[7]);
+    dst[2] = pack_i32x32_to_i8(oh[0], oh[1], oh[2], oh[3]);
+    dst[3] = pack_i32x32_to_i8(oh[4], oh[5], oh[6], oh[7]);
+    dst[4] = pack_i32x32_to_i8(el[0], el[1], el[2], el[3]);
+    dst[5] = pack_i32x32_to_i8(el[4], el[5], el[6], el[7]);
+    dst[6] = pack_i32x32_to_i8(ol[0], ol[1], ol[2], ol[3]);
+    dst[7] = pack_i32x32_to_i8(ol[4], ol[5], ol[6], ol[7]);
+  }
+}
+
+// Per-row affine constants of one group, as the view reads them: y += s_eff*code + b_eff.
+template <int BITS>
+inline void group_affine(float s, float b, float& s_eff, float& b_eff) {
+  if (BITS == fmt::kInt8Bits) {
+    s_eff = fmt::int8_scale(s);
+    b_eff = fmt::int8_bias(s, b);
+  } else {
+    s_eff = s;
+    b_eff = b;
+  }
+}
+
+// sum_g b_eff[n, g] * xsum[g] for one weight row: the bias half of y, computed once per
+// (row, x row) instead of inside the hot loop.
+template <int BITS>
+inline float bias_dot(const void* scales, const void* biases, DType sd, int64_t row_off,
+                      const float* xsum, int64_t groups) {
+  __m256 acc = _mm256_setzero_ps(), accs = _mm256_setzero_ps();
+  const int64_t es = dtype_size(sd);
+  const char* sb = static_cast<const char*>(scales) + row_off * es;
+  const char* bb = static_cast<const char*>(biases) + row_off * es;
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    __m256 xs = _mm256_loadu_ps(xsum + g);
+    acc = _mm256_fmadd_ps(load8(bb + g * es, sd), xs, acc);
+    if (BITS == fmt::kInt8Bits) accs = _mm256_fmadd_ps(load8(sb + g * es, sd), xs, accs);
+  }
+  float r = hsum(acc), rs = hsum(accs);
+  for (; g < groups; ++g) {
+    r += load_f32(biases, sd, row_off + g) * xsum[g];
+    if (BITS == fmt::kInt8Bits) rs += load_f32(scales, sd, row_off + g) * xsum[g];
+  }
+  // INT8 view: b_eff = b - 7.5 * s / 16.
+  if (BITS == fmt::kInt8Bits) r = fmt::int8_bias(rs, r);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantization into a GEMM panel: panel[k][NR] holds W[n0 + c, k0 + k] for c < NR, so
+// the micro-kernel reads one contiguous row of NR weights per k. Rows past N are zero.
+
+template <int BITS, int NR>
+inline void dequant_panel(const QMatmulArgs& a, int64_t n0, int64_t k0, int64_t klen,
+                          float* panel) {
+  const int64_t words = fmt::words_per_row(a.k), groups = fmt::groups_per_row(a.k, a.group_size);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nib = _mm256_set1_epi32(fmt::kCodeMax);
+  for (int c0 = 0; c0 < NR; c0 += 8) {
+    for (int64_t kk = 0; kk < klen; kk += 8) {
+      const int64_t k = k0 + kk;
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t n = n0 + c0 + i;
+        if (n >= a.n) {
+          r[i] = _mm256_setzero_ps();
+          continue;
+        }
+        const int64_t wi = n * words + k / fmt::kValuesPerWord;
+        const int64_t gi = n * groups + k / a.group_size;
+        float s_eff, b_eff;
+        group_affine<BITS>(load_f32(a.scales, a.scale_dtype, gi),
+                           load_f32(a.biases, a.scale_dtype, gi), s_eff, b_eff);
+        __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(a.plane0[wi])), shifts), nib);
+        if (BITS == fmt::kInt8Bits) {
+          __m256i rr = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(a.plane1[wi])), shifts), nib);
+          q = _mm256_or_si256(_mm256_slli_epi32(q, fmt::kPlaneBits), rr);
+        }
+        r[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s_eff), _mm256_set1_ps(b_eff));
+      }
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_store_ps(panel + (kk + j) * NR + c0, r[j]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace bitswitch

@@ -1,0 +1,66 @@
+// The ops glue: argument validation and dispatch, between the bindings and the kernels.
+// Framework-free: arrays arrive as TensorViews (pointer, dtype, shape, strides).
+// Every check happens before any kernel touches memory; a failed check throws
+// ValueError or TypeError (translated to the Python exceptions of the same name) whose
+// message names the op, the argument, what was given and what is allowed.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace bitswitch {
+
+struct ValueError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct TypeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class Device : int32_t { kCPU = 0, kCUDA = 1, kOther = 2 };
+
+// A non-owning view of an array handed in from Python.
+struct TensorView {
+  static constexpr int kMaxDims = 8;
+  void* data = nullptr;
+  bool dtype_known = false;      // false: an element type no op accepts
+  DType dtype = DType::kFloat32;
+  std::string dtype_name;        // only when !dtype_known: as the caller's framework spells it
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // in elements
+  bool writable = true;
+  Device device = Device::kCPU;
+
+  // The element type's name for messages.
+  std::string type_str() const;
+  int64_t numel() const;
+  bool row_contiguous() const;
+  std::string shape_str() const;
+};
+
+std::string dtype_str(DType t);
+
+// The arrays of a nibble-plane weight W[N, K].
+struct WeightViews {
+  TensorView plane0;   // uint32 [N, K/8]
+  TensorView plane1;   // uint32 [N, K/8]; ignored unless has_plane1
+  bool has_plane1 = false;
+  TensorView scales;   // [N, K/G]
+  TensorView biases;   // [N, K/G], dtype of scales
+  int64_t group_size = 0;
+};
+
+// Checks a weight on its own: dtypes, shapes, group size. Throws like qmatmul.
+void validate_weight(const char* op, const WeightViews& w);
+
+// out[M, N] = x[M, K] @ W^T with W read as `bits` (4: plane 0, 8: planes 0 and 1).
+void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out);
+
+// Reads a byte buffer on every pool thread; returns a checksum (the bandwidth anchor).
+double read_stream(const TensorView& buffer);
+
+}  // namespace bitswitch

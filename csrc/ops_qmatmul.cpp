@@ -1,0 +1,221 @@
+#include <sstream>
+
+#include "bitswitch/format.h"
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "ops.h"
+
+namespace bitswitch {
+
+namespace fmt = bitswitch::format;
+
+std::string TensorView::type_str() const { return dtype_known ? dtype_str(dtype) : dtype_name; }
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+bool TensorView::row_contiguous() const {
+  int64_t expect = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (shape[i] != 1 && strides[i] != expect) return false;
+    expect *= shape[i];
+  }
+  return true;
+}
+
+std::string TensorView::shape_str() const {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
+  s << (ndim == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string dtype_str(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "float32";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat16: return "float16";
+    case DType::kUInt32: return "uint32";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 31;
+
+std::string prefix(const char* op, const char* arg) { return std::string(op) + ": " + arg + " "; }
+
+// Common checks for an array argument: CPU, 2-D, row-contiguous, non-empty.
+void check_matrix(const char* op, const char* arg, const TensorView& t) {
+  if (t.device != Device::kCPU)
+    throw ValueError(prefix(op, arg) + "must be in CPU memory (this op has no kernel for its device)");
+  if (t.ndim != 2)
+    throw ValueError(prefix(op, arg) + "must be 2-D, got " + std::to_string(t.ndim) + "-D with shape " +
+                     t.shape_str());
+  for (int i = 0; i < 2; ++i) {
+    if (t.shape[i] <= 0)
+      throw ValueError(prefix(op, arg) + "must not be empty, got shape " + t.shape_str());
+    if (t.shape[i] >= kMaxDim)
+      throw ValueError(prefix(op, arg) + "dimension too large: shape " + t.shape_str());
+  }
+  if (!t.row_contiguous())
+    throw ValueError(prefix(op, arg) + "must be C-contiguous (row-major without gaps); make a contiguous copy first");
+  if (t.data == nullptr) throw ValueError(prefix(op, arg) + "has no data");
+}
+
+// An array of rows [..., D]: CPU, at least 1-D, non-empty, row-contiguous.
+void check_rows(const char* op, const char* arg, const TensorView& t) {
+  if (t.device != Device::kCPU)
+    throw ValueError(prefix(op, arg) + "must be in CPU memory (this op has no kernel for its device)");
+  if (t.ndim < 1) throw ValueError(prefix(op, arg) + "must have at least one dimension, got a scalar");
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] <= 0) throw ValueError(prefix(op, arg) + "must not be empty, got shape " + t.shape_str());
+    if (t.shape[i] >= kMaxDim) throw ValueError(prefix(op, arg) + "dimension too large: shape " + t.shape_str());
+  }
+  if (t.numel() >= (int64_t(1) << 40)) throw ValueError(prefix(op, arg) + "is too large: shape " + t.shape_str());
+  if (!t.row_contiguous())
+    throw ValueError(prefix(op, arg) + "must be C-contiguous (row-major without gaps); make a contiguous copy first");
+  if (t.data == nullptr) throw ValueError(prefix(op, arg) + "has no data");
+}
+
+bool is_float(const TensorView& t) {
+  return t.dtype_known && (t.dtype == DType::kFloat32 || t.dtype == DType::kBFloat16 || t.dtype == DType::kFloat16);
+}
+
+void check_dtype_float(const char* op, const char* arg, const TensorView& t) {
+  if (!is_float(t))
+    throw TypeError(prefix(op, arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
+}
+
+void check_shape(const char* op, const char* arg, const TensorView& t, int64_t r, int64_t c, const char* why) {
+  if (t.shape[0] != r || t.shape[1] != c) {
+    std::ostringstream s;
+    s << prefix(op, arg) << "must have shape (" << r << ", " << c << ") " << why << ", got " << t.shape_str();
+    throw ValueError(s.str());
+  }
+}
+
+size_t nbytes(const TensorView& t) { return size_t(t.numel()) * size_t(t.dtype == DType::kFloat32 || t.dtype == DType::kUInt32 ? 4 : 2); }
+
+bool overlaps(const TensorView& a, const TensorView& b) {
+  const char* a0 = static_cast<const char*>(a.data);
+  const char* b0 = static_cast<const char*>(b.data);
+  return a0 < b0 + nbytes(b) && b0 < a0 + nbytes(a);
+}
+
+void check_status(const char* op, Status s) {
+  switch (s) {
+    case Status::kOk: return;
+    case Status::kOutOfMemory: throw std::bad_alloc();
+    default: throw ValueError(std::string(op) + ": the kernel rejected its arguments (status " +
+                              std::to_string(int(s)) + ")");
+  }
+}
+
+cpu::Variant variant_or_throw(const char* op) {
+  cpu::Variant v;
+  std::string why;
+  if (!cpu::active_variant(&v, &why)) throw ValueError(std::string(op) + ": " + why);
+  return v;
+}
+
+}  // namespace
+
+void validate_weight(const char* op, const WeightViews& w) {
+  if (!fmt::is_supported_group_size(int(w.group_size)))
+    throw ValueError(prefix(op, "group_size") + "must be 32, 64 or 128, got " + std::to_string(w.group_size));
+  const TensorView& plane0 = w.plane0;
+  check_matrix(op, "plane0", plane0);
+  if (!plane0.dtype_known || plane0.dtype != DType::kUInt32)
+    throw TypeError(prefix(op, "plane0") + "must be uint32 (8 codes per word), got " + plane0.type_str());
+  const int64_t N = plane0.shape[0], K = plane0.shape[1] * fmt::kValuesPerWord;
+  if (K % w.group_size != 0)
+    throw ValueError(prefix(op, "plane0") + "holds K = " + std::to_string(K) + " inputs, not a multiple of group_size " +
+                     std::to_string(w.group_size));
+  if (w.has_plane1) {
+    check_matrix(op, "plane1", w.plane1);
+    if (!w.plane1.dtype_known || w.plane1.dtype != DType::kUInt32)
+      throw TypeError(prefix(op, "plane1") + "must be uint32, got " + w.plane1.type_str());
+    check_shape(op, "plane1", w.plane1, N, K / fmt::kValuesPerWord, "like plane0");
+  }
+  check_matrix(op, "scales", w.scales);
+  check_matrix(op, "biases", w.biases);
+  check_dtype_float(op, "scales", w.scales);
+  check_dtype_float(op, "biases", w.biases);
+  if (w.scales.dtype != w.biases.dtype)
+    throw TypeError(prefix(op, "biases") + "must have the dtype of scales (" + w.scales.type_str() + "), got " +
+                    w.biases.type_str());
+  check_shape(op, "scales", w.scales, N, K / w.group_size, "(one per group of group_size inputs)");
+  check_shape(op, "biases", w.biases, N, K / w.group_size, "(one per group of group_size inputs)");
+}
+
+void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out) {
+  const char* op = "qmatmul";
+  if (!fmt::is_supported_bits(int(bits)))
+    throw ValueError(prefix(op, "bits") + "must be 4 (plane 0) or 8 (planes 0 and 1), got " + std::to_string(bits));
+  validate_weight(op, w);
+  if (bits == fmt::kInt8Bits && !w.has_plane1)
+    throw ValueError(prefix(op, "bits") + "is 8 but the weight has no plane 1 (it holds only the INT4 view); use bits=4");
+  // x [..., K] and out [..., N]: leading dimensions are rows.
+  check_rows(op, "x", x);
+  check_dtype_float(op, "x", x);
+  const int64_t K = x.shape[x.ndim - 1], M = x.numel() / K, N = w.plane0.shape[0];
+  if (K != w.plane0.shape[1] * fmt::kValuesPerWord)
+    throw ValueError(prefix(op, "x") + "has K = " + std::to_string(K) + " inputs but the weight expects " +
+                     std::to_string(w.plane0.shape[1] * fmt::kValuesPerWord) + " (plane0 shape " +
+                     w.plane0.shape_str() + ")");
+  check_rows(op, "out", out);
+  if (!out.dtype_known || out.dtype != x.dtype)
+    throw TypeError(prefix(op, "out") + "must have the dtype of x (" + x.type_str() + "), got " + out.type_str());
+  bool same_rows = out.ndim == x.ndim && out.shape[out.ndim - 1] == N;
+  for (int i = 0; same_rows && i + 1 < x.ndim; ++i) same_rows = out.shape[i] == x.shape[i];
+  if (!same_rows) {
+    std::string want = x.shape_str();
+    want = want.substr(0, want.rfind(std::to_string(K))) + std::to_string(N) + (x.ndim == 1 ? ",)" : ")");
+    throw ValueError(prefix(op, "out") + "must have shape " + want + " (x's rows, N outputs), got " + out.shape_str());
+  }
+  if (!out.writable) throw ValueError(prefix(op, "out") + "is read-only");
+  const TensorView* plane1 = w.has_plane1 ? &w.plane1 : nullptr;
+  for (const TensorView* in : {&x, &w.plane0, plane1, &w.scales, &w.biases})
+    if (in && overlaps(out, *in)) throw ValueError(prefix(op, "out") + "overlaps an input array");
+
+  cpu::QMatmulArgs a;
+  a.x = x.data;
+  a.y = out.data;
+  a.plane0 = static_cast<const uint32_t*>(w.plane0.data);
+  a.plane1 = plane1 ? static_cast<const uint32_t*>(plane1->data) : nullptr;
+  a.scales = w.scales.data;
+  a.biases = w.biases.data;
+  a.m = M;
+  a.n = N;
+  a.k = K;
+  a.group_size = int32_t(w.group_size);
+  a.bits = int32_t(bits);
+  a.x_dtype = x.dtype;
+  a.scale_dtype = w.scales.dtype;
+
+  const cpu::Variant v = variant_or_throw(op);
+  auto pool = cpu::pool();
+  Status s;
+  switch (v) {
+    case cpu::Variant::kAvx512: s = cpu::qmatmul_avx512(a, *pool); break;
+    case cpu::Variant::kAvx2: s = cpu::qmatmul_avx2(a, *pool); break;
+    default: s = cpu::qmatmul_scalar(a, *pool); break;
+  }
+  check_status(op, s);
+}
+
+double read_stream(const TensorView& buffer) {
+  if (buffer.device != Device::kCPU) throw ValueError("read_stream: buffer must be in CPU memory");
+  if (!buffer.row_contiguous()) throw ValueError("read_stream: buffer must be contiguous");
+  if (!buffer.dtype_known) throw TypeError("read_stream: buffer must be float32, bfloat16, float16 or uint32");
+  auto pool = cpu::pool();
+  return cpu::read_stream(buffer.data, nbytes(buffer), *pool);
+}
+
+}  // namespace bitswitch

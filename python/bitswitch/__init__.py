@@ -1,0 +1,63 @@
+"""bitswitch: INT4/INT8 nibble-plane weight kernels with run-time precision switching.
+
+    import bitswitch as bs
+    qw = bs.quantize(w, group_size=64, bits=8)   # one copy, both views
+    y8 = bs.ops.qmatmul(x, qw, bits=8)           # reads planes 0 and 1
+    y4 = bs.ops.qmatmul(x, qw, bits=4)           # reads plane 0 only
+
+Arrays may be numpy, torch (CPU) or MLX; results come back as the same kind.
+``bitswitch.torch`` registers ``torch.ops.bitswitch.*`` and provides ``QLinear``.
+"""
+
+from . import _C
+from . import ops
+from .quant import (
+    BITS,
+    GROUP_SIZES,
+    INT4,
+    INT8,
+    QWeight,
+    dequantize,
+    dequantize_f64,
+    qmatmul_f64,
+    quantize,
+)
+from .ops import qmatmul
+
+__version__ = _C.__version__
+
+__all__ = [
+    "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
+    "qmatmul_f64", "qmatmul", "ops", "info", "__version__",
+]
+
+
+def cuda_info() -> dict:
+    """Whether this build has the CUDA backend, and what it sees."""
+    try:
+        from . import _cuda
+    except ImportError as e:
+        return {"built": False, "why": "not built: nvcc was not found at build time or BITSWITCH_CUDA=OFF "
+                                        f"({e.__class__.__name__})"}
+    return {
+        "built": True,
+        "runtime_version": _cuda.runtime_version(),
+        "compiled_archs": _cuda.compiled_archs,
+        "device_count": _cuda.device_count(),
+        "driver_status": _cuda.driver_status(),
+    }
+
+
+def metal_info() -> dict:
+    return {"built": False, "why": "the Metal kernels are not part of this release yet"}
+
+
+def info() -> dict:
+    """Version, CPU features, kernel variants, threads and backends of this build."""
+    return {
+        "version": __version__,
+        "cpu": _C.cpu_info(),
+        "num_threads": _C.num_threads(),
+        "cuda": cuda_info(),
+        "metal": metal_info(),
+    }

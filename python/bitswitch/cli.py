@@ -1,0 +1,69 @@
+"""The bitswitch command.
+
+    bitswitch info                 version, CPU features, kernel variant, backends
+    bitswitch bench [kernels ...]  kernel benchmarks against torch and MLX (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _info(_: argparse.Namespace) -> int:
+    import bitswitch
+
+    d = bitswitch.info()
+    cpu = d["cpu"]
+    print(f"bitswitch {d['version']}")
+    print(f"cpu: {cpu['brand'] or '?'} ({cpu['vendor']})")
+    feats = [k for k, v in cpu["features"].items() if v]
+    print(f"cpu features: {' '.join(feats) or 'none of interest'}")
+    for name, status in cpu["variants"].items():
+        print(f"  kernel variant {name:<7} {'available' if status == 'ok' else 'unavailable: ' + status}")
+    if cpu["avx512_emulated"]:
+        print("  (test build: the avx512 variant runs on portable emulation)")
+    if cpu["active"]:
+        print(f"kernel variant selected: {cpu['active']} (best here: {cpu['best']}; force one with BITSWITCH_CPU)")
+    else:
+        print(f"kernel variant selected: none: {cpu['active_error']}")
+    print(f"threads: {d['num_threads']} (BITSWITCH_NUM_THREADS)")
+    cuda = d["cuda"]
+    if cuda["built"]:
+        print(f"cuda: built (runtime {cuda['runtime_version']}, archs {cuda['compiled_archs']}), "
+              f"{cuda['device_count']} device(s) visible ({cuda['driver_status']})")
+    else:
+        print(f"cuda: {cuda['why']}")
+    print(f"metal: {'built' if d['metal']['built'] else d['metal']['why']}")
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    target = a.target
+    if target == "kernels":
+        from . import bench
+
+        return bench.main(a.rest)
+    print(f"bitswitch bench: unknown target {target!r}; available: kernels", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="bitswitch", description="bitswitch: INT4/INT8 nibble-plane inference kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, CPU features, kernel variant, backends").set_defaults(fn=_info)
+    b = sub.add_parser("bench", help="benchmarks against the best alternatives, measured in the same run",
+                       add_help=False)
+    b.add_argument("target", nargs="?", default="kernels", help="what to benchmark: kernels (default)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the target (bitswitch bench kernels --help)")
+    b.set_defaults(fn=_bench)
+    a = p.parse_args(argv)
+    if a.command == "bench" and a.target.startswith("-"):
+        a.rest = [a.target] + a.rest
+        a.target = "kernels"
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

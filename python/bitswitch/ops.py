@@ -1,0 +1,80 @@
+"""bitswitch ops: one API over numpy arrays, torch tensors and MLX arrays.
+
+Arrays reach the native kernels without a copy (numpy buffers, torch data pointers,
+DLPack for MLX); results come back as the caller's kind of array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+from . import _arrays as A
+from . import _C
+from .quant import QWeight
+
+__all__ = ["qmatmul", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
+
+
+def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None) -> Any:
+    """y[..., N] = x[..., K] @ W[N, K]^T for a packed weight, reading the `bits` view.
+
+    x: float32, bfloat16 or float16, C-contiguous, in CPU memory (numpy, torch or MLX).
+    bits: 4 reads plane 0, 8 reads planes 0 and 1 (default: the most precise view qw holds).
+    out: optional preallocated result [..., N] of x's dtype and framework (numpy or torch).
+    Returns y with x's dtype and framework; accumulation is float32.
+    """
+    if not isinstance(qw, QWeight):
+        raise TypeError(f"qmatmul: qw must be a QWeight, got {type(qw).__name__}")
+    bits = qw.default_bits if bits is None else bits
+    qw.check_bits(bits, "qmatmul")
+    kind = A.framework(x)
+    if qw.framework != kind and not (kind == A.MLX and qw.framework == A.NUMPY):
+        raise TypeError(f"qmatmul: x is a {kind} array but the weight holds {qw.framework} arrays; "
+                        f"convert one of them (QWeight.to('{kind}'))")
+    shape = tuple(x.shape)
+    if len(shape) < 1:
+        raise ValueError("qmatmul: x must have at least one dimension [..., K]")
+    n, k = qw.shape
+    if shape[-1] != k:
+        raise ValueError(f"qmatmul: x has {shape[-1]} inputs in its last dimension, the weight expects K = {k}")
+    out_shape = shape[:-1] + (n,)
+    if out is None:
+        y = A.empty(out_shape, A.dtype_name(x), kind, x)
+    else:
+        if kind == A.MLX:
+            raise TypeError("qmatmul: out= is not supported for MLX arrays (they are immutable)")
+        if A.framework(out) != kind:
+            raise TypeError(f"qmatmul: out must be a {kind} array like x, got {A.framework(out)}")
+        y = out
+    _C.qmatmul(x, qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, qw.group_size, bits, y)
+    return y if out is not None else A.finish_output(y, kind)
+
+
+def cpu_variant() -> str:
+    """The CPU kernel variant in use: 'scalar', 'avx2' or 'avx512'."""
+    return _C.cpu_variant()
+
+
+def set_cpu_variant(name: Optional[str]) -> None:
+    """Forces a CPU kernel variant; None returns to BITSWITCH_CPU or automatic choice."""
+    _C.set_cpu_variant(name or "")
+
+
+@contextlib.contextmanager
+def use_cpu_variant(name: str) -> Iterator[None]:
+    """Runs a block with the given CPU kernel variant forced."""
+    set_cpu_variant(name)
+    try:
+        yield
+    finally:
+        set_cpu_variant(None)
+
+
+def num_threads() -> int:
+    return _C.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Kernel threads (0: BITSWITCH_NUM_THREADS, else every CPU this process may use)."""
+    _C.set_num_threads(int(n))

@@ -1,0 +1,148 @@
+"""torch adapter: the ``torch.ops.bitswitch.*`` custom ops and the QLinear module.
+
+The ops are declared with ``torch.library`` (schema + CPU kernel + fake kernel), so they
+trace under ``torch.compile(fullgraph=True)`` without graph breaks and other frameworks can
+call them as ``torch.ops.bitswitch.qmatmul``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _C
+from . import _arrays as A
+from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, quantize
+
+__all__ = ["QLinear", "qmatmul"]
+
+_is_compiling = torch.compiler.is_compiling
+
+_lib = torch.library.Library("bitswitch", "DEF")
+_lib.define(
+    "qmatmul(Tensor x, Tensor plane0, Tensor? plane1, Tensor scales, Tensor biases, int group_size, int bits) -> Tensor"
+)
+
+
+def _out_shape(x: torch.Tensor, plane0: torch.Tensor) -> tuple:
+    if x.dim() < 1:
+        raise ValueError("qmatmul: x must have at least one dimension [..., K]")
+    if plane0.dim() != 2:
+        raise ValueError(f"qmatmul: plane0 must be 2-D [N, K/8], got shape {tuple(plane0.shape)}")
+    k = plane0.shape[1] * VALUES_PER_WORD
+    if x.shape[-1] != k:
+        raise ValueError(f"qmatmul: x has {x.shape[-1]} inputs in its last dimension, the weight expects K = {k}")
+    return tuple(x.shape[:-1]) + (plane0.shape[0],)
+
+
+def _qmatmul_cpu(x, plane0, plane1, scales, biases, group_size, bits):
+    out = x.new_empty(_out_shape(x, plane0))
+    # The native op validates everything else (dtypes, contiguity, scales' shape) before
+    # touching memory and raises ValueError/TypeError naming the argument.
+    _C.qmatmul(x, plane0, plane1 if bits == INT8 else None, scales, biases, group_size, bits, out)
+    return out
+
+
+_lib.impl("qmatmul", _qmatmul_cpu, "CPU")
+
+
+@torch.library.register_fake("bitswitch::qmatmul")
+def _qmatmul_fake(x, plane0, plane1, scales, biases, group_size, bits):
+    if bits not in BITS:
+        raise ValueError(f"qmatmul: bits must be 4 or 8, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"qmatmul: group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if bits == INT8 and plane1 is None:
+        raise ValueError("qmatmul: bits is 8 but the weight has no plane 1; use bits=4")
+    return x.new_empty(_out_shape(x, plane0))
+
+
+def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None) -> torch.Tensor:
+    """torch.ops.bitswitch.qmatmul on a QWeight of torch tensors."""
+    bits = qw.default_bits if bits is None else bits
+    qw.check_bits(bits, "qmatmul")
+    return torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits)
+
+
+class QLinear(nn.Module):
+    """A drop-in for nn.Linear over a nibble-plane weight whose precision is chosen per call.
+
+    ``bits`` (4 or 8) may be changed between calls: it selects which planes the next
+    forward reads, with no reallocation or re-quantization.
+    """
+
+    def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits: Optional[int] = None):
+        super().__init__()
+        if not isinstance(qweight, QWeight):
+            raise TypeError(f"QLinear: qweight must be a QWeight, got {type(qweight).__name__}")
+        qw = qweight.to(A.TORCH)
+        self.out_features, self.in_features = qw.shape
+        self.group_size = qw.group_size
+        self.register_buffer("plane0", qw.plane0)
+        self.register_buffer("plane1", qw.plane1)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("biases", qw.biases)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"QLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.bias = None
+        self._bits = INT4
+        self.bits = qw.default_bits if bits is None else bits
+        self._packed = None  # (_C.PackedWeight, the tensors it was built from)
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        self.qweight.check_bits(value, "QLinear.bits")
+        self._bits = int(value)
+
+    @property
+    def qweight(self) -> QWeight:
+        return QWeight(self.plane0, self.plane1, self.scales, self.biases, self.group_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, bits: int = INT8,
+                    scales_dtype: Optional[str] = None) -> "QLinear":
+        """Quantizes an nn.Linear: bits=8 keeps both planes (switchable to 4 later),
+        bits=4 keeps plane 0 only."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        qw = quantize(linear.weight.detach(), group_size=group_size, bits=bits, scales_dtype=scales_dtype)
+        return cls(qw, linear.bias, bits=bits)
+
+    def _packed_weight(self):
+        """The weight resolved once for the eager fast path, rebuilt when a buffer is
+        replaced (.to(), load_state_dict(assign=True), ...) or its storage moves."""
+        b = self._buffers  # direct: nn.Module.__getattr__ costs ~1 us per buffer
+        src = (b["plane0"], b["plane1"], b["scales"], b["biases"])
+        cached = self._packed
+        if cached is not None:
+            old = cached[1]
+            if (old[0] is src[0] and old[1] is src[1] and old[2] is src[2] and old[3] is src[3]
+                    and cached[2] == src[0].data_ptr()):
+                return cached[0]
+        self._packed = (_C.PackedWeight(*src, self.group_size), src, src[0].data_ptr())
+        return self._packed[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_compiling() or not x.is_cpu or x.requires_grad:
+            y = torch.ops.bitswitch.qmatmul(x, self.plane0, self.plane1, self.scales, self.biases,
+                                            self.group_size, self._bits)
+        else:
+            # Eager CPU: the same kernel without the dispatcher, and the weight's four tensors
+            # resolved once; at decode sizes the per-call cost is most of the call.
+            y = x.new_empty(x.shape[:-1] + (self.out_features,))
+            _C.qmatmul_packed(x, self._packed_weight(), self._bits, y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self._bits}, "
+                f"available={self.qweight.bits_available}, group_size={self.group_size}, "
+                f"scales={A.dtype_name(self.scales)}, bias={self.bias is not None}")

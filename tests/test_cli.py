@@ -1,0 +1,33 @@
+"""The bitswitch command."""
+
+import json
+import subprocess
+import sys
+
+import bitswitch as bs
+from bitswitch import cli
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"bitswitch {bs.__version__}" in out
+    assert "kernel variant selected:" in out and "cuda:" in out and "metal:" in out
+    assert bs.ops.cpu_variant() in out
+
+
+def test_info_as_a_command():
+    out = subprocess.run([sys.executable, "-m", "bitswitch.cli", "info"], capture_output=True, text=True, check=True)
+    assert "kernel variant selected" in out.stdout
+
+
+def test_bench_smoke(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    rc = cli.main(["bench", "kernels", "--preset", "smoke", "--no-mlx", "--stream-bytes", "2e6",
+                   "--min-time", "0.01", "--json", str(report), "--markdown"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "read bandwidth" in out and "| shape |" in out
+    d = json.loads(report.read_text())
+    assert {(r["m"], r["bits"]) for r in d["rows"]} == {(1, 4), (16, 4), (1, 8), (16, 8)}
+    assert all(r["us"] > 0 and r["torch_bf16_us"] > 0 for r in d["rows"])

@@ -1,0 +1,89 @@
+"""qmatmul on every CPU variant against float64 dequantize-then-matmul."""
+
+import numpy as np
+import pytest
+
+import bitswitch as bs
+from conftest import QMATMUL_TOL, cast, rel_err
+
+# (M, N, K): M across the GEMV (M <= 8) and GEMM paths; N not a multiple of the 4-row
+# blocks or 16/32-column panels; K not a multiple of the 128-element steps or 256 blocks.
+SHAPES = [(1, 64, 128), (2, 37, 224), (3, 100, 320), (8, 67, 384), (33, 45, 1056), (128, 130, 512)]
+
+
+def make_case(rng, m, n, k, group_size, sdtype, xdtype):
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.02, 2)).astype(np.float32)
+    qw = bs.quantize(w, group_size=group_size, bits=8, scales_dtype=sdtype)
+    x = cast((rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32), xdtype)
+    return qw, x
+
+
+CASES = [(m, n, k, g) for (m, n, k) in SHAPES for g in (32, 64, 128) if k % g == 0]
+
+
+@pytest.mark.parametrize("m,n,k,group_size", CASES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_variant_matches_float64(rng, variant, m, n, k, group_size, bits):
+    for xdtype in ("float32", "bfloat16", "float16"):
+        sdtype = rng.choice(["float32", "bfloat16", "float16"])
+        qw, x = make_case(rng, m, n, k, group_size, sdtype, xdtype)
+        out = cast(np.full((m, n), np.nan, np.float32), xdtype)  # poisoned
+        y = bs.qmatmul(x, qw, bits=bits, out=out)
+        assert y is out
+        ref = bs.qmatmul_f64(x, qw, bits)
+        err = rel_err(y, ref)
+        assert err <= QMATMUL_TOL[xdtype], f"{variant} {xdtype} x, {sdtype} scales: {err:.2e}"
+
+
+def test_scalar_reference_is_float_grade(rng):
+    """The oracle itself: plain float32 accumulation, ~1e-6 of float64."""
+    with bs.ops.use_cpu_variant("scalar"):
+        for (m, n, k) in SHAPES:
+            qw, x = make_case(rng, m, n, k, 32, "float32", "float32")
+            for bits in (4, 8):
+                assert rel_err(bs.qmatmul(x, qw, bits), bs.qmatmul_f64(x, qw, bits)) < 2e-6
+
+
+def test_variants_agree_with_the_scalar_reference(rng, variant):
+    qw, x = make_case(rng, 5, 300, 2048, 64, "bfloat16", "float32")
+    for bits in (4, 8):
+        with bs.ops.use_cpu_variant("scalar"):
+            ref = bs.qmatmul(x, qw, bits)
+        assert rel_err(bs.qmatmul(x, qw, bits), ref.astype(np.float64)) < 2e-4
+
+
+def test_leading_dimensions_and_1d(rng):
+    qw, x = make_case(rng, 6, 40, 256, 64, "float32", "float32")
+    x3 = x.reshape(2, 3, 256)
+    y = bs.qmatmul(x3, qw)
+    assert y.shape == (2, 3, 40)
+    np.testing.assert_array_equal(y.reshape(6, 40), bs.qmatmul(x, qw))
+    y1 = bs.qmatmul(x[0], qw)
+    assert y1.shape == (40,)
+    assert rel_err(y1, bs.qmatmul_f64(x[0], qw)) < 3e-4
+
+
+def test_outliers_in_activations(rng):
+    """Per-group 15-bit activations keep a group with a 1000x outlier accurate elsewhere."""
+    qw, x = make_case(rng, 4, 64, 512, 64, "float32", "float32")
+    x[:, 7] *= 1000.0
+    for bits in (4, 8):
+        assert rel_err(bs.qmatmul(x, qw, bits), bs.qmatmul_f64(x, qw, bits)) < 3e-4
+
+
+def test_large_k_and_n(rng):
+    qw, x = make_case(rng, 2, 1000, 4096, 128, "bfloat16", "bfloat16")
+    ref = bs.qmatmul_f64(x, qw, 4)
+    assert rel_err(bs.qmatmul(x, qw, 4), ref) < QMATMUL_TOL["bfloat16"]
+
+
+def test_torch_tensors(rng):
+    torch = pytest.importorskip("torch")
+    qw, x = make_case(rng, 3, 50, 256, 32, "bfloat16", "float32")
+    qt = qw.torch()
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        xt = torch.from_numpy(x).to(dt)
+        y = bs.qmatmul(xt, qt, 8)
+        assert isinstance(y, torch.Tensor) and y.dtype == dt and y.shape == (3, 50)
+        tol = {torch.float32: 3e-4, torch.bfloat16: 8e-3, torch.float16: 1.5e-3}[dt]
+        assert rel_err(y.float().numpy(), bs.qmatmul_f64(xt.float().numpy(), qw, 8)) < tol
