@@ -177,7 +177,7 @@ inline void micro_rows_at_most(int mr, const float* x, int64_t ldx, const float*
   }
 }
 
-template <class Isa, int BITS>
+template <class Isa, int BITS, DType SD>
 Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
   constexpr int kNR = Isa::kNR, kMR = Isa::kMR;
   static_assert(kNB % kNR == 0 && kNR % 8 == 0, "panels are built from 8x8 transposes");
@@ -207,7 +207,7 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
     for (int64_t k0 = 0; k0 < K; k0 += kKB) {
       const int64_t klen = imin(kKB, K - k0);
       for (int j = 0; j < panels; ++j)
-        dequant_panel<BITS, kNR>(a, n0 + j * kNR, k0, klen, panel + j * kKB * kNR);
+        dequant_panel<BITS, kNR, SD>(a, n0 + j * kNR, k0, klen, panel + j * kKB * kNR);
       for (int64_t m = 0; m < M; m += kMR) {
         const int mr = int(imin(kMR, M - m));
         for (int j = 0; j < panels; ++j)
@@ -248,10 +248,20 @@ Status gemv_g(const QMatmulArgs& a, ThreadPool& pool) {
   }
 }
 
+template <class Isa, int BITS>
+Status gemm_sd(const QMatmulArgs& a, ThreadPool& pool) {
+  switch (a.scale_dtype) {
+    case DType::kBFloat16: return gemm<Isa, BITS, DType::kBFloat16>(a, pool);
+    case DType::kFloat16: return gemm<Isa, BITS, DType::kFloat16>(a, pool);
+    case DType::kFloat32: return gemm<Isa, BITS, DType::kFloat32>(a, pool);
+    default: return Status::kInvalidArgument;
+  }
+}
+
 template <class Isa>
 Status qmatmul_x86(const QMatmulArgs& a, ThreadPool& pool) {
   const bool int8 = a.bits == fmt::kInt8Bits;
-  if (a.m > kGemvMaxM) return int8 ? gemm<Isa, fmt::kInt8Bits>(a, pool) : gemm<Isa, fmt::kInt4Bits>(a, pool);
+  if (a.m > kGemvMaxM) return int8 ? gemm_sd<Isa, fmt::kInt8Bits>(a, pool) : gemm_sd<Isa, fmt::kInt4Bits>(a, pool);
   return int8 ? gemv_g<Isa, fmt::kInt8Bits>(a, pool) : gemv_g<Isa, fmt::kInt4Bits>(a, pool);
 }
 
