@@ -23,11 +23,12 @@ def test_info_as_a_command():
 
 def test_bench_smoke(tmp_path, capsys):
     report = tmp_path / "r.json"
-    rc = cli.main(["bench", "kernels", "--preset", "smoke", "--no-mlx", "--stream-bytes", "2e6",
+    rc = cli.main(["bench", "kernels", "--preset", "smoke", "--anchors", "torch_bf16", "--stream-bytes", "2e6",
                    "--min-time", "0.01", "--json", str(report), "--markdown"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "read bandwidth" in out and "| shape |" in out
     d = json.loads(report.read_text())
     assert {(r["m"], r["bits"]) for r in d["rows"]} == {(1, 4), (16, 4), (1, 8), (16, 8)}
-    assert all(r["us"] > 0 and r["torch_bf16_us"] > 0 for r in d["rows"])
+    assert all(r["us"] > 0 and r["anchors_us"]["torch_bf16"] > 0 and r["speedups"]["torch_bf16"] > 0
+               for r in d["rows"])

@@ -16,14 +16,13 @@ namespace bitswitch {
 namespace cpu {
 namespace {
 
-// Scales of the 8 lanes of chunk c (0 or 1) of a step; sc points at the step's first group.
-template <int G, DType SD>
-inline __m256 scale_lanes(const void* sc, int c) {
-  if (G == 128) return _mm256_set1_ps(load_scale<SD>(sc, 0));
-  if (G == 64) return _mm256_set1_ps(load_scale<SD>(sc, c));
-  const __m128 lo = _mm_set1_ps(load_scale<SD>(sc, 2 * c));
-  const __m128 hi = _mm_set1_ps(load_scale<SD>(sc, 2 * c + 1));
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+// Group factors (scale * dx) of the 8 int32 lanes of chunk c (0 or 1) of a step; f points
+// at the step's first group. Lane l of chunk c covers elements 64c + 8l .. 64c + 8l + 7.
+template <int G>
+inline __m256 group_factors(const float* f, int c) {
+  if (G == 128) return _mm256_broadcast_ss(f);
+  if (G == 64) return _mm256_broadcast_ss(f + c);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(f + 2 * c)), _mm_broadcast_ss(f + 2 * c + 1), 1);
 }
 
 struct Avx2 {
@@ -37,11 +36,11 @@ struct Avx2 {
 
   // One 128-element step (two 64-element chunks) for kRows weight rows and MT x rows.
   // w0, w1: per weight row, the step's 16 words of plane 0 / plane 1.
-  // sc: per weight row, the step's first scale.  xq, xl: per x row, the step's prepped
-  // bytes and lanes.  acc: [weight row][x row], 8 partial sums each.
-  template <int BITS, int G, DType SD, int MT>
-  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const void* const* sc,
-                   const int8_t* const* xq, const float* const* xl, Acc (&acc)[kRows][MT]) {
+  // f: per (weight row, x row), the step's first group factor.  xq: per x row, the
+  // step's prepped bytes.  acc: [weight row][x row], 8 partial sums each.
+  template <int BITS, int G, int MT>
+  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const float* const (&f)[kRows][MT],
+                   const int8_t* const* xq, Acc (&acc)[kRows][MT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i one = _mm256_set1_epi16(1);
     const __m256i x256 = _mm256_set1_epi16(256);
@@ -56,7 +55,6 @@ struct Avx2 {
           L1 = _mm256_and_si256(p1, m4);
           H1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
         }
-        const __m256 sl = scale_lanes<G, SD>(sc[r], c);
         for (int t = 0; t < MT; ++t) {
           // xv: [xe_hi 0..1 | xo_hi 2..3 | xe_lo 4..5 | xo_lo 6..7], 32 bytes each.
           const __m256i* xv = reinterpret_cast<const __m256i*>(xq[t]);
@@ -75,8 +73,7 @@ struct Avx2 {
           } else {
             i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, x256), _mm256_madd_epi16(lo, one));
           }
-          const __m256 f = _mm256_mul_ps(sl, _mm256_load_ps(xl[t] + 8 * c));
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), f, acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), group_factors<G>(f[r][t], c), acc[r][t]);
         }
       }
     }

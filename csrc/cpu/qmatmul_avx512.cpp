@@ -20,24 +20,15 @@ namespace bitswitch {
 namespace cpu {
 namespace {
 
-// Scales of the 16 lanes of a step; sc points at the step's first group.
-template <int G, DType SD>
-inline __m512 scale_lanes(const void* sc) {
-  if (G == 128) return _mm512_set1_ps(load_scale<SD>(sc, 0));
+// Group factors (scale * dx) of the 16 int32 lanes of a step; f points at the step's
+// first group. Lane l covers elements 8l .. 8l + 7.
+template <int G>
+inline __m512 group_factors(const float* f) {
+  if (G == 128) return _mm512_set1_ps(f[0]);
   if (G == 64)
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(load_scale<SD>(sc, 0))),
-                              _mm256_set1_ps(load_scale<SD>(sc, 1)), 1);
-  __m128 v;
-  if (SD == DType::kFloat32) {
-    v = _mm_loadu_ps(static_cast<const float*>(sc));
-  } else if (SD == DType::kBFloat16) {
-    const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(sc)));
-    v = _mm_castsi128_ps(_mm_slli_epi32(u, 16));
-  } else {
-    v = _mm_cvtph_ps(_mm_loadl_epi64(static_cast<const __m128i*>(sc)));
-  }
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(f)), _mm256_broadcast_ss(f + 1), 1);
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(f)));
 }
 
 struct Avx512 {
@@ -52,9 +43,9 @@ struct Avx512 {
   }
 
   // One 128-element step for kRows weight rows and MT x rows (arguments as in the AVX2 unit).
-  template <int BITS, int G, DType SD, int MT>
-  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const void* const* sc,
-                   const int8_t* const* xq, const float* const* xl, Acc (&acc)[kRows][MT]) {
+  template <int BITS, int G, int MT>
+  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const float* const (&f)[kRows][MT],
+                   const int8_t* const* xq, Acc (&acc)[kRows][MT]) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();
     for (int r = 0; r < kRows; ++r) {
@@ -68,7 +59,6 @@ struct Avx512 {
         ce = _mm512_or_si512(_mm512_slli_epi16(ce, 4), _mm512_and_si512(p1, m4));
         co = _mm512_or_si512(_mm512_slli_epi16(co, 4), _mm512_and_si512(_mm512_srli_epi16(p1, 4), m4));
       }
-      const __m512 sl = scale_lanes<G, SD>(sc[r]);
       for (int t = 0; t < MT; ++t) {
         const __m512i* xv = reinterpret_cast<const __m512i*>(xq[t]);  // xe_hi, xo_hi, xe_lo, xo_lo
         const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
@@ -76,8 +66,7 @@ struct Avx512 {
         const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
                                                _mm512_load_si512(xv + 3));
         const __m512i i32 = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
-        const __m512 f = _mm512_mul_ps(sl, _mm512_load_ps(xl[t]));
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), f, acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), group_factors<G>(f[r][t]), acc[r][t]);
       }
     }
   }

@@ -11,9 +11,8 @@
 // in its low nibble and the next odd one in its high nibble, so permuting x once per
 // call lets the weights be used as loaded), and every element is a 15-bit integer
 // v = round(x / dx) split as v = 256*hi + lo with hi, lo both int8. Two int8 dot
-// products then give float-grade accuracy (~2e-5 relative) instead of int8's ~1e-2.
-// dx is per group of G elements. Per step, 16 float "lanes" hold dx of the group each
-// 32-bit lane of a dot product falls into (lane L covers elements 8L..8L+7 of the step).
+// products then give float-grade accuracy (~3e-5 relative) instead of int8's ~1e-2.
+// dx is per group of G elements; the prep also keeps each group's dx and sum of x.
 #pragma once
 
 #include <immintrin.h>
@@ -35,12 +34,10 @@ namespace fmt = bitswitch::format;
 constexpr int64_t kStep = 128;
 constexpr int64_t kStepWords = kStep / fmt::kValuesPerWord;  // 16 uint32 per plane row
 constexpr int64_t kStepBytes = 256;                           // prepped int8 bytes per step
-constexpr int kLanes = 16;                                    // float lanes per step
 // Largest |v| of the split representation: hi = round(v / 256) must stay <= 127.
 constexpr float kXMax = 127.0f * 256.0f + 127.0f;
 
 static_assert(kStep % fmt::kMaxGroupSize == 0, "a step holds whole groups");
-static_assert(kLanes * 8 == kStep, "each 32-bit lane of a step covers 8 elements");
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -58,6 +55,11 @@ inline __m256 load8(const void* p, DType t) {
     default:
       return _mm256_loadu_ps(static_cast<const float*>(p));
   }
+}
+
+template <DType T>
+inline __m256 load8_t(const void* p) {
+  return load8(p, T);  // T is a constant: the switch folds away
 }
 
 // Stores 8 floats to p[0..7] as type t (round to nearest even).
@@ -129,15 +131,13 @@ struct XPrep {
   int64_t row_bytes = 0;
   int64_t steps = 0;        // ceil(K / kStep); the last step is zero-padded
   int64_t groups = 0;       // K / G
-  int64_t lanes_off = 0;    // float lanes: [steps][kLanes]
+  int64_t dx_off = 0;       // float per-group dx (times the view's factor): [groups]
   int64_t xsum_off = 0;     // float per-group sums of x: [groups]
 
   const int8_t* q(int64_t m, int64_t step) const {
     return reinterpret_cast<const int8_t*>(base + m * row_bytes + step * kStepBytes);
   }
-  const float* lanes(int64_t m, int64_t step) const {
-    return reinterpret_cast<const float*>(base + m * row_bytes + lanes_off) + step * kLanes;
-  }
+  const float* dx(int64_t m) const { return reinterpret_cast<const float*>(base + m * row_bytes + dx_off); }
   const float* xsum(int64_t m) const {
     return reinterpret_cast<const float*>(base + m * row_bytes + xsum_off);
   }
@@ -147,8 +147,8 @@ inline XPrep plan_xprep(int64_t k, int g) {
   XPrep p;
   p.steps = (k + kStep - 1) / kStep;
   p.groups = k / g;
-  p.lanes_off = p.steps * kStepBytes;
-  p.xsum_off = p.lanes_off + p.steps * kLanes * 4;
+  p.dx_off = p.steps * kStepBytes;
+  p.xsum_off = p.dx_off + round_up(p.groups * 4, 64);
   p.row_bytes = round_up(p.xsum_off + p.groups * 4, 64);
   return p;
 }
@@ -168,22 +168,20 @@ inline void split_even_odd(__m256 a, __m256 b, __m256& ev, __m256& od) {
   od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
-// Prepares one row of x (K elements of type t). lane_mult multiplies every dx lane
+// Prepares one row of x (K elements of type t). dx_mult multiplies every stored dx
 // (1/16 folds the INT8 view's s/16 into the activations).
-inline void prep_x_row(const void* x, DType t, int64_t k, int g, float lane_mult, const XPrep& p,
-                       int64_t m) {
+inline void prep_x_row(const void* x, DType t, int64_t k, int g, float dx_mult, const XPrep& p, int64_t m) {
   uint8_t* row = p.base + m * p.row_bytes;
-  float* lanes = reinterpret_cast<float*>(row + p.lanes_off);
+  float* dxg = reinterpret_cast<float*>(row + p.dx_off);
   float* xsum = reinterpret_cast<float*>(row + p.xsum_off);
   const int64_t esize = dtype_size(t);
   const char* xb = static_cast<const char*>(x);
-
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t e0 = s * kStep;
     const int64_t n_el = imin(kStep, k - e0);  // multiple of 32
-    // dx and 1/dx of the groups in this step, from their absolute maximum.
-    float gdx[kStep / fmt::kMinGroupSize] = {}, ginv[kStep / fmt::kMinGroupSize] = {};
+    // 1/dx of the groups in this step, from their absolute maximum.
+    float ginv[kStep / fmt::kMinGroupSize] = {};
     const int gps = int(kStep / g);
     for (int gi = 0; gi < gps; ++gi) {
       const int64_t ge = e0 + int64_t(gi) * g;
@@ -196,12 +194,8 @@ inline void prep_x_row(const void* x, DType t, int64_t k, int g, float lane_mult
       }
       const float amax = hmax(mx);
       xsum[ge / g] = hsum(sm);
-      gdx[gi] = amax / kXMax;
+      dxg[ge / g] = amax / kXMax * dx_mult;
       ginv[gi] = amax > 0.0f ? kXMax / amax : 0.0f;
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t e = int64_t(l) * 8;
-      lanes[s * kLanes + l] = e < n_el ? gdx[e / g] * lane_mult : 0.0f;
     }
     // Quantize: 8 blocks of 16 elements -> 8 even and 8 odd vectors of 8.
     __m256i eh[8], el[8], oh[8], ol[8];
@@ -245,31 +239,6 @@ inline void group_affine(float s, float b, float& s_eff, float& b_eff) {
     s_eff = s;
     b_eff = b;
   }
-}
-
-// sum_g b_eff[n, g] * xsum[g] for one weight row: the bias half of y, computed once per
-// (row, x row) instead of inside the hot loop.
-template <int BITS>
-inline float bias_dot(const void* scales, const void* biases, DType sd, int64_t row_off,
-                      const float* xsum, int64_t groups) {
-  __m256 acc = _mm256_setzero_ps(), accs = _mm256_setzero_ps();
-  const int64_t es = dtype_size(sd);
-  const char* sb = static_cast<const char*>(scales) + row_off * es;
-  const char* bb = static_cast<const char*>(biases) + row_off * es;
-  int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    __m256 xs = _mm256_loadu_ps(xsum + g);
-    acc = _mm256_fmadd_ps(load8(bb + g * es, sd), xs, acc);
-    if (BITS == fmt::kInt8Bits) accs = _mm256_fmadd_ps(load8(sb + g * es, sd), xs, accs);
-  }
-  float r = hsum(acc), rs = hsum(accs);
-  for (; g < groups; ++g) {
-    r += load_f32(biases, sd, row_off + g) * xsum[g];
-    if (BITS == fmt::kInt8Bits) rs += load_f32(scales, sd, row_off + g) * xsum[g];
-  }
-  // INT8 view: b_eff = b - 7.5 * s / 16.
-  if (BITS == fmt::kInt8Bits) r = fmt::int8_bias(rs, r);
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 //     static constexpr int kMR, kNR;           // GEMM micro-kernel tile (kNR a multiple of 8)
 //     static Acc zero();
 //     static float hsum(Acc);
-//     template <int BITS, int G, DType SD, int MT>
-//     static void step(w0, w1, sc, xq, xl, Acc (&acc)[kRows][MT]);
+//     template <int BITS, int G, int MT>
+//     static void step(w0, w1, f, xq, Acc (&acc)[kRows][MT]);   // one 128-element step
 //     template <int MRt>
 //     static void micro(x, ldx, panel, klen, c, ldc);  // c[MRt x kNR] += x @ panel
 //   };
@@ -39,97 +39,114 @@ constexpr int64_t kKB = 256;
 
 // Scale i of a row of SD values. memcpy, not a typed load: the tail path reads scales from
 // a uint32 buffer, and a float or uint16 lvalue there would break strict aliasing.
-template <DType SD>
-inline float load_scale(const void* p, int64_t i) {
-  if (SD == DType::kFloat32) {
-    float f;
-    std::memcpy(&f, static_cast<const char*>(p) + 4 * i, 4);
-    return f;
-  }
-  uint16_t h;
-  std::memcpy(&h, static_cast<const char*>(p) + 2 * i, 2);
-  return SD == DType::kBFloat16 ? bf16_to_f32(h) : _cvtsh_ss(h);
-}
-
 struct GemvCtx {
   const QMatmulArgs* a;
   XPrep xp;
   int64_t n_blocks;         // ceil(N / kRows)
   int64_t blocks_per_task;
   int64_t prefetch_words;   // distance in words of one plane, whole row blocks
+  int64_t gpad;             // groups per row padded to whole steps
 };
+
+// Per weight row r of a block and x row t of a pass, the float work of the GEMV done once
+// per group instead of once per dot product: f[r][t][g] = s_eff[r][g] * dx[t][g] (zero past
+// the last group, for the padded step), and the bias half of y, sum_g b_eff[r][g] * xsum[t][g].
+// The steps then need one convert and one FMA with a broadcast per group.
+template <int BITS, DType SD, int MT>
+inline void precompute_groups(const QMatmulArgs& a, const GemvCtx& ctx, const int64_t* rows, int64_t m0, float* f,
+                              float (&bias)[kRows][MT]) {
+  const XPrep& xp = ctx.xp;
+  const int64_t groups = xp.groups, es = dtype_size(SD);
+  for (int r = 0; r < kRows; ++r) {
+    const char* srow = static_cast<const char*>(a.scales) + rows[r] * groups * es;
+    const char* brow = static_cast<const char*>(a.biases) + rows[r] * groups * es;
+    for (int t = 0; t < MT; ++t) {
+      const float* dx = xp.dx(m0 + t);
+      const float* xs = xp.xsum(m0 + t);
+      float* fr = f + (r * MT + t) * ctx.gpad;
+      __m256 bacc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 sv = load8_t<SD>(srow + g * es);
+        const __m256 xsv = _mm256_loadu_ps(xs + g);
+        _mm256_storeu_ps(fr + g, _mm256_mul_ps(sv, _mm256_loadu_ps(dx + g)));
+        bacc = _mm256_fmadd_ps(load8_t<SD>(brow + g * es), xsv, bacc);
+        if (BITS == fmt::kInt8Bits) sacc = _mm256_fmadd_ps(sv, xsv, sacc);
+      }
+      float bsum = hsum(bacc), ssum = hsum(sacc);
+      for (; g < groups; ++g) {
+        const float sc = load_f32(a.scales, SD, rows[r] * groups + g);
+        fr[g] = sc * dx[g];
+        bsum += load_f32(a.biases, SD, rows[r] * groups + g) * xs[g];
+        ssum += sc * xs[g];
+      }
+      for (; g < ctx.gpad; ++g) fr[g] = 0.0f;
+      // INT8 view: b_eff = b - 7.5 * s / 16 (the 1/16 of s_eff is folded into dx).
+      bias[r][t] = BITS == fmt::kInt8Bits ? fmt::int8_bias(ssum, bsum) : bsum;
+    }
+  }
+}
 
 // Weight rows [kRows*b, kRows*b + kRows) against x rows [m0, m0 + MT).
 template <class Isa, int BITS, int G, DType SD, int MT>
-inline void gemv_rows(const GemvCtx& ctx, int64_t b, int64_t m0) {
+inline void gemv_rows(const GemvCtx& ctx, int64_t b, int64_t m0, float* f) {
   using Acc = typename Isa::Acc;
   const QMatmulArgs& a = *ctx.a;
   const XPrep& xp = ctx.xp;
-  const int64_t words = fmt::words_per_row(a.k), groups = fmt::groups_per_row(a.k, G);
+  const int64_t words = fmt::words_per_row(a.k);
   const int64_t full_steps = a.k / kStep;
-  const int64_t es = dtype_size(SD);
   constexpr int64_t kGroupsPerStep = kStep / G;
 
   int64_t rows[kRows];
   const uint32_t* w0[kRows];
   const uint32_t* w1[kRows];
-  const void* sc[kRows];
   for (int r = 0; r < kRows; ++r) {
     rows[r] = imin(b * kRows + r, a.n - 1);  // a short last block repeats row N-1
     w0[r] = a.plane0 + rows[r] * words;
     w1[r] = BITS == fmt::kInt8Bits ? a.plane1 + rows[r] * words : w0[r];
-    sc[r] = static_cast<const char*>(a.scales) + rows[r] * groups * es;
   }
+  float bias[kRows][MT];
+  precompute_groups<BITS, SD, MT>(a, ctx, rows, m0, f, bias);
+
   Acc acc[kRows][MT];
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < MT; ++t) acc[r][t] = Isa::zero();
 
   const int8_t* xq[MT];
-  const float* xl[MT];
+  const float* fr[kRows][MT];
   const uint32_t* s0[kRows];
   const uint32_t* s1[kRows];
-  const void* ss[kRows];
   for (int64_t s = 0; s < full_steps; ++s) {
     for (int r = 0; r < kRows; ++r) {
       s0[r] = w0[r] + s * kStepWords;
       s1[r] = w1[r] + s * kStepWords;
-      ss[r] = static_cast<const char*>(sc[r]) + s * kGroupsPerStep * es;
       _mm_prefetch(reinterpret_cast<const char*>(s0[r] + ctx.prefetch_words), _MM_HINT_T0);
       if (BITS == fmt::kInt8Bits)
         _mm_prefetch(reinterpret_cast<const char*>(s1[r] + ctx.prefetch_words), _MM_HINT_T0);
+      for (int t = 0; t < MT; ++t) fr[r][t] = f + (r * MT + t) * ctx.gpad + s * kGroupsPerStep;
     }
-    for (int t = 0; t < MT; ++t) {
-      xq[t] = xp.q(m0 + t, s);
-      xl[t] = xp.lanes(m0 + t, s);
-    }
-    Isa::template step<BITS, G, SD, MT>(s0, s1, ss, xq, xl, acc);
+    for (int t = 0; t < MT; ++t) xq[t] = xp.q(m0 + t, s);
+    Isa::template step<BITS, G, MT>(s0, s1, fr, xq, acc);
   }
   if (full_steps < xp.steps) {
-    // K % 128 != 0: the last partial step runs on zero-padded copies (x is padded too).
+    // K % 128 != 0: the last partial step runs on zero-padded copies of the planes (x
+    // and the group factors are padded with zeros too).
     alignas(64) uint32_t t0[kRows][kStepWords] = {}, t1[kRows][kStepWords] = {};
-    alignas(64) uint32_t ts[kRows][kGroupsPerStep] = {};  // >= 4 bytes per scale
-    const int64_t wl = words - full_steps * kStepWords, gl = groups - full_steps * kGroupsPerStep;
+    const int64_t wl = words - full_steps * kStepWords;
     for (int r = 0; r < kRows; ++r) {
       std::memcpy(t0[r], w0[r] + full_steps * kStepWords, size_t(wl) * 4);
       if (BITS == fmt::kInt8Bits) std::memcpy(t1[r], w1[r] + full_steps * kStepWords, size_t(wl) * 4);
-      std::memcpy(ts[r], static_cast<const char*>(sc[r]) + full_steps * kGroupsPerStep * es, size_t(gl * es));
       s0[r] = t0[r];
       s1[r] = t1[r];
-      ss[r] = ts[r];
+      for (int t = 0; t < MT; ++t) fr[r][t] = f + (r * MT + t) * ctx.gpad + full_steps * kGroupsPerStep;
     }
-    for (int t = 0; t < MT; ++t) {
-      xq[t] = xp.q(m0 + t, full_steps);
-      xl[t] = xp.lanes(m0 + t, full_steps);
-    }
-    Isa::template step<BITS, G, SD, MT>(s0, s1, ss, xq, xl, acc);
+    for (int t = 0; t < MT; ++t) xq[t] = xp.q(m0 + t, full_steps);
+    Isa::template step<BITS, G, MT>(s0, s1, fr, xq, acc);
   }
   for (int r = 0; r < kRows; ++r) {
     if (b * kRows + r >= a.n) break;
-    for (int t = 0; t < MT; ++t) {
-      const float y = Isa::hsum(acc[r][t]) +
-                      bias_dot<BITS>(a.scales, a.biases, SD, rows[r] * groups, xp.xsum(m0 + t), groups);
-      store_f32(a.y, a.x_dtype, (m0 + t) * a.n + rows[r], y);
-    }
+    for (int t = 0; t < MT; ++t)
+      store_f32(a.y, a.x_dtype, (m0 + t) * a.n + rows[r], Isa::hsum(acc[r][t]) + bias[r][t]);
   }
 }
 
@@ -140,10 +157,11 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
   ctx.xp = plan_xprep(a.k, G);
   ctx.xp.base = static_cast<uint8_t*>(thread_scratch(kScratchX, size_t(ctx.xp.row_bytes * a.m)));
   if (!ctx.xp.base) return Status::kOutOfMemory;
-  const float lane_mult = BITS == fmt::kInt8Bits ? 1.0f / fmt::kResidualDivisor : 1.0f;
+  const float dx_mult = BITS == fmt::kInt8Bits ? 1.0f / fmt::kResidualDivisor : 1.0f;
   const int64_t es = dtype_size(a.x_dtype);
   for (int64_t m = 0; m < a.m; ++m)
-    prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, lane_mult, ctx.xp, m);
+    prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, dx_mult, ctx.xp, m);
+  ctx.gpad = ctx.xp.steps * (kStep / G);
 
   const int64_t block_bytes = kRows * fmt::words_per_row(a.k) * 4;
   const int64_t ahead_blocks = imax(1, (kPrefetchBytes + block_bytes - 1) / block_bytes);
@@ -153,18 +171,24 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
   // in long contiguous runs.
   ctx.blocks_per_task = imax(1, ctx.n_blocks / (int64_t(pool.num_threads()) * 8));
   const int64_t tasks = (ctx.n_blocks + ctx.blocks_per_task - 1) / ctx.blocks_per_task;
-  pool.parallel_for(tasks, [&ctx](int64_t task, int) {
+  bool oom = false;
+  pool.parallel_for(tasks, [&ctx, &oom](int64_t task, int) {
     const QMatmulArgs& a = *ctx.a;
+    float* f = static_cast<float*>(thread_scratch(kScratchPanel, size_t(kRows * Isa::kMaxMT * ctx.gpad) * 4));
+    if (!f) {
+      oom = true;
+      return;
+    }
     const int64_t b_end = imin(ctx.n_blocks, (task + 1) * ctx.blocks_per_task);
     for (int64_t b = task * ctx.blocks_per_task; b < b_end; ++b) {
       int64_t m0 = 0;
-      for (; m0 + Isa::kMaxMT <= a.m; m0 += Isa::kMaxMT) gemv_rows<Isa, BITS, G, SD, Isa::kMaxMT>(ctx, b, m0);
+      for (; m0 + Isa::kMaxMT <= a.m; m0 += Isa::kMaxMT) gemv_rows<Isa, BITS, G, SD, Isa::kMaxMT>(ctx, b, m0, f);
       if (Isa::kMaxMT > 2)
-        for (; m0 + 2 <= a.m; m0 += 2) gemv_rows<Isa, BITS, G, SD, 2>(ctx, b, m0);
-      if (m0 < a.m) gemv_rows<Isa, BITS, G, SD, 1>(ctx, b, m0);
+        for (; m0 + 2 <= a.m; m0 += 2) gemv_rows<Isa, BITS, G, SD, 2>(ctx, b, m0, f);
+      if (m0 < a.m) gemv_rows<Isa, BITS, G, SD, 1>(ctx, b, m0, f);
     }
   });
-  return Status::kOk;
+  return oom ? Status::kOutOfMemory : Status::kOk;
 }
 
 template <class Isa, int MRt>

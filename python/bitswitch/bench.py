@@ -1,10 +1,15 @@
 """Kernel benchmarks: bitswitch qmatmul against the best alternatives, in the same run.
 
 Every timing is a median of repeated calls. "streamed" means the weights come from DRAM:
-the call cycles through copies of the weight totalling more than ``--stream-bytes``
-(default 1.1 GB, above any L3), and the anchors are measured the same way. "hot" repeats
-one copy (cache-resident when it fits). The read-bandwidth anchor is the native
-``read_stream`` over a 1 GiB buffer with the same threads.
+each call uses the next of several copies of the weight totalling more than
+``--stream-bytes`` (default 1.1 GB, above any L3), and the anchors are measured the same
+way. "hot" repeats one copy (cache-resident when it fits). The read-bandwidth anchor is
+the native ``read_stream`` over a 1 GiB buffer with the same number of threads.
+
+Anchors: torch ``F.linear`` on bfloat16 weights (what a bf16 checkpoint runs on; oneDNN,
+AMX where the CPU has it) and on float32 weights, and MLX ``quantized_matmul`` with the
+same bits and group size (MLX's CPU kernel is not built for speed: its time grows by
+~0.14 s per row of x at 4096x4096 here, so it is measured only up to ``mlx_max_m``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -56,26 +61,31 @@ SQUARE = Shape("4096x4096", 4096, 4096)
 LM_HEAD = Shape("0.6b.lm_head", 151936, 1024)
 
 PRESETS = {
-    # The default run: a representative shape per size, about two minutes on 2 cores.
+    # The default run: a representative shape per model size, a few minutes on 2 cores.
     "default": dict(
         shapes=[Shape("0.6b.gate_proj", 3072, 1024), Shape("4b.down_proj", 2560, 9728), SQUARE,
                 Shape("8b.gate_proj", 12288, 4096), LM_HEAD],
-        ms=[1, 16, 128], mlx_max_m=16, hot=False),
+        ms=[1, 16, 128], mlx_max_m=1, modes=["streamed"]),
     "full": dict(
         shapes=[s for m in MODELS for s in layer_shapes(m)] + [SQUARE, LM_HEAD],
-        ms=[1, 4, 16, 128, 512], mlx_max_m=512, hot=True),
-    # A smoke run for tests and CI: tiny, seconds.
-    "smoke": dict(shapes=[Shape("smoke", 256, 512)], ms=[1, 16], mlx_max_m=1, hot=False),
+        ms=[1, 4, 16, 128, 512], mlx_max_m=16, modes=["streamed", "hot"]),
+    # Seconds: for tests and CI.
+    "smoke": dict(shapes=[Shape("smoke", 256, 512)], ms=[1, 16], mlx_max_m=1, modes=["streamed"]),
 }
+
+ANCHORS = ("torch_bf16", "torch_f32", "mlx")
 
 
 def median_time(fn: Callable[[int], object], copies: int, min_time: float, min_calls: int,
                 max_calls: int = 100000) -> float:
-    """Median seconds per call of fn(i) with i cycling over `copies` copies."""
-    fn(0)  # warm-up (first-call costs: allocation, dispatch caches)
-    times: list = []
+    """Median seconds per call of fn(i), i cycling over `copies` weight copies. The first
+    call is a warm-up, unless a single call already takes longer than `min_time`."""
+    t0 = time.perf_counter()
+    fn(0)
+    first = time.perf_counter() - t0
+    times: list = [first] if first > min_time else []
     start = time.perf_counter()
-    i = 0
+    i = 1
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()
         fn(i % copies)
@@ -86,15 +96,15 @@ def median_time(fn: Callable[[int], object], copies: int, min_time: float, min_c
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
     """Median GB/s of a multi-threaded sequential read of `nbytes`."""
+    _C.set_num_threads(threads)
     buf = np.ones(nbytes // 4, dtype=np.uint32)
-    _C.read_stream(buf)
     t = median_time(lambda _: _C.read_stream(buf), 1, 0.0, reps)
     del buf
     return nbytes / t / 1e9
 
 
-def _copies_for(nbytes: int, stream_bytes: int) -> int:
-    return max(2, -(-stream_bytes // max(1, nbytes)))
+def _copies(nbytes: int, stream_bytes: int, stream: bool) -> int:
+    return max(2, -(-stream_bytes // max(1, nbytes))) if stream else 1
 
 
 def _copy_qweight(qw: QWeight) -> QWeight:
@@ -113,89 +123,104 @@ class Row:
     us: float
     gbs: float
     bw_frac: float
-    torch_bf16_us: Optional[float] = None
-    mlx_us: Optional[float] = None
+    anchors_us: Dict[str, float] = dataclasses.field(default_factory=dict)
 
-    @property
-    def vs_torch(self) -> Optional[float]:
-        return None if self.torch_bf16_us is None else self.torch_bf16_us / self.us
+    def speedup(self, anchor: str) -> Optional[float]:
+        t = self.anchors_us.get(anchor)
+        return None if t is None else t / self.us
 
-    @property
-    def vs_mlx(self) -> Optional[float]:
-        return None if self.mlx_us is None else self.mlx_us / self.us
+
+class _Anchors:
+    """The alternatives, set up per (shape, mode) and timed per (bits, M)."""
+
+    def __init__(self, names: Sequence[str], threads: int, log: Callable[[str], None]):
+        self.torch = self.mx = None
+        if any(n.startswith("torch") for n in names):
+            try:
+                import torch
+
+                torch.set_num_threads(threads)
+                self.torch = torch
+            except ImportError:
+                log("torch is not installed: no torch anchors")
+        if "mlx" in names:
+            try:
+                import mlx.core as mx
+
+                self.mx = mx
+            except ImportError:
+                log("mlx is not installed: no MLX anchor")
+        self.names = [n for n in names if (n == "mlx" and self.mx) or (n.startswith("torch") and self.torch)]
+
+    def time_torch(self, name: str, w: np.ndarray, ms: Sequence[int], stream: bool, stream_bytes: int,
+                   min_time: float) -> Dict[int, float]:
+        torch = self.torch
+        dtype = torch.bfloat16 if name == "torch_bf16" else torch.float32
+        wt = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16).to(dtype)
+        copies = _copies(wt.numel() * wt.element_size(), stream_bytes, stream)
+        wts = [wt.clone() for _ in range(copies)]
+        out = {}
+        with torch.inference_mode():
+            for m in ms:
+                x = torch.randn(m, w.shape[1], dtype=dtype)
+                out[m] = median_time(lambda i: torch.nn.functional.linear(x, wts[i]), copies, min_time, 3)
+        del wts
+        gc.collect()
+        return out
+
+    def time_mlx(self, w: np.ndarray, bits: int, group_size: int, ms: Sequence[int], min_time: float) -> Dict[int, float]:
+        mx = self.mx
+        wq, s, b = mx.quantize(mx.array(w.astype(np.float32)).astype(mx.bfloat16), group_size=group_size, bits=bits)
+        mx.eval(wq, s, b)
+        out = {}
+        for m in ms:
+            x = mx.random.normal((m, w.shape[1])).astype(mx.bfloat16)
+            mx.eval(x)
+            f = lambda _: mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True,  # noqa: E731
+                                                      group_size=group_size, bits=bits))
+            out[m] = median_time(f, 1, min_time, 1, max_calls=5)
+        return out
 
 
 def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], bits_list: Sequence[int] = (4, 8),
                 group_size: int = 64, threads: int = 2, modes: Sequence[str] = ("streamed",),
-                anchors: Sequence[str] = ("torch", "mlx"), mlx_max_m: int = 16,
+                anchors: Sequence[str] = ANCHORS, mlx_max_m: int = 16,
                 stream_bytes: int = 1_100_000_000, min_time: float = 0.3, seed: int = 0,
                 log: Callable[[str], None] = print) -> dict:
-    """Times qmatmul and the anchors on every (shape, M, bits, mode); returns a report dict."""
-    _C.set_num_threads(threads)
-    torch = None
-    if "torch" in anchors:
-        try:
-            import torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            log("torch not installed: no torch anchor")
-    mx = None
-    if "mlx" in anchors:
-        try:
-            import mlx.core as mx
-        except ImportError:
-            log("mlx not installed: no MLX anchor")
+    """Times qmatmul and the anchors on every (shape, mode, bits, M); returns a report."""
+    anc = _Anchors(anchors, threads, log)
     rng = np.random.default_rng(seed)
     bw = read_bandwidth(threads)
+    _C.set_num_threads(threads)
     log(f"read bandwidth ({threads} threads, 1 GiB): {bw:.1f} GB/s")
-    log(HEADER)
+    log(header(anc.names))
     rows = []
     for shape in shapes:
         w = (rng.standard_normal((shape.n, shape.k), dtype=np.float32) * 0.02).astype(A.BFLOAT16)
         qw = quantize(w, group_size=group_size, bits=8)
         for mode in modes:
             stream = mode == "streamed"
-            # Anchor: torch bf16 F.linear (oneDNN), weights streamed the same way.
-            t_torch = {}
-            if torch is not None:
-                wt = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
-                copies = _copies_for(wt.numel() * 2, stream_bytes) if stream else 1
-                wts = [wt.clone() for _ in range(copies)]
-                for m in ms:
-                    xt = torch.randn(m, shape.k, dtype=torch.bfloat16)
-                    with torch.inference_mode():
-                        t_torch[m] = median_time(lambda i: torch.nn.functional.linear(xt, wts[i]), copies,
-                                                 min_time, 3)
-                del wts
-                gc.collect()
+            t_anchor = {name: anc.time_torch(name, w, ms, stream, stream_bytes, min_time)
+                        for name in anc.names if name.startswith("torch")}
             for bits in bits_list:
                 view = qw if bits == 8 else qw.int4_only()
                 nbytes = view.nbytes(bits)
-                copies = _copies_for(nbytes, stream_bytes) if stream else 1
+                copies = _copies(nbytes, stream_bytes, stream)
                 qws = [_copy_qweight(view) for _ in range(copies)]
-                t_mlx = {}
-                if mx is not None:
-                    wq, s, b = mx.quantize(mx.array(w.astype(np.float32)).astype(mx.bfloat16),
-                                           group_size=group_size, bits=bits)
-                    mx.eval(wq, s, b)
+                if "mlx" in anc.names and mode == modes[0]:  # MLX is compute-bound: timed once
+                    t_anchor["mlx"] = anc.time_mlx(w, bits, group_size, [m for m in ms if m <= mlx_max_m],
+                                                   min(min_time, 0.5))
                 for m in ms:
-                    x = (rng.standard_normal((m, shape.k), dtype=np.float32)).astype(A.BFLOAT16)
+                    x = rng.standard_normal((m, shape.k), dtype=np.float32).astype(A.BFLOAT16)
                     y = np.empty((m, shape.n), dtype=A.BFLOAT16)
                     t = median_time(lambda i: _C.qmatmul(x, qws[i].plane0, qws[i].plane1 if bits == 8 else None,
                                                          qws[i].scales, qws[i].biases, group_size, bits, y),
                                     copies, min_time, 5)
-                    if mx is not None and m <= mlx_max_m:
-                        xm = mx.array(x.astype(np.float32)).astype(mx.bfloat16)
-                        mx.eval(xm)
-                        f = lambda _: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True,  # noqa: E731
-                                                                  group_size=group_size, bits=bits))
-                        t_mlx[m] = median_time(f, 1, min(min_time, 0.5), 1, max_calls=3)
                     row = Row(shape.name, shape.n, shape.k, m, bits, mode, t * 1e6, nbytes / t / 1e9,
                               nbytes / t / 1e9 / bw,
-                              t_torch[m] * 1e6 if m in t_torch else None,
-                              t_mlx[m] * 1e6 if m in t_mlx else None)
+                              {a: v[m] * 1e6 for a, v in t_anchor.items() if m in v})
                     rows.append(row)
-                    log(format_row(row))
+                    log(format_row(row, anc.names))
                 del qws
                 gc.collect()
     return {
@@ -204,37 +229,49 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], bits_list: Sequence[
         "group_size": group_size,
         "read_bandwidth_gbs": bw,
         "cpu_variant": _C.cpu_variant(),
-        "rows": [dict(dataclasses.asdict(r), vs_torch=r.vs_torch, vs_mlx=r.vs_mlx) for r in rows],
+        "anchors": anc.names,
+        "rows": [dict(dataclasses.asdict(r), speedups={a: r.speedup(a) for a in r.anchors_us}) for r in rows],
     }
 
 
 def machine_description() -> str:
     info = _C.cpu_info()
-    return f"{info['brand'] or info['vendor']} ({platform.machine()}), variant {info['active']}"
+    return f"{info['brand'] or info['vendor']} ({platform.machine()}), kernel variant {info['active']}"
 
 
-HEADER = (f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5}{'bits':>5} {'mode':<9}{'us':>10}{'GB/s':>7}{'%BW':>6}"
-          f"{'torch bf16 us':>15}{'x torch':>9}{'mlx us':>11}{'x mlx':>8}")
+_LABEL = {"torch_bf16": "torch bf16", "torch_f32": "torch f32", "mlx": "mlx"}
+
+
+def header(anchors: Sequence[str]) -> str:
+    h = f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5}{'bits':>5} {'mode':<9}{'us':>10}{'GB/s':>7}{'%BW':>6}"
+    for a in anchors:
+        h += f"{_LABEL[a] + ' us':>15}{'x':>7}"
+    return h
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_row(r: Row) -> str:
-    return (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5}{r.bits:>5} {r.mode:<9}{r.us:>10.1f}{r.gbs:>7.1f}"
-            f"{r.bw_frac * 100:>5.0f}%{_fmt(r.torch_bf16_us, '.1f'):>15}{_fmt(r.vs_torch, '.2f'):>9}"
-            f"{_fmt(r.mlx_us, '.0f'):>11}{_fmt(r.vs_mlx, '.1f'):>8}")
+def format_row(r: Row, anchors: Sequence[str]) -> str:
+    s = (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5}{r.bits:>5} {r.mode:<9}{r.us:>10.1f}{r.gbs:>7.1f}"
+         f"{r.bw_frac * 100:>5.0f}%")
+    for a in anchors:
+        s += f"{_fmt(r.anchors_us.get(a), '.1f'):>15}{_fmt(r.speedup(a), '.2f'):>7}"
+    return s
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| shape | N | K | M | bits | mode | µs | GB/s | % read BW | torch bf16 µs | × torch | MLX µs | × MLX |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    anchors = report["anchors"]
+    head = "| shape | N | K | M | bits | mode | µs | GB/s | % read BW |" + "".join(
+        f" {_LABEL[a]} µs | × {_LABEL[a]} |" for a in anchors)
+    lines = [head, "|" + "---|" * (9 + 2 * len(anchors))]
     for d in report["rows"]:
-        r = Row(**{f.name: d[f.name] for f in dataclasses.fields(Row)})
-        lines.append(f"| {r.shape} | {r.n} | {r.k} | {r.m} | {r.bits} | {r.mode} | {r.us:.1f} | {r.gbs:.1f} | "
-                     f"{r.bw_frac * 100:.0f}% | {_fmt(r.torch_bf16_us, '.1f')} | {_fmt(r.vs_torch, '.2f')} | "
-                     f"{_fmt(r.mlx_us, '.0f')} | {_fmt(r.vs_mlx, '.1f')} |")
+        line = (f"| {d['shape']} | {d['n']} | {d['k']} | {d['m']} | {d['bits']} | {d['mode']} | {d['us']:.1f} | "
+                f"{d['gbs']:.1f} | {d['bw_frac'] * 100:.0f}% |")
+        for a in anchors:
+            line += f" {_fmt(d['anchors_us'].get(a), '.1f')} | {_fmt(d['speedups'].get(a), '.2f')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -247,8 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["streamed", "hot", "both"], help="default: the preset's")
-    p.add_argument("--no-torch", action="store_true", help="skip the torch bf16 anchor")
-    p.add_argument("--no-mlx", action="store_true", help="skip the MLX anchor")
+    p.add_argument("--anchors", type=str, default=",".join(ANCHORS),
+                   help=f"comma-separated subset of {','.join(ANCHORS)} ('' for none)")
+    p.add_argument("--mlx-max-m", type=int, help="largest M timed for MLX (default: the preset's)")
     p.add_argument("--stream-bytes", type=float, default=1.1e9)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of calls per measurement")
     p.add_argument("--json", type=str, help="write the report here")
@@ -256,16 +294,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
     ms = [int(v) for v in a.m.split(",")] if a.m else preset["ms"]
-    modes = {"streamed": ["streamed"], "hot": ["hot"], "both": ["streamed", "hot"]}[
-        a.mode or ("both" if preset["hot"] else "streamed")]
-    anchors = [n for n, off in (("torch", a.no_torch), ("mlx", a.no_mlx)) if not off]
-    print(f"bitswitch {_C.__version__} kernels: {machine_description()}, {a.threads} threads, "
-          f"group size {a.group_size}, x bfloat16; median per call")
-    print("x torch / x mlx: speed-up over the anchor measured in this run (>1: bitswitch faster); "
+    modes = {"streamed": ["streamed"], "hot": ["hot"], "both": ["streamed", "hot"]}.get(a.mode, preset["modes"])
+    anchors = [n for n in a.anchors.split(",") if n]
+    bad = [n for n in anchors if n not in ANCHORS]
+    if bad:
+        p.error(f"unknown anchors {bad}; choose from {ANCHORS}")
+    print(f"bitswitch {_C.__version__} kernels on {machine_description()}: {a.threads} threads, "
+          f"group size {a.group_size}, x bfloat16, median per call")
+    print("x: speed-up over the anchor measured in this run (>1: bitswitch is faster); "
           "%BW: weight bytes per second over the measured read bandwidth")
     report = run_kernels(preset["shapes"], ms, [int(b) for b in a.bits.split(",")], a.group_size, a.threads,
-                         modes, anchors, preset["mlx_max_m"], int(a.stream_bytes), a.min_time,
-                         log=lambda s: print(s, flush=True))
+                         modes, anchors, a.mlx_max_m if a.mlx_max_m is not None else preset["mlx_max_m"],
+                         int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True))
     report["command"] = "bitswitch bench kernels " + " ".join(sys.argv[3:] if argv is None else argv)
     report["date"] = time.strftime("%Y-%m-%d")
     if a.json:

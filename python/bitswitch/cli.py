@@ -39,30 +39,35 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(a: argparse.Namespace) -> int:
-    target = a.target
-    if target == "kernels":
+BENCH_TARGETS = ("kernels",)
+
+
+def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
+    if a.target == "kernels":
         from . import bench
 
-        return bench.main(a.rest)
-    print(f"bitswitch bench: unknown target {target!r}; available: kernels", file=sys.stderr)
-    return 2
+        return bench.main(list(rest))
+    return 2  # unreachable: argparse restricts the choices
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bitswitch", description="bitswitch: INT4/INT8 nibble-plane inference kernels")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, CPU features, kernel variant, backends").set_defaults(fn=_info)
-    b = sub.add_parser("bench", help="benchmarks against the best alternatives, measured in the same run",
+    sub.add_parser("info", help="version, CPU features, kernel variant, backends")
+    b = sub.add_parser("bench", help="benchmarks against the best alternatives, measured in the same run; "
+                                     "options after the target go to it (bitswitch bench kernels --help)",
                        add_help=False)
-    b.add_argument("target", nargs="?", default="kernels", help="what to benchmark: kernels (default)")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the target (bitswitch bench kernels --help)")
-    b.set_defaults(fn=_bench)
-    a = p.parse_args(argv)
-    if a.command == "bench" and a.target.startswith("-"):
-        a.rest = [a.target] + a.rest
-        a.target = "kernels"
-    return a.fn(a)
+    b.add_argument("target", nargs="?", default="kernels", choices=BENCH_TARGETS,
+                   help="what to benchmark (default: kernels)")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"] and (len(args) == 1 or (args[1].startswith("-") and args[1] not in ("-h", "--help"))):
+        args.insert(1, "kernels")  # `bitswitch bench --preset full` means the default target
+    a, rest = p.parse_known_args(args)
+    if a.command == "info":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _info(a)
+    return _bench(a, rest)
 
 
 if __name__ == "__main__":
