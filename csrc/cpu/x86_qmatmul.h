@@ -80,7 +80,7 @@ inline void precompute_groups(const QMatmulArgs& a, const GemvCtx& ctx, const in
         bsum += load_f32(a.biases, SD, rows[r] * groups + g) * xs[g];
         ssum += sc * xs[g];
       }
-      for (; g < ctx.gpad; ++g) fr[g] = 0.0f;
+      for (; g < ctx.gpad; ++g) fr[g] = 0.0f;  // only when K % 128 != 0
       // INT8 view: b_eff = b - 7.5 * s / 16 (the 1/16 of s_eff is folded into dx).
       bias[r][t] = BITS == fmt::kInt8Bits ? fmt::int8_bias(ssum, bsum) : bsum;
     }
@@ -104,6 +104,18 @@ inline void gemv_rows(const GemvCtx& ctx, int64_t b, int64_t m0, float* f) {
     rows[r] = imin(b * kRows + r, a.n - 1);  // a short last block repeats row N-1
     w0[r] = a.plane0 + rows[r] * words;
     w1[r] = BITS == fmt::kInt8Bits ? a.plane1 + rows[r] * words : w0[r];
+  }
+  if (m0 == 0) {
+    // The scales and biases of the block `ahead` blocks on are separate streams from the
+    // planes: prefetch them too, or each block starts with cache misses.
+    const int64_t ahead = imin(b + ctx.prefetch_words / (kRows * words), ctx.n_blocks - 1) * kRows;
+    const int64_t bytes = kRows * xp.groups * dtype_size(SD);
+    const char* sp = static_cast<const char*>(a.scales) + ahead * xp.groups * dtype_size(SD);
+    const char* bp = static_cast<const char*>(a.biases) + ahead * xp.groups * dtype_size(SD);
+    for (int64_t o = 0; o < bytes; o += 64) {
+      _mm_prefetch(sp + o, _MM_HINT_T0);
+      _mm_prefetch(bp + o, _MM_HINT_T0);
+    }
   }
   float bias[kRows][MT];
   precompute_groups<BITS, SD, MT>(a, ctx, rows, m0, f, bias);
