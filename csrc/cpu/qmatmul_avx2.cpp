@@ -2,8 +2,8 @@
 //
 // Small M (decode): an integer GEMV that streams the weights once at memory bandwidth.
 // x is prepared once per call (x86_common.h) as 15-bit integers split into two int8
-// halves, so each 32 plane bytes (64 weights) cost two nibble masks and four vpmaddubsw
-// per x row. vpmaddubsw adds pairs of u8*s8 products in int16: with codes <= 15 and
+// halves, so each 32 plane bytes (64 weights) cost a shift, two nibble masks and four
+// vpmaddubsw per x row. vpmaddubsw adds pairs of u8*s8 products in int16: with codes <= 15 and
 // |x half| <= 128 a pair stays below 3840, and two pairs below 7680, so nothing
 // saturates; the INT8 view must keep its planes apart because a whole 8-bit code
 // (<= 255) would.
@@ -27,54 +27,51 @@ inline __m256 group_factors(const float* f, int c) {
 
 struct Avx2 {
   using Acc = __m256;
-  // x rows per GEMV pass: 8 accumulators plus temporaries fit 16 ymm registers.
-  static constexpr int kMaxMT = 2;
+  // x rows per GEMV pass: the codes of a chunk are unpacked once for all of them.
+  static constexpr int kMaxMT = 4;
   static constexpr int kMR = 6, kNR = 16;
 
   static Acc zero() { return _mm256_setzero_ps(); }
   static float hsum(Acc v) { return cpu::hsum(v); }
 
-  // One 128-element step (two 64-element chunks) for kRows weight rows and MT x rows.
-  // w0, w1: per weight row, the step's 16 words of plane 0 / plane 1.
-  // f: per (weight row, x row), the step's first group factor.  xq: per x row, the
-  // step's prepped bytes.  acc: [weight row][x row], 8 partial sums each.
+  // One 128-element step (two 64-element chunks) of one weight row against MT x rows.
+  // w0, w1: the step's 16 words of plane 0 / plane 1.  f: per x row, the step's first
+  // group factor.  xq: per x row, the step's prepped bytes.  acc: per x row, 8 partial sums.
   template <int BITS, int G, int MT>
-  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const float* const (&f)[kRows][MT],
-                   const int8_t* const* xq, Acc (&acc)[kRows][MT]) {
+  static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
+                   const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i one = _mm256_set1_epi16(1);
     const __m256i x256 = _mm256_set1_epi16(256);
     for (int c = 0; c < 2; ++c) {
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0[r] + 8 * c));
-        const __m256i L = _mm256_and_si256(p, m4);
-        const __m256i H = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
-        __m256i L1 = L, H1 = H;
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 8 * c));
+      const __m256i L = _mm256_and_si256(p, m4);
+      const __m256i H = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
+      __m256i L1 = L, H1 = H;
+      if (BITS == fmt::kInt8Bits) {
+        const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + 8 * c));
+        L1 = _mm256_and_si256(p1, m4);
+        H1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
+      }
+      for (int t = 0; t < MT; ++t) {
+        // xv: [xe_hi 0..1 | xo_hi 2..3 | xe_lo 4..5 | xo_lo 6..7], 32 bytes each.
+        const __m256i* xv = reinterpret_cast<const __m256i*>(xq[t]);
+        const __m256i ehi = _mm256_load_si256(xv + c), ohi = _mm256_load_si256(xv + 2 + c);
+        const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
+        const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(L, ehi), _mm256_maddubs_epi16(H, ohi));
+        const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
+        __m256i i32;
         if (BITS == fmt::kInt8Bits) {
-          const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1[r] + 8 * c));
-          L1 = _mm256_and_si256(p1, m4);
-          H1 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), m4);
+          const __m256i rhi = _mm256_add_epi16(_mm256_maddubs_epi16(L1, ehi), _mm256_maddubs_epi16(H1, ohi));
+          const __m256i rlo = _mm256_add_epi16(_mm256_maddubs_epi16(L1, elo), _mm256_maddubs_epi16(H1, olo));
+          // code 16q + r against v = 256*hi + lo: 4096*q.hi + 16*q.lo + 256*r.hi + r.lo.
+          i32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(4096)),
+                                                  _mm256_madd_epi16(lo, _mm256_set1_epi16(16))),
+                                 _mm256_add_epi32(_mm256_madd_epi16(rhi, x256), _mm256_madd_epi16(rlo, one)));
+        } else {
+          i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, x256), _mm256_madd_epi16(lo, one));
         }
-        for (int t = 0; t < MT; ++t) {
-          // xv: [xe_hi 0..1 | xo_hi 2..3 | xe_lo 4..5 | xo_lo 6..7], 32 bytes each.
-          const __m256i* xv = reinterpret_cast<const __m256i*>(xq[t]);
-          const __m256i ehi = _mm256_load_si256(xv + c), ohi = _mm256_load_si256(xv + 2 + c);
-          const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
-          const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(L, ehi), _mm256_maddubs_epi16(H, ohi));
-          const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
-          __m256i i32;
-          if (BITS == fmt::kInt8Bits) {
-            const __m256i rhi = _mm256_add_epi16(_mm256_maddubs_epi16(L1, ehi), _mm256_maddubs_epi16(H1, ohi));
-            const __m256i rlo = _mm256_add_epi16(_mm256_maddubs_epi16(L1, elo), _mm256_maddubs_epi16(H1, olo));
-            // code 16q + r against v = 256*hi + lo: 4096*q.hi + 16*q.lo + 256*r.hi + r.lo.
-            i32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(4096)),
-                                                    _mm256_madd_epi16(lo, _mm256_set1_epi16(16))),
-                                   _mm256_add_epi32(_mm256_madd_epi16(rhi, x256), _mm256_madd_epi16(rlo, one)));
-          } else {
-            i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, x256), _mm256_madd_epi16(lo, one));
-          }
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), group_factors<G>(f[r][t], c), acc[r][t]);
-        }
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), group_factors<G>(f[t], c), acc[t]);
       }
     }
   }

@@ -33,7 +33,7 @@ inline __m512 group_factors(const float* f) {
 
 struct Avx512 {
   using Acc = __m512;
-  // x rows per GEMV pass: 16 accumulators plus per-row codes and temporaries fit 32 zmm.
+  // x rows per GEMV pass: the codes of a step are unpacked once for all of them.
   static constexpr int kMaxMT = 4;
   static constexpr int kMR = 8, kNR = 32;
 
@@ -42,32 +42,30 @@ struct Avx512 {
     return cpu::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
   }
 
-  // One 128-element step for kRows weight rows and MT x rows (arguments as in the AVX2 unit).
+  // One 128-element step of one weight row against MT x rows (arguments as in the AVX2 unit).
   template <int BITS, int G, int MT>
-  static void step(const uint32_t* const* w0, const uint32_t* const* w1, const float* const (&f)[kRows][MT],
-                   const int8_t* const* xq, Acc (&acc)[kRows][MT]) {
+  static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
+                   const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i p = _mm512_loadu_si512(w0[r]);
-      __m512i ce = _mm512_and_si512(p, m4);                        // even elements
-      __m512i co = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);  // odd elements
-      if (BITS == fmt::kInt8Bits) {
-        // Every byte holds a value below 16, so shifting 16-bit lanes by 4 cannot carry
-        // into the neighbouring byte.
-        const __m512i p1 = _mm512_loadu_si512(w1[r]);
-        ce = _mm512_or_si512(_mm512_slli_epi16(ce, 4), _mm512_and_si512(p1, m4));
-        co = _mm512_or_si512(_mm512_slli_epi16(co, 4), _mm512_and_si512(_mm512_srli_epi16(p1, 4), m4));
-      }
-      for (int t = 0; t < MT; ++t) {
-        const __m512i* xv = reinterpret_cast<const __m512i*>(xq[t]);  // xe_hi, xo_hi, xe_lo, xo_lo
-        const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
-                                               _mm512_load_si512(xv + 1));
-        const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
-                                               _mm512_load_si512(xv + 3));
-        const __m512i i32 = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), group_factors<G>(f[r][t]), acc[r][t]);
-      }
+    const __m512i p = _mm512_loadu_si512(w0);
+    __m512i ce = _mm512_and_si512(p, m4);                        // even elements
+    __m512i co = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);  // odd elements
+    if (BITS == fmt::kInt8Bits) {
+      // Every byte holds a value below 16, so shifting 16-bit lanes by 4 cannot carry
+      // into the neighbouring byte.
+      const __m512i p1 = _mm512_loadu_si512(w1);
+      ce = _mm512_or_si512(_mm512_slli_epi16(ce, 4), _mm512_and_si512(p1, m4));
+      co = _mm512_or_si512(_mm512_slli_epi16(co, 4), _mm512_and_si512(_mm512_srli_epi16(p1, 4), m4));
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512i* xv = reinterpret_cast<const __m512i*>(xq[t]);  // xe_hi, xo_hi, xe_lo, xo_lo
+      const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
+                                             _mm512_load_si512(xv + 1));
+      const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
+                                             _mm512_load_si512(xv + 3));
+      const __m512i i32 = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), group_factors<G>(f[t]), acc[t]);
     }
   }
 

@@ -9,7 +9,7 @@
 //     static Acc zero();
 //     static float hsum(Acc);
 //     template <int BITS, int G, int MT>
-//     static void step(w0, w1, f, xq, Acc (&acc)[kRows][MT]);   // one 128-element step
+//     static void step(w0, w1, f, xq, Acc (&acc)[MT]);   // one 128-element step of one row
 //     template <int MRt>
 //     static void micro(x, ldx, panel, klen, c, ldc);  // c[MRt x kNR] += x @ panel
 //   };
@@ -27,8 +27,6 @@ namespace {
 // Largest M served by the GEMV path. Above it unpacking the weights once per x row is no
 // longer cheap and the FMA GEMM wins (measured with `bitswitch bench kernels`).
 constexpr int64_t kGemvMaxM = 8;
-// Weight rows per GEMV block: four rows share every x load.
-constexpr int kRows = 4;
 // Software prefetch distance in bytes of one plane: with two threads the hardware
 // prefetcher alone leaves about a third of the read bandwidth unused.
 constexpr int64_t kPrefetchBytes = 8192;
@@ -42,124 +40,106 @@ constexpr int64_t kKB = 256;
 struct GemvCtx {
   const QMatmulArgs* a;
   XPrep xp;
-  int64_t n_blocks;         // ceil(N / kRows)
-  int64_t blocks_per_task;
-  int64_t prefetch_words;   // distance in words of one plane, whole row blocks
+  int64_t rows_per_task;
+  int64_t prefetch_words;   // software prefetch distance in words of one plane
   int64_t gpad;             // groups per row padded to whole steps
 };
 
-// Per weight row r of a block and x row t of a pass, the float work of the GEMV done once
-// per group instead of once per dot product: f[r][t][g] = s_eff[r][g] * dx[t][g] (zero past
-// the last group, for the padded step), and the bias half of y, sum_g b_eff[r][g] * xsum[t][g].
-// The steps then need one convert and one FMA with a broadcast per group.
+// For x row t of a pass, the float work of the GEMV done once per group instead of once
+// per dot product: f[t][g] = s_eff[g] * dx[t][g] (zero past the last group, for the padded
+// step), and the bias half of y, sum_g b_eff[g] * xsum[t][g], left as 8 partial sums. The
+// steps then need one convert and one FMA with a broadcast per group.
 template <int BITS, DType SD, int MT>
-inline void precompute_groups(const QMatmulArgs& a, const GemvCtx& ctx, const int64_t* rows, int64_t m0, float* f,
-                              float (&bias)[kRows][MT]) {
+inline void precompute_groups(const QMatmulArgs& a, const GemvCtx& ctx, int64_t row, int64_t m0, float* f,
+                              __m256 (&bias)[MT]) {
   const XPrep& xp = ctx.xp;
   const int64_t groups = xp.groups, es = dtype_size(SD);
-  for (int r = 0; r < kRows; ++r) {
-    const char* srow = static_cast<const char*>(a.scales) + rows[r] * groups * es;
-    const char* brow = static_cast<const char*>(a.biases) + rows[r] * groups * es;
-    for (int t = 0; t < MT; ++t) {
-      const float* dx = xp.dx(m0 + t);
-      const float* xs = xp.xsum(m0 + t);
-      float* fr = f + (r * MT + t) * ctx.gpad;
-      __m256 bacc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + 8 <= groups; g += 8) {
-        const __m256 sv = load8_t<SD>(srow + g * es);
-        const __m256 xsv = _mm256_loadu_ps(xs + g);
-        _mm256_storeu_ps(fr + g, _mm256_mul_ps(sv, _mm256_loadu_ps(dx + g)));
-        bacc = _mm256_fmadd_ps(load8_t<SD>(brow + g * es), xsv, bacc);
-        if (BITS == fmt::kInt8Bits) sacc = _mm256_fmadd_ps(sv, xsv, sacc);
-      }
-      float bsum = hsum(bacc), ssum = hsum(sacc);
-      for (; g < groups; ++g) {
-        const float sc = load_f32(a.scales, SD, rows[r] * groups + g);
-        fr[g] = sc * dx[g];
-        bsum += load_f32(a.biases, SD, rows[r] * groups + g) * xs[g];
-        ssum += sc * xs[g];
-      }
-      for (; g < ctx.gpad; ++g) fr[g] = 0.0f;  // only when K % 128 != 0
-      // INT8 view: b_eff = b - 7.5 * s / 16 (the 1/16 of s_eff is folded into dx).
-      bias[r][t] = BITS == fmt::kInt8Bits ? fmt::int8_bias(ssum, bsum) : bsum;
+  const char* srow = static_cast<const char*>(a.scales) + row * groups * es;
+  const char* brow = static_cast<const char*>(a.biases) + row * groups * es;
+  // INT8 view: b_eff = b - 7.5 * s / 16 (the 1/16 of s_eff is folded into dx).
+  const __m256 c8 = _mm256_set1_ps(-fmt::kResidualCenter / fmt::kResidualDivisor);
+  for (int t = 0; t < MT; ++t) {
+    const float* dx = xp.dx(m0 + t);
+    const float* xs = xp.xsum(m0 + t);
+    float* ft = f + t * ctx.gpad;
+    __m256 bacc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 sv = load8_t<SD>(srow + g * es);
+      const __m256 xsv = _mm256_loadu_ps(xs + g);
+      _mm256_storeu_ps(ft + g, _mm256_mul_ps(sv, _mm256_loadu_ps(dx + g)));
+      __m256 bv = load8_t<SD>(brow + g * es);
+      if (BITS == fmt::kInt8Bits) bv = _mm256_fmadd_ps(sv, c8, bv);
+      bacc = _mm256_fmadd_ps(bv, xsv, bacc);
     }
+    float tail = 0.0f;
+    for (; g < groups; ++g) {
+      float s_eff, b_eff;
+      group_affine<BITS>(load_f32(a.scales, SD, row * groups + g), load_f32(a.biases, SD, row * groups + g), s_eff,
+                         b_eff);
+      ft[g] = load_f32(a.scales, SD, row * groups + g) * dx[g];
+      tail += b_eff * xs[g];
+    }
+    for (; g < ctx.gpad; ++g) ft[g] = 0.0f;  // only when K % 128 != 0
+    bias[t] = _mm256_add_ps(bacc, _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));
   }
 }
 
-// Weight rows [kRows*b, kRows*b + kRows) against x rows [m0, m0 + MT).
+// One weight row against x rows [m0, m0 + MT). A single row at a time keeps each thread's
+// reads one sequential stream: interleaving four rows (to share x loads) measured ~20%
+// slower from DRAM here, and x comes from L1 anyway.
+// y[m0 + t] of the row goes to yrow[t * ld].
 template <class Isa, int BITS, int G, DType SD, int MT>
-inline void gemv_rows(const GemvCtx& ctx, int64_t b, int64_t m0, float* f) {
+inline void gemv_row(const GemvCtx& ctx, int64_t row, int64_t m0, float* f, float* yrow, int64_t ld) {
   using Acc = typename Isa::Acc;
   const QMatmulArgs& a = *ctx.a;
   const XPrep& xp = ctx.xp;
   const int64_t words = fmt::words_per_row(a.k);
   const int64_t full_steps = a.k / kStep;
   constexpr int64_t kGroupsPerStep = kStep / G;
+  const uint32_t* w0 = a.plane0 + row * words;
+  const uint32_t* w1 = BITS == fmt::kInt8Bits ? a.plane1 + row * words : w0;
 
-  int64_t rows[kRows];
-  const uint32_t* w0[kRows];
-  const uint32_t* w1[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    rows[r] = imin(b * kRows + r, a.n - 1);  // a short last block repeats row N-1
-    w0[r] = a.plane0 + rows[r] * words;
-    w1[r] = BITS == fmt::kInt8Bits ? a.plane1 + rows[r] * words : w0[r];
-  }
   if (m0 == 0) {
-    // The scales and biases of the block `ahead` blocks on are separate streams from the
-    // planes: prefetch them too, or each block starts with cache misses.
-    const int64_t ahead = imin(b + ctx.prefetch_words / (kRows * words), ctx.n_blocks - 1) * kRows;
-    const int64_t bytes = kRows * xp.groups * dtype_size(SD);
-    const char* sp = static_cast<const char*>(a.scales) + ahead * xp.groups * dtype_size(SD);
-    const char* bp = static_cast<const char*>(a.biases) + ahead * xp.groups * dtype_size(SD);
-    for (int64_t o = 0; o < bytes; o += 64) {
-      _mm_prefetch(sp + o, _MM_HINT_T0);
-      _mm_prefetch(bp + o, _MM_HINT_T0);
-    }
+    // The scales and biases are separate streams from the planes: prefetch those of the
+    // row being prefetched too, or every row starts with cache misses.
+    const int64_t es = dtype_size(SD);
+    const int64_t ahead = imin(row + ctx.prefetch_words / words, a.n - 1);
+    _mm_prefetch(static_cast<const char*>(a.scales) + ahead * xp.groups * es, _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(a.biases) + ahead * xp.groups * es, _MM_HINT_T0);
   }
-  float bias[kRows][MT];
-  precompute_groups<BITS, SD, MT>(a, ctx, rows, m0, f, bias);
+  __m256 bias[MT];
+  precompute_groups<BITS, SD, MT>(a, ctx, row, m0, f, bias);
 
-  Acc acc[kRows][MT];
-  for (int r = 0; r < kRows; ++r)
-    for (int t = 0; t < MT; ++t) acc[r][t] = Isa::zero();
-
+  Acc acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = Isa::zero();
   const int8_t* xq[MT];
-  const float* fr[kRows][MT];
-  const uint32_t* s0[kRows];
-  const uint32_t* s1[kRows];
+  const float* fs[MT];
   for (int64_t s = 0; s < full_steps; ++s) {
-    for (int r = 0; r < kRows; ++r) {
-      s0[r] = w0[r] + s * kStepWords;
-      s1[r] = w1[r] + s * kStepWords;
-      _mm_prefetch(reinterpret_cast<const char*>(s0[r] + ctx.prefetch_words), _MM_HINT_T0);
-      if (BITS == fmt::kInt8Bits)
-        _mm_prefetch(reinterpret_cast<const char*>(s1[r] + ctx.prefetch_words), _MM_HINT_T0);
-      for (int t = 0; t < MT; ++t) fr[r][t] = f + (r * MT + t) * ctx.gpad + s * kGroupsPerStep;
+    const uint32_t* s0 = w0 + s * kStepWords;
+    const uint32_t* s1 = w1 + s * kStepWords;
+    _mm_prefetch(reinterpret_cast<const char*>(s0 + ctx.prefetch_words), _MM_HINT_T0);
+    if (BITS == fmt::kInt8Bits) _mm_prefetch(reinterpret_cast<const char*>(s1 + ctx.prefetch_words), _MM_HINT_T0);
+    for (int t = 0; t < MT; ++t) {
+      xq[t] = xp.q(m0 + t, s);
+      fs[t] = f + t * ctx.gpad + s * kGroupsPerStep;
     }
-    for (int t = 0; t < MT; ++t) xq[t] = xp.q(m0 + t, s);
-    Isa::template step<BITS, G, MT>(s0, s1, fr, xq, acc);
+    Isa::template step<BITS, G, MT>(s0, s1, fs, xq, acc);
   }
   if (full_steps < xp.steps) {
-    // K % 128 != 0: the last partial step runs on zero-padded copies of the planes (x
-    // and the group factors are padded with zeros too).
-    alignas(64) uint32_t t0[kRows][kStepWords] = {}, t1[kRows][kStepWords] = {};
+    // K % 128 != 0: the last partial step runs on zero-padded copies of the planes (x and
+    // the group factors are padded with zeros too).
+    alignas(64) uint32_t t0[kStepWords] = {}, t1[kStepWords] = {};
     const int64_t wl = words - full_steps * kStepWords;
-    for (int r = 0; r < kRows; ++r) {
-      std::memcpy(t0[r], w0[r] + full_steps * kStepWords, size_t(wl) * 4);
-      if (BITS == fmt::kInt8Bits) std::memcpy(t1[r], w1[r] + full_steps * kStepWords, size_t(wl) * 4);
-      s0[r] = t0[r];
-      s1[r] = t1[r];
-      for (int t = 0; t < MT; ++t) fr[r][t] = f + (r * MT + t) * ctx.gpad + full_steps * kGroupsPerStep;
+    std::memcpy(t0, w0 + full_steps * kStepWords, size_t(wl) * 4);
+    if (BITS == fmt::kInt8Bits) std::memcpy(t1, w1 + full_steps * kStepWords, size_t(wl) * 4);
+    for (int t = 0; t < MT; ++t) {
+      xq[t] = xp.q(m0 + t, full_steps);
+      fs[t] = f + t * ctx.gpad + full_steps * kGroupsPerStep;
     }
-    for (int t = 0; t < MT; ++t) xq[t] = xp.q(m0 + t, full_steps);
-    Isa::template step<BITS, G, MT>(s0, s1, fr, xq, acc);
+    Isa::template step<BITS, G, MT>(t0, t1, fs, xq, acc);
   }
-  for (int r = 0; r < kRows; ++r) {
-    if (b * kRows + r >= a.n) break;
-    for (int t = 0; t < MT; ++t)
-      store_f32(a.y, a.x_dtype, (m0 + t) * a.n + rows[r], Isa::hsum(acc[r][t]) + bias[r][t]);
-  }
+  for (int t = 0; t < MT; ++t) yrow[t * ld] = Isa::hsum(acc[t]) + hsum(bias[t]);
 }
 
 template <class Isa, int BITS, int G, DType SD>
@@ -175,29 +155,38 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
     prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, dx_mult, ctx.xp, m);
   ctx.gpad = ctx.xp.steps * (kStep / G);
 
-  const int64_t block_bytes = kRows * fmt::words_per_row(a.k) * 4;
-  const int64_t ahead_blocks = imax(1, (kPrefetchBytes + block_bytes - 1) / block_bytes);
-  ctx.prefetch_words = ahead_blocks * kRows * fmt::words_per_row(a.k);
-  ctx.n_blocks = (a.n + kRows - 1) / kRows;
+  const int64_t row_bytes = fmt::words_per_row(a.k) * 4;
+  ctx.prefetch_words = round_up(kPrefetchBytes, row_bytes) / 4;
   // About 8 tasks per thread balances a noisy machine while keeping each thread's reads
   // in long contiguous runs.
-  ctx.blocks_per_task = imax(1, ctx.n_blocks / (int64_t(pool.num_threads()) * 8));
-  const int64_t tasks = (ctx.n_blocks + ctx.blocks_per_task - 1) / ctx.blocks_per_task;
+  ctx.rows_per_task = imax(1, a.n / (int64_t(pool.num_threads()) * 8));
+  const int64_t tasks = (a.n + ctx.rows_per_task - 1) / ctx.rows_per_task;
   bool oom = false;
   pool.parallel_for(tasks, [&ctx, &oom](int64_t task, int) {
     const QMatmulArgs& a = *ctx.a;
-    float* f = static_cast<float*>(thread_scratch(kScratchPanel, size_t(kRows * Isa::kMaxMT * ctx.gpad) * 4));
-    if (!f) {
+    const int64_t start = task * ctx.rows_per_task, end = imin(a.n, start + ctx.rows_per_task), ld = end - start;
+    // Group factors, and the task's y in float32: converted to x's dtype 8 at a time at the end.
+    float* f = static_cast<float*>(thread_scratch(kScratchPanel, size_t(Isa::kMaxMT * ctx.gpad) * 4));
+    float* yf = static_cast<float*>(thread_scratch(kScratchAcc, size_t(a.m * ld) * 4));
+    if (!f || !yf) {
       oom = true;
       return;
     }
-    const int64_t b_end = imin(ctx.n_blocks, (task + 1) * ctx.blocks_per_task);
-    for (int64_t b = task * ctx.blocks_per_task; b < b_end; ++b) {
+    for (int64_t row = start; row < end; ++row) {
       int64_t m0 = 0;
-      for (; m0 + Isa::kMaxMT <= a.m; m0 += Isa::kMaxMT) gemv_rows<Isa, BITS, G, SD, Isa::kMaxMT>(ctx, b, m0, f);
+      float* yr = yf + (row - start);
+      for (; m0 + Isa::kMaxMT <= a.m; m0 += Isa::kMaxMT)
+        gemv_row<Isa, BITS, G, SD, Isa::kMaxMT>(ctx, row, m0, f, yr + m0 * ld, ld);
       if (Isa::kMaxMT > 2)
-        for (; m0 + 2 <= a.m; m0 += 2) gemv_rows<Isa, BITS, G, SD, 2>(ctx, b, m0, f);
-      if (m0 < a.m) gemv_rows<Isa, BITS, G, SD, 1>(ctx, b, m0, f);
+        for (; m0 + 2 <= a.m; m0 += 2) gemv_row<Isa, BITS, G, SD, 2>(ctx, row, m0, f, yr + m0 * ld, ld);
+      if (m0 < a.m) gemv_row<Isa, BITS, G, SD, 1>(ctx, row, m0, f, yr + m0 * ld, ld);
+    }
+    const int64_t es = dtype_size(a.x_dtype);
+    for (int64_t m = 0; m < a.m; ++m) {
+      char* dst = static_cast<char*>(a.y) + (m * a.n + start) * es;
+      int64_t j = 0;
+      for (; j + 8 <= ld; j += 8) store8(dst + j * es, a.x_dtype, _mm256_loadu_ps(yf + m * ld + j));
+      for (; j < ld; ++j) store_f32(dst, a.x_dtype, j, yf[m * ld + j]);
     }
   });
   return oom ? Status::kOutOfMemory : Status::kOk;
