@@ -10,7 +10,7 @@ import pytest
 import bitswitch as bs
 from bitswitch import _C
 from bitswitch import _arrays as A
-from bitswitch.bench import LM_HEAD, SQUARE, Shape, _copies, _copy_qweight
+from bitswitch.bench import LM_HEAD, SQUARE, VIEWS, Shape, _copies, _copy_qweight
 
 torch = pytest.importorskip("torch")
 
@@ -36,10 +36,11 @@ def _cycle(fn, copies):
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_bitswitch(benchmark, shape, m, bits):
+@pytest.mark.parametrize("view", ["w4", "w4a8", "w8"])
+def test_bitswitch(benchmark, shape, m, view):
+    bits, act_bits = VIEWS[view]
     benchmark.group = f"{shape.name} M={m}"
-    benchmark.name = f"bitswitch_int{bits}"
+    benchmark.name = f"bitswitch_{view}"
     qw = bs.quantize(_weight(shape), group_size=64, bits=8)
     view = qw if bits == 8 else qw.int4_only()
     copies = _copies(view.nbytes(bits), STREAM_BYTES, True)
@@ -49,7 +50,7 @@ def test_bitswitch(benchmark, shape, m, bits):
 
     def f(i):
         q = qws[i]
-        _C.qmatmul(x, q.plane0, q.plane1 if bits == 8 else None, q.scales, q.biases, 64, bits, y)
+        _C.qmatmul(x, q.plane0, q.plane1 if bits == 8 else None, q.scales, q.biases, 64, bits, y, act_bits)
 
     benchmark.pedantic(_cycle(f, copies), rounds=max(5, min(50, 2 * copies)), warmup_rounds=1)
     benchmark.extra_info["GB/s"] = view.nbytes(bits) / benchmark.stats.stats.median / 1e9

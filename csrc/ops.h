@@ -57,8 +57,10 @@ struct WeightViews {
 // Checks a weight on its own: dtypes, shapes, group size. Throws like qmatmul.
 void validate_weight(const char* op, const WeightViews& w);
 
-// out[M, N] = x[M, K] @ W^T with W read as `bits` (4: plane 0, 8: planes 0 and 1).
-void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out);
+// out[..., N] = x[..., K] @ W^T with W read as `bits` (4: plane 0, 8: planes 0 and 1) and x
+// quantized per group at `act_bits` (16: float-grade, 8: int8; see cpu/act_quant.h).
+void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out,
+             int64_t act_bits = 16);
 
 // Reads a byte buffer on every pool thread; returns a checksum (the bandwidth anchor).
 double read_stream(const TensorView& buffer);

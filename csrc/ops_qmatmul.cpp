@@ -154,10 +154,13 @@ void validate_weight(const char* op, const WeightViews& w) {
   check_shape(op, "biases", w.biases, N, K / w.group_size, "(one per group of group_size inputs)");
 }
 
-void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out) {
+void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out, int64_t act_bits) {
   const char* op = "qmatmul";
   if (!fmt::is_supported_bits(int(bits)))
     throw ValueError(prefix(op, "bits") + "must be 4 (plane 0) or 8 (planes 0 and 1), got " + std::to_string(bits));
+  if (act_bits != 16 && act_bits != 8)
+    throw ValueError(prefix(op, "act_bits") + "must be 16 (float-grade activations) or 8 (int8 per group), got " +
+                     std::to_string(act_bits));
   validate_weight(op, w);
   if (bits == fmt::kInt8Bits && !w.has_plane1)
     throw ValueError(prefix(op, "bits") + "is 8 but the weight has no plane 1 (it holds only the INT4 view); use bits=4");
@@ -196,6 +199,7 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   a.k = K;
   a.group_size = int32_t(w.group_size);
   a.bits = int32_t(bits);
+  a.act_bits = int32_t(act_bits);
   a.x_dtype = x.dtype;
   a.scale_dtype = w.scales.dtype;
 

@@ -29,6 +29,7 @@ def test_bench_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "read bandwidth" in out and "| shape |" in out
     d = json.loads(report.read_text())
-    assert {(r["m"], r["bits"]) for r in d["rows"]} == {(1, 4), (16, 4), (1, 8), (16, 8)}
+    assert {(r["m"], r["view"]) for r in d["rows"]} == {(m, v) for m in (1, 16) for v in ("w4", "w4a8", "w8")}
+    assert {(r["bits"], r["act_bits"]) for r in d["rows"]} == {(4, 16), (4, 8), (8, 16)}
     assert all(r["us"] > 0 and r["anchors_us"]["torch_bf16"] > 0 and r["speedups"]["torch_bf16"] > 0
                for r in d["rows"])

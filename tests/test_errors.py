@@ -162,3 +162,12 @@ def test_bad_variant_and_threads():
         bs.ops.set_cpu_variant("sse9")
     with pytest.raises(ValueError, match="set_num_threads"):
         bs.ops.set_num_threads(-1)
+
+
+@pytest.mark.parametrize("act_bits", [0, 4, 12, 32])
+def test_unsupported_act_bits(case, act_bits):
+    qw, x = case
+    with pytest.raises(ValueError, match="act_bits must be 16"):
+        _C.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, 64, 8, np.empty((2, 32), np.float32), act_bits)
+    with pytest.raises(ValueError, match="act_bits must be 16"):
+        bs.qmatmul(x, qw, act_bits=act_bits)

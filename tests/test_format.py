@@ -109,3 +109,17 @@ def test_nbytes():
     qw = bs.quantize(np.ones((64, 256), np.float32), 64, 8, scales_dtype="bfloat16")
     assert qw.nbytes(4) == 64 * 128 + 2 * 64 * 4 * 2
     assert qw.nbytes(8) == 2 * 64 * 128 + 2 * 64 * 4 * 2
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantize_activations(rng, group_size):
+    x = (rng.standard_normal((3, 4 * group_size)) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[0, :group_size] = 0.0  # an all-zero group stays zero
+    q = bs.quantize_activations(x, group_size)
+    assert q.dtype == np.float32 and q.shape == x.shape
+    g = x.reshape(3, 4, group_size)
+    dx = np.abs(g).max(axis=-1, keepdims=True) / 127
+    codes = q.reshape(3, 4, group_size) / np.where(dx > 0, dx, 1)
+    assert np.allclose(codes, np.rint(codes), atol=1e-3) and np.abs(codes).max() <= 127.001
+    assert np.all(np.abs(q.reshape(3, 4, group_size) - g) <= dx * 0.5 * (1 + 1e-5) + 1e-30)
+    assert np.all(q[0, :group_size] == 0)

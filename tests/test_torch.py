@@ -32,9 +32,10 @@ def test_op_matches_reference(rng, dtype, bits):
 
 def test_opcheck(rng):
     for bits in (4, 8):
-        qw, x = make(rng)
-        torch.library.opcheck(torch.ops.bitswitch.qmatmul.default,
-                              (x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits))
+        for act_bits in (16, 8):
+            qw, x = make(rng)
+            torch.library.opcheck(torch.ops.bitswitch.qmatmul.default,
+                                  (x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits, act_bits))
     qw, x = make(rng, dtype=torch.bfloat16, m=5)
     q4 = qw.int4_only()
     torch.library.opcheck(torch.ops.bitswitch.qmatmul.default,
@@ -93,12 +94,19 @@ def test_qlinear_switches_bits_without_reallocation(rng):
 def test_qlinear_eager_path_equals_op(rng):
     q = QLinear.from_linear(torch.nn.Linear(512, 96), group_size=64, bits=8)
     x = torch.randn(7, 512)
+    qw = q.qweight
     with torch.no_grad():
         for bits in (4, 8):
-            q.bits = bits
-            y_fast = q(x)
-            y_op = op(x, q.qweight, bits) + q.bias
-            torch.testing.assert_close(y_fast, y_op, rtol=0, atol=0)
+            for act_bits in (16, 8):
+                q.bits, q.act_bits = bits, act_bits
+                y_fast = q(x)
+                y_op = torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, 64, bits,
+                                                   act_bits) + q.bias
+                torch.testing.assert_close(y_fast, y_op, rtol=0, atol=0)
+                ref = bs.qmatmul_f64(x.numpy(), qw, bits, act_bits=act_bits) + q.bias.numpy()
+                assert rel_err(y_fast.numpy(), ref) < 3e-4
+    with pytest.raises(ValueError, match="act_bits must be 16"):
+        q.act_bits = 4
 
 
 def test_qlinear_state_dict_and_to(rng):

@@ -32,6 +32,7 @@ struct QMatmulArgs {
   int64_t k;                // inputs; a multiple of group_size
   int32_t group_size;       // G: 32, 64 or 128
   int32_t bits;             // 4 reads plane 0, 8 reads planes 0 and 1
+  int32_t act_bits;         // 16: float-grade activations, 8: int8 per group (act_quant.h)
   DType x_dtype;            // float32, bfloat16 or float16 (y has the same)
   DType scale_dtype;        // float32, bfloat16 or float16
 };

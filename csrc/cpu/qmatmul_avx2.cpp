@@ -37,12 +37,14 @@ struct Avx2 {
   // One 128-element step (two 64-element chunks) of one weight row against MT x rows.
   // w0, w1: the step's 16 words of plane 0 / plane 1.  f: per x row, the step's first
   // group factor.  xq: per x row, the step's prepped bytes.  acc: per x row, 8 partial sums.
-  template <int BITS, int G, int MT>
+  template <int BITS, int G, int MT, bool LO>
   static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
                    const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i one = _mm256_set1_epi16(1);
-    const __m256i x256 = _mm256_set1_epi16(256);
+    const __m256i x16 = _mm256_set1_epi16(16);
+    // With the lo halves (act_bits 16) x is v = 256*hi + lo; without (act_bits 8), v = hi.
+    const __m256i hi_w = _mm256_set1_epi16(LO ? 256 : 1);
     for (int c = 0; c < 2; ++c) {
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 8 * c));
       const __m256i L = _mm256_and_si256(p, m4);
@@ -57,19 +59,25 @@ struct Avx2 {
         // xv: [xe_hi 0..1 | xo_hi 2..3 | xe_lo 4..5 | xo_lo 6..7], 32 bytes each.
         const __m256i* xv = reinterpret_cast<const __m256i*>(xq[t]);
         const __m256i ehi = _mm256_load_si256(xv + c), ohi = _mm256_load_si256(xv + 2 + c);
-        const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
         const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(L, ehi), _mm256_maddubs_epi16(H, ohi));
-        const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
         __m256i i32;
         if (BITS == fmt::kInt8Bits) {
+          // code 16q + r: 16 * (q . v) + (r . v).
           const __m256i rhi = _mm256_add_epi16(_mm256_maddubs_epi16(L1, ehi), _mm256_maddubs_epi16(H1, ohi));
-          const __m256i rlo = _mm256_add_epi16(_mm256_maddubs_epi16(L1, elo), _mm256_maddubs_epi16(H1, olo));
-          // code 16q + r against v = 256*hi + lo: 4096*q.hi + 16*q.lo + 256*r.hi + r.lo.
-          i32 = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(4096)),
-                                                  _mm256_madd_epi16(lo, _mm256_set1_epi16(16))),
-                                 _mm256_add_epi32(_mm256_madd_epi16(rhi, x256), _mm256_madd_epi16(rlo, one)));
+          i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_mullo_epi16(hi_w, x16)), _mm256_madd_epi16(rhi, hi_w));
+          if (LO) {
+            const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
+            const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
+            const __m256i rlo = _mm256_add_epi16(_mm256_maddubs_epi16(L1, elo), _mm256_maddubs_epi16(H1, olo));
+            i32 = _mm256_add_epi32(i32, _mm256_add_epi32(_mm256_madd_epi16(lo, x16), _mm256_madd_epi16(rlo, one)));
+          }
         } else {
-          i32 = _mm256_add_epi32(_mm256_madd_epi16(hi, x256), _mm256_madd_epi16(lo, one));
+          i32 = _mm256_madd_epi16(hi, hi_w);
+          if (LO) {
+            const __m256i elo = _mm256_load_si256(xv + 4 + c), olo = _mm256_load_si256(xv + 6 + c);
+            const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(L, elo), _mm256_maddubs_epi16(H, olo));
+            i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(lo, one));
+          }
         }
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), group_factors<G>(f[t], c), acc[t]);
       }

@@ -43,7 +43,7 @@ struct Avx512 {
   }
 
   // One 128-element step of one weight row against MT x rows (arguments as in the AVX2 unit).
-  template <int BITS, int G, int MT>
+  template <int BITS, int G, int MT, bool LO>
   static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
                    const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -60,11 +60,13 @@ struct Avx512 {
     }
     for (int t = 0; t < MT; ++t) {
       const __m512i* xv = reinterpret_cast<const __m512i*>(xq[t]);  // xe_hi, xo_hi, xe_lo, xo_lo
-      const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
-                                             _mm512_load_si512(xv + 1));
-      const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
-                                             _mm512_load_si512(xv + 3));
-      const __m512i i32 = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+      __m512i i32 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv)), co,
+                                        _mm512_load_si512(xv + 1));
+      if (LO) {  // act_bits 16: v = 256*hi + lo
+        const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ce, _mm512_load_si512(xv + 2)), co,
+                                               _mm512_load_si512(xv + 3));
+        i32 = _mm512_add_epi32(_mm512_slli_epi32(i32, 8), lo);
+      }
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i32), group_factors<G>(f[t]), acc[t]);
     }
   }

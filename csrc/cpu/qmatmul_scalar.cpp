@@ -3,7 +3,9 @@
 // Plain loops over format.h's element functions, float32 accumulation.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
+#include "act_quant.h"
 #include "bitswitch/format.h"
 #include "convert.h"
 #include "kernels.h"
@@ -23,6 +25,8 @@ Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool) {
   float* xf = static_cast<float*>(thread_scratch(kScratchX, size_t(M * K) * sizeof(float)));
   if (!xf) return Status::kOutOfMemory;
   for (int64_t i = 0; i < M * K; ++i) xf[i] = load_f32(a.x, a.x_dtype, i);
+  if (a.act_bits == kActBitsInt8)
+    for (int64_t m = 0; m < M; ++m) fake_quantize_int8(xf + m * K, K, a.group_size);
 
   constexpr int64_t kRowsPerTask = 16;
   bool oom = false;

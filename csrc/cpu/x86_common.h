@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "act_quant.h"
 #include "bitswitch/format.h"
 #include "convert.h"
 #include "kernels.h"
@@ -34,8 +35,6 @@ namespace fmt = bitswitch::format;
 constexpr int64_t kStep = 128;
 constexpr int64_t kStepWords = kStep / fmt::kValuesPerWord;  // 16 uint32 per plane row
 constexpr int64_t kStepBytes = 256;                           // prepped int8 bytes per step
-// Largest |v| of the split representation: hi = round(v / 256) must stay <= 127.
-constexpr float kXMax = 127.0f * 256.0f + 127.0f;
 
 static_assert(kStep % fmt::kMaxGroupSize == 0, "a step holds whole groups");
 
@@ -168,20 +167,26 @@ inline void split_even_odd(__m256 a, __m256 b, __m256& ev, __m256& od) {
   od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
-// Prepares one row of x (K elements of type t). dx_mult multiplies every stored dx
-// (1/16 folds the INT8 view's s/16 into the activations).
-inline void prep_x_row(const void* x, DType t, int64_t k, int g, float dx_mult, const XPrep& p, int64_t m) {
+// Prepares one row of x (K elements of type t) at act_bits 16 or 8 (act_quant.h). dx_mult
+// multiplies every stored dx (1/16 folds the INT8 view's s/16 into the activations). At
+// act_bits 8 only the hi halves are used (lo is zero) and the stored sums are of the
+// quantized values, so the bias term sees the same x as the dot products.
+inline void prep_x_row(const void* x, DType t, int64_t k, int g, int act_bits, float dx_mult, const XPrep& p,
+                       int64_t m) {
   uint8_t* row = p.base + m * p.row_bytes;
   float* dxg = reinterpret_cast<float*>(row + p.dx_off);
   float* xsum = reinterpret_cast<float*>(row + p.xsum_off);
   const int64_t esize = dtype_size(t);
   const char* xb = static_cast<const char*>(x);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const bool split = act_bits == kActBitsExact;
+  const float qmax = act_max(act_bits);
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t e0 = s * kStep;
     const int64_t n_el = imin(kStep, k - e0);  // multiple of 32
-    // 1/dx of the groups in this step, from their absolute maximum.
-    float ginv[kStep / fmt::kMinGroupSize] = {};
+    constexpr int kMaxGroupsPerStep = kStep / fmt::kMinGroupSize;
+    // dx and 1/dx of the groups in this step, from their absolute maximum.
+    float ginv[kMaxGroupsPerStep] = {}, gdx[kMaxGroupsPerStep] = {};
     const int gps = int(kStep / g);
     for (int gi = 0; gi < gps; ++gi) {
       const int64_t ge = e0 + int64_t(gi) * g;
@@ -193,12 +198,14 @@ inline void prep_x_row(const void* x, DType t, int64_t k, int g, float dx_mult, 
         sm = _mm256_add_ps(sm, v);
       }
       const float amax = hmax(mx);
-      xsum[ge / g] = hsum(sm);
-      dxg[ge / g] = amax / kXMax * dx_mult;
-      ginv[gi] = amax > 0.0f ? kXMax / amax : 0.0f;
+      if (split) xsum[ge / g] = hsum(sm);
+      gdx[gi] = amax / qmax;
+      dxg[ge / g] = gdx[gi] * dx_mult;
+      ginv[gi] = act_inverse_step(amax, qmax);
     }
     // Quantize: 8 blocks of 16 elements -> 8 even and 8 odd vectors of 8.
     __m256i eh[8], el[8], oh[8], ol[8];
+    __m256i vsum[kMaxGroupsPerStep] = {};
     for (int i = 0; i < 8; ++i) {
       const int64_t e = int64_t(i) * 16;
       if (e >= n_el) {
@@ -209,13 +216,26 @@ inline void prep_x_row(const void* x, DType t, int64_t k, int g, float dx_mult, 
       __m256 ev, od;
       split_even_odd(a, b, ev, od);
       const __m256 sc = _mm256_set1_ps(ginv[e / g]);
-      const __m256i c128 = _mm256_set1_epi32(128);
-      __m256i ve = _mm256_cvtps_epi32(_mm256_mul_ps(ev, sc));
-      __m256i vo = _mm256_cvtps_epi32(_mm256_mul_ps(od, sc));
-      eh[i] = _mm256_srai_epi32(_mm256_add_epi32(ve, c128), 8);
-      oh[i] = _mm256_srai_epi32(_mm256_add_epi32(vo, c128), 8);
-      el[i] = _mm256_sub_epi32(ve, _mm256_slli_epi32(eh[i], 8));
-      ol[i] = _mm256_sub_epi32(vo, _mm256_slli_epi32(oh[i], 8));
+      const __m256i ve = _mm256_cvtps_epi32(_mm256_mul_ps(ev, sc));
+      const __m256i vo = _mm256_cvtps_epi32(_mm256_mul_ps(od, sc));
+      if (split) {
+        const __m256i c128 = _mm256_set1_epi32(128);
+        eh[i] = _mm256_srai_epi32(_mm256_add_epi32(ve, c128), 8);
+        oh[i] = _mm256_srai_epi32(_mm256_add_epi32(vo, c128), 8);
+        el[i] = _mm256_sub_epi32(ve, _mm256_slli_epi32(eh[i], 8));
+        ol[i] = _mm256_sub_epi32(vo, _mm256_slli_epi32(oh[i], 8));
+      } else {
+        eh[i] = ve;
+        oh[i] = vo;
+        el[i] = ol[i] = _mm256_setzero_si256();
+        vsum[e / g] = _mm256_add_epi32(vsum[e / g], _mm256_add_epi32(ve, vo));
+      }
+    }
+    if (!split) {
+      for (int gi = 0; gi < gps && e0 + int64_t(gi) * g < k; ++gi) {
+        const __m256 vs = _mm256_cvtepi32_ps(vsum[gi]);  // exact: |sum| < 2^24
+        xsum[(e0 + int64_t(gi) * g) / g] = hsum(vs) * gdx[gi];
+      }
     }
     __m256i* dst = reinterpret_cast<__m256i*>(row + s * kStepBytes);
     dst[0] = pack_i32x32_to_i8(eh[0], eh[1], eh[2], eh[3]);

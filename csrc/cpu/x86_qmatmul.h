@@ -8,7 +8,7 @@
 //     static constexpr int kMR, kNR;           // GEMM micro-kernel tile (kNR a multiple of 8)
 //     static Acc zero();
 //     static float hsum(Acc);
-//     template <int BITS, int G, int MT>
+//     template <int BITS, int G, int MT, bool LO>          // LO: the act_bits 16 lo halves
 //     static void step(w0, w1, f, xq, Acc (&acc)[MT]);   // one 128-element step of one row
 //     template <int MRt>
 //     static void micro(x, ldx, panel, klen, c, ldc);  // c[MRt x kNR] += x @ panel
@@ -86,7 +86,7 @@ inline void precompute_groups(const QMatmulArgs& a, const GemvCtx& ctx, int64_t 
 // reads one sequential stream: interleaving four rows (to share x loads) measured ~20%
 // slower from DRAM here, and x comes from L1 anyway.
 // y[m0 + t] of the row goes to yrow[t * ld].
-template <class Isa, int BITS, int G, DType SD, int MT>
+template <class Isa, int BITS, int G, DType SD, bool LO, int MT>
 inline void gemv_row(const GemvCtx& ctx, int64_t row, int64_t m0, float* f, float* yrow, int64_t ld) {
   using Acc = typename Isa::Acc;
   const QMatmulArgs& a = *ctx.a;
@@ -121,7 +121,7 @@ inline void gemv_row(const GemvCtx& ctx, int64_t row, int64_t m0, float* f, floa
       xq[t] = xp.q(m0 + t, s);
       fs[t] = f + t * ctx.gpad + s * kGroupsPerStep;
     }
-    Isa::template step<BITS, G, MT>(s0, s1, fs, xq, acc);
+    Isa::template step<BITS, G, MT, LO>(s0, s1, fs, xq, acc);
   }
   if (full_steps < xp.steps) {
     // K % 128 != 0: the last partial step runs on zero-padded copies of the planes (x and
@@ -134,12 +134,12 @@ inline void gemv_row(const GemvCtx& ctx, int64_t row, int64_t m0, float* f, floa
       xq[t] = xp.q(m0 + t, full_steps);
       fs[t] = f + t * ctx.gpad + full_steps * kGroupsPerStep;
     }
-    Isa::template step<BITS, G, MT>(t0, t1, fs, xq, acc);
+    Isa::template step<BITS, G, MT, LO>(t0, t1, fs, xq, acc);
   }
   for (int t = 0; t < MT; ++t) yrow[t * ld] = Isa::hsum(acc[t]) + hsum(bias[t]);
 }
 
-template <class Isa, int BITS, int G, DType SD>
+template <class Isa, int BITS, int G, DType SD, bool LO>
 Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
   GemvCtx ctx;
   ctx.a = &a;
@@ -149,7 +149,7 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
   const float dx_mult = BITS == fmt::kInt8Bits ? 1.0f / fmt::kResidualDivisor : 1.0f;
   const int64_t es = dtype_size(a.x_dtype);
   for (int64_t m = 0; m < a.m; ++m)
-    prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, dx_mult, ctx.xp, m);
+    prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, a.act_bits, dx_mult, ctx.xp, m);
   ctx.gpad = ctx.xp.steps * (kStep / G);
 
   const int64_t row_bytes = fmt::words_per_row(a.k) * 4;
@@ -173,10 +173,10 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
       int64_t m0 = 0;
       float* yr = yf + (row - start);
       for (; m0 + Isa::kMaxMT <= a.m; m0 += Isa::kMaxMT)
-        gemv_row<Isa, BITS, G, SD, Isa::kMaxMT>(ctx, row, m0, f, yr + m0 * ld, ld);
+        gemv_row<Isa, BITS, G, SD, LO, Isa::kMaxMT>(ctx, row, m0, f, yr + m0 * ld, ld);
       if (Isa::kMaxMT > 2)
-        for (; m0 + 2 <= a.m; m0 += 2) gemv_row<Isa, BITS, G, SD, 2>(ctx, row, m0, f, yr + m0 * ld, ld);
-      if (m0 < a.m) gemv_row<Isa, BITS, G, SD, 1>(ctx, row, m0, f, yr + m0 * ld, ld);
+        for (; m0 + 2 <= a.m; m0 += 2) gemv_row<Isa, BITS, G, SD, LO, 2>(ctx, row, m0, f, yr + m0 * ld, ld);
+      if (m0 < a.m) gemv_row<Isa, BITS, G, SD, LO, 1>(ctx, row, m0, f, yr + m0 * ld, ld);
     }
     const int64_t es = dtype_size(a.x_dtype);
     for (int64_t m = 0; m < a.m; ++m) {
@@ -205,13 +205,15 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
   static_assert(kNB % kNR == 0 && kNR % 8 == 0, "panels are built from 8x8 transposes");
   const int64_t M = a.m, N = a.n, K = a.k;
   const float* xf = static_cast<const float*>(a.x);
-  if (a.x_dtype != DType::kFloat32) {
+  if (a.x_dtype != DType::kFloat32 || a.act_bits == kActBitsInt8) {
+    // x as float32 (and at act_bits 8, replaced by its int8 values times dx).
     float* buf = static_cast<float*>(thread_scratch(kScratchX, size_t(M * K) * 4));
     if (!buf) return Status::kOutOfMemory;
     const int64_t es = dtype_size(a.x_dtype);
     pool.parallel_for(M, [&](int64_t m, int) {
       const char* src = static_cast<const char*>(a.x) + m * K * es;
       for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(buf + m * K + k, load8(src + k * es, a.x_dtype));
+      if (a.act_bits == kActBitsInt8) fake_quantize_int8(buf + m * K, K, a.group_size);
     });
     xf = buf;
   }
@@ -249,13 +251,19 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
   return oom ? Status::kOutOfMemory : Status::kOk;
 }
 
-// bits -> group -> scale dtype: one nested chain; the glue has validated every value.
+// bits -> group -> scale dtype -> activation precision: one nested chain; the glue has
+// validated every value.
+template <class Isa, int BITS, int G, DType SD>
+Status gemv_act(const QMatmulArgs& a, ThreadPool& pool) {
+  return a.act_bits == kActBitsInt8 ? gemv<Isa, BITS, G, SD, false>(a, pool) : gemv<Isa, BITS, G, SD, true>(a, pool);
+}
+
 template <class Isa, int BITS, int G>
 Status gemv_sd(const QMatmulArgs& a, ThreadPool& pool) {
   switch (a.scale_dtype) {
-    case DType::kBFloat16: return gemv<Isa, BITS, G, DType::kBFloat16>(a, pool);
-    case DType::kFloat16: return gemv<Isa, BITS, G, DType::kFloat16>(a, pool);
-    case DType::kFloat32: return gemv<Isa, BITS, G, DType::kFloat32>(a, pool);
+    case DType::kBFloat16: return gemv_act<Isa, BITS, G, DType::kBFloat16>(a, pool);
+    case DType::kFloat16: return gemv_act<Isa, BITS, G, DType::kFloat16>(a, pool);
+    case DType::kFloat32: return gemv_act<Isa, BITS, G, DType::kFloat32>(a, pool);
     default: return Status::kInvalidArgument;
   }
 }

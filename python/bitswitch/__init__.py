@@ -12,6 +12,7 @@ Arrays may be numpy, torch (CPU) or MLX; results come back as the same kind.
 from . import _C
 from . import ops
 from .quant import (
+    ACT_BITS,
     BITS,
     GROUP_SIZES,
     INT4,
@@ -21,13 +22,14 @@ from .quant import (
     dequantize_f64,
     qmatmul_f64,
     quantize,
+    quantize_activations,
 )
 from .ops import qmatmul
 
 __version__ = _C.__version__
 
 __all__ = [
-    "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
+    "ACT_BITS", "quantize_activations", "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
     "qmatmul_f64", "qmatmul", "ops", "info", "__version__",
 ]
 

@@ -60,17 +60,22 @@ def layer_shapes(model: str) -> list:
 SQUARE = Shape("4096x4096", 4096, 4096)
 LM_HEAD = Shape("0.6b.lm_head", 151936, 1024)
 
+# A view is the weight bits plus the activation precision: w4 / w8 read one / two planes
+# with float-grade activations (act_bits 16), w4a8 / w8a8 with int8 activations.
+VIEWS = {"w4": (4, 16), "w4a8": (4, 8), "w8": (8, 16), "w8a8": (8, 8)}
+
 PRESETS = {
     # The default run: a representative shape per model size, a few minutes on 2 cores.
     "default": dict(
         shapes=[Shape("0.6b.gate_proj", 3072, 1024), Shape("4b.down_proj", 2560, 9728), SQUARE,
                 Shape("8b.gate_proj", 12288, 4096), LM_HEAD],
-        ms=[1, 16, 128], mlx_max_m=1, modes=["streamed"]),
+        ms=[1, 16, 128], views=["w4", "w4a8", "w8"], mlx_max_m=1, modes=["streamed"]),
     "full": dict(
         shapes=[s for m in MODELS for s in layer_shapes(m)] + [SQUARE, LM_HEAD],
-        ms=[1, 4, 16, 128, 512], mlx_max_m=16, modes=["streamed", "hot"]),
+        ms=[1, 4, 16, 128, 512], views=["w4", "w4a8", "w8"], mlx_max_m=16, modes=["streamed", "hot"]),
     # Seconds: for tests and CI.
-    "smoke": dict(shapes=[Shape("smoke", 256, 512)], ms=[1, 16], mlx_max_m=1, modes=["streamed"]),
+    "smoke": dict(shapes=[Shape("smoke", 256, 512)], ms=[1, 16], views=["w4", "w4a8", "w8"], mlx_max_m=1,
+                  modes=["streamed"]),
 }
 
 ANCHORS = ("torch_bf16", "torch_f32", "mlx")
@@ -118,7 +123,9 @@ class Row:
     n: int
     k: int
     m: int
+    view: str
     bits: int
+    act_bits: int
     mode: str
     us: float
     gbs: float
@@ -182,7 +189,7 @@ class _Anchors:
         return out
 
 
-def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], bits_list: Sequence[int] = (4, 8),
+def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str] = ("w4", "w4a8", "w8"),
                 group_size: int = 64, threads: int = 2, modes: Sequence[str] = ("streamed",),
                 anchors: Sequence[str] = ANCHORS, mlx_max_m: int = 16,
                 stream_bytes: int = 1_100_000_000, min_time: float = 0.3, seed: int = 0,
@@ -202,22 +209,28 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], bits_list: Sequence[
             stream = mode == "streamed"
             t_anchor = {name: anc.time_torch(name, w, ms, stream, stream_bytes, min_time)
                         for name in anc.names if name.startswith("torch")}
-            for bits in bits_list:
+            mlx_times: Dict[int, Dict[int, float]] = {}
+            for view_name in views:
+                bits, act_bits = VIEWS[view_name]
                 view = qw if bits == 8 else qw.int4_only()
                 nbytes = view.nbytes(bits)
                 copies = _copies(nbytes, stream_bytes, stream)
                 qws = [_copy_qweight(view) for _ in range(copies)]
-                if "mlx" in anc.names and mode == modes[0]:  # MLX is compute-bound: timed once
-                    t_anchor["mlx"] = anc.time_mlx(w, bits, group_size, [m for m in ms if m <= mlx_max_m],
+                # MLX is compute-bound here and has one activation precision: timed once per bits.
+                if "mlx" in anc.names and mode == modes[0] and bits not in mlx_times:
+                    mlx_times[bits] = anc.time_mlx(w, bits, group_size, [m for m in ms if m <= mlx_max_m],
                                                    min(min_time, 0.5))
+                if bits in mlx_times:
+                    t_anchor["mlx"] = mlx_times[bits]
                 for m in ms:
                     x = rng.standard_normal((m, shape.k), dtype=np.float32).astype(A.BFLOAT16)
                     y = np.empty((m, shape.n), dtype=A.BFLOAT16)
                     t = median_time(lambda i: _C.qmatmul(x, qws[i].plane0, qws[i].plane1 if bits == 8 else None,
-                                                         qws[i].scales, qws[i].biases, group_size, bits, y),
+                                                         qws[i].scales, qws[i].biases, group_size, bits, y,
+                                                         act_bits),
                                     copies, min_time, 5)
-                    row = Row(shape.name, shape.n, shape.k, m, bits, mode, t * 1e6, nbytes / t / 1e9,
-                              nbytes / t / 1e9 / bw,
+                    row = Row(shape.name, shape.n, shape.k, m, view_name, bits, act_bits, mode, t * 1e6,
+                              nbytes / t / 1e9, nbytes / t / 1e9 / bw,
                               {a: v[m] * 1e6 for a, v in t_anchor.items() if m in v})
                     rows.append(row)
                     log(format_row(row, anc.names))
@@ -243,7 +256,7 @@ _LABEL = {"torch_bf16": "torch bf16", "torch_f32": "torch f32", "mlx": "mlx"}
 
 
 def header(anchors: Sequence[str]) -> str:
-    h = f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5}{'bits':>5} {'mode':<9}{'us':>10}{'GB/s':>7}{'%BW':>6}"
+    h = f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5} {'view':<5} {'mode':<9}{'us':>10}{'GB/s':>7}{'%BW':>6}"
     for a in anchors:
         h += f"{_LABEL[a] + ' us':>15}{'x':>7}"
     return h
@@ -254,7 +267,7 @@ def _fmt(v: Optional[float], spec: str) -> str:
 
 
 def format_row(r: Row, anchors: Sequence[str]) -> str:
-    s = (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5}{r.bits:>5} {r.mode:<9}{r.us:>10.1f}{r.gbs:>7.1f}"
+    s = (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5} {r.view:<5} {r.mode:<9}{r.us:>10.1f}{r.gbs:>7.1f}"
          f"{r.bw_frac * 100:>5.0f}%")
     for a in anchors:
         s += f"{_fmt(r.anchors_us.get(a), '.1f'):>15}{_fmt(r.speedup(a), '.2f'):>7}"
@@ -263,11 +276,11 @@ def format_row(r: Row, anchors: Sequence[str]) -> str:
 
 def markdown_table(report: dict) -> str:
     anchors = report["anchors"]
-    head = "| shape | N | K | M | bits | mode | µs | GB/s | % read BW |" + "".join(
+    head = "| shape | N | K | M | view | mode | µs | GB/s | % read BW |" + "".join(
         f" {_LABEL[a]} µs | × {_LABEL[a]} |" for a in anchors)
     lines = [head, "|" + "---|" * (9 + 2 * len(anchors))]
     for d in report["rows"]:
-        line = (f"| {d['shape']} | {d['n']} | {d['k']} | {d['m']} | {d['bits']} | {d['mode']} | {d['us']:.1f} | "
+        line = (f"| {d['shape']} | {d['n']} | {d['k']} | {d['m']} | {d['view']} | {d['mode']} | {d['us']:.1f} | "
                 f"{d['gbs']:.1f} | {d['bw_frac'] * 100:.0f}% |")
         for a in anchors:
             line += f" {_fmt(d['anchors_us'].get(a), '.1f')} | {_fmt(d['speedups'].get(a), '.2f')} |"
@@ -280,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--m", type=str, help="comma-separated M values (overrides the preset)")
-    p.add_argument("--bits", type=str, default="4,8")
+    p.add_argument("--views", type=str, help="comma-separated subset of " + ",".join(VIEWS) +
+                   " (w4/w8: INT4/INT8 weights, a8: int8 activations; default: the preset's)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["streamed", "hot", "both"], help="default: the preset's")
@@ -299,11 +313,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [n for n in anchors if n not in ANCHORS]
     if bad:
         p.error(f"unknown anchors {bad}; choose from {ANCHORS}")
+    views = a.views.split(",") if a.views else preset["views"]
+    bad = [v for v in views if v not in VIEWS]
+    if bad:
+        p.error(f"unknown views {bad}; choose from {tuple(VIEWS)}")
     print(f"bitswitch {_C.__version__} kernels on {machine_description()}: {a.threads} threads, "
           f"group size {a.group_size}, x bfloat16, median per call")
     print("x: speed-up over the anchor measured in this run (>1: bitswitch is faster); "
           "%BW: weight bytes per second over the measured read bandwidth")
-    report = run_kernels(preset["shapes"], ms, [int(b) for b in a.bits.split(",")], a.group_size, a.threads,
+    report = run_kernels(preset["shapes"], ms, views, a.group_size, a.threads,
                          modes, anchors, a.mlx_max_m if a.mlx_max_m is not None else preset["mlx_max_m"],
                          int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True))
     report["command"] = "bitswitch bench kernels " + " ".join(sys.argv[3:] if argv is None else argv)

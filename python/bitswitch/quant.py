@@ -32,6 +32,9 @@ BITS: tuple = tuple(_F.BITS)
 INT4, INT8 = BITS
 RESIDUAL_DIVISOR: int = _F.RESIDUAL_DIVISOR
 RESIDUAL_CENTER: float = float(_F.RESIDUAL_CENTER)
+# Activation precision of qmatmul: 16 = x quantized per group to 15 bits (float-grade),
+# 8 = int8 per group (csrc/cpu/act_quant.h).
+ACT_BITS: tuple = (16, 8)
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("bitswitch's packed format assumes a little-endian host")
@@ -45,6 +48,12 @@ def _check_group_size(group_size: int, where: str) -> None:
 def _check_bits(bits: int, where: str) -> None:
     if bits not in BITS:
         raise ValueError(f"{where}: bits must be {INT4} (plane 0) or {INT8} (planes 0 and 1), got {bits!r}")
+
+
+def check_act_bits(act_bits: int, where: str) -> None:
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"{where}: act_bits must be 16 (float-grade activations) or 8 (int8 per group), "
+                         f"got {act_bits!r}")
 
 
 def _check_float_dtype(dtype: str, where: str, arg: str) -> None:
@@ -360,7 +369,27 @@ def dequantize_f64(qw: QWeight, bits: Optional[int] = None) -> np.ndarray:
     return codes * np.repeat(s, qw.group_size, axis=1) + np.repeat(b, qw.group_size, axis=1)
 
 
-def qmatmul_f64(x: Any, qw: QWeight, bits: Optional[int] = None) -> np.ndarray:
-    """The float64 reference of ops.qmatmul: x[..., K] @ W^T as numpy float64."""
-    xf = A.to_numpy(x).astype(np.float64)
-    return xf @ dequantize_f64(qw, bits).T
+def quantize_activations(x: Any, group_size: int) -> np.ndarray:
+    """x[..., K] as qmatmul sees it at act_bits=8: per group of `group_size` inputs,
+    v = round(x / dx) with dx = max|x| / 127, returned as float32 v * dx. The float32
+    operations are the kernels' own, so the int8 codes agree exactly."""
+    _check_group_size(group_size, "quantize_activations")
+    xf = A.to_numpy(x).astype(np.float32)
+    k = xf.shape[-1]
+    if k % group_size:
+        raise ValueError(f"quantize_activations: K = {k} is not a multiple of group_size {group_size}")
+    g = xf.reshape(xf.shape[:-1] + (k // group_size, group_size))
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    qmax = np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, qmax / amax, np.float32(0)).astype(np.float32)
+    dx = (amax / qmax).astype(np.float32)
+    return (np.rint(g * inv) * dx).astype(np.float32).reshape(xf.shape)
+
+
+def qmatmul_f64(x: Any, qw: QWeight, bits: Optional[int] = None, act_bits: int = 16) -> np.ndarray:
+    """The float64 reference of ops.qmatmul: x[..., K] @ W^T as numpy float64 (with x
+    replaced by quantize_activations(x) at act_bits=8)."""
+    check_act_bits(act_bits, "qmatmul_f64")
+    xf = quantize_activations(x, qw.group_size) if act_bits == 8 else A.to_numpy(x)
+    return xf.astype(np.float64) @ dequantize_f64(qw, bits).T

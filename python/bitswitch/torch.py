@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _C
 from . import _arrays as A
-from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, quantize
+from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
 __all__ = ["QLinear", "qmatmul"]
 
@@ -22,7 +22,8 @@ _is_compiling = torch.compiler.is_compiling
 
 _lib = torch.library.Library("bitswitch", "DEF")
 _lib.define(
-    "qmatmul(Tensor x, Tensor plane0, Tensor? plane1, Tensor scales, Tensor biases, int group_size, int bits) -> Tensor"
+    "qmatmul(Tensor x, Tensor plane0, Tensor? plane1, Tensor scales, Tensor biases, int group_size, int bits, "
+    "int act_bits=16) -> Tensor"
 )
 
 
@@ -37,11 +38,11 @@ def _out_shape(x: torch.Tensor, plane0: torch.Tensor) -> tuple:
     return tuple(x.shape[:-1]) + (plane0.shape[0],)
 
 
-def _qmatmul_cpu(x, plane0, plane1, scales, biases, group_size, bits):
+def _qmatmul_cpu(x, plane0, plane1, scales, biases, group_size, bits, act_bits=16):
     out = x.new_empty(_out_shape(x, plane0))
     # The native op validates everything else (dtypes, contiguity, scales' shape) before
     # touching memory and raises ValueError/TypeError naming the argument.
-    _C.qmatmul(x, plane0, plane1 if bits == INT8 else None, scales, biases, group_size, bits, out)
+    _C.qmatmul(x, plane0, plane1 if bits == INT8 else None, scales, biases, group_size, bits, out, act_bits)
     return out
 
 
@@ -49,31 +50,34 @@ _lib.impl("qmatmul", _qmatmul_cpu, "CPU")
 
 
 @torch.library.register_fake("bitswitch::qmatmul")
-def _qmatmul_fake(x, plane0, plane1, scales, biases, group_size, bits):
+def _qmatmul_fake(x, plane0, plane1, scales, biases, group_size, bits, act_bits=16):
     if bits not in BITS:
         raise ValueError(f"qmatmul: bits must be 4 or 8, got {bits}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"qmatmul: group_size must be one of {GROUP_SIZES}, got {group_size}")
     if bits == INT8 and plane1 is None:
         raise ValueError("qmatmul: bits is 8 but the weight has no plane 1; use bits=4")
+    check_act_bits(act_bits, "qmatmul")
     return x.new_empty(_out_shape(x, plane0))
 
 
-def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: int = 16) -> torch.Tensor:
     """torch.ops.bitswitch.qmatmul on a QWeight of torch tensors."""
     bits = qw.default_bits if bits is None else bits
     qw.check_bits(bits, "qmatmul")
-    return torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits)
+    return torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits, act_bits)
 
 
 class QLinear(nn.Module):
     """A drop-in for nn.Linear over a nibble-plane weight whose precision is chosen per call.
 
     ``bits`` (4 or 8) may be changed between calls: it selects which planes the next
-    forward reads, with no reallocation or re-quantization.
+    forward reads, with no reallocation or re-quantization. ``act_bits`` (16 or 8) selects
+    the activation precision the same way (see bitswitch.ops.qmatmul).
     """
 
-    def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits: Optional[int] = None):
+    def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits: Optional[int] = None,
+                 act_bits: int = 16):
         super().__init__()
         if not isinstance(qweight, QWeight):
             raise TypeError(f"QLinear: qweight must be a QWeight, got {type(qweight).__name__}")
@@ -92,6 +96,8 @@ class QLinear(nn.Module):
             self.bias = None
         self._bits = INT4
         self.bits = qw.default_bits if bits is None else bits
+        self._act_bits = 16
+        self.act_bits = act_bits
         self._packed = None  # (_C.PackedWeight, the tensors it was built from)
 
     @property
@@ -102,6 +108,15 @@ class QLinear(nn.Module):
     def bits(self, value: int) -> None:
         self.qweight.check_bits(value, "QLinear.bits")
         self._bits = int(value)
+
+    @property
+    def act_bits(self) -> int:
+        return self._act_bits
+
+    @act_bits.setter
+    def act_bits(self, value: int) -> None:
+        check_act_bits(value, "QLinear.act_bits")
+        self._act_bits = int(value)
 
     @property
     def qweight(self) -> QWeight:
@@ -134,15 +149,16 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_compiling() or not x.is_cpu or x.requires_grad:
             y = torch.ops.bitswitch.qmatmul(x, self.plane0, self.plane1, self.scales, self.biases,
-                                            self.group_size, self._bits)
+                                            self.group_size, self._bits, self._act_bits)
         else:
             # Eager CPU: the same kernel without the dispatcher, and the weight's four tensors
             # resolved once; at decode sizes the per-call cost is most of the call.
             y = x.new_empty(x.shape[:-1] + (self.out_features,))
-            _C.qmatmul_packed(x, self._packed_weight(), self._bits, y)
+            _C.qmatmul_packed(x, self._packed_weight(), self._bits, y, self._act_bits)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self._bits}, "
+                f"act_bits={self._act_bits}, "
                 f"available={self.qweight.bits_available}, group_size={self.group_size}, "
                 f"scales={A.dtype_name(self.scales)}, bias={self.bias is not None}")
