@@ -9,10 +9,11 @@
 //     [ xe_hi[64] | xo_hi[64] | xe_lo[64] | xo_lo[64] ]
 // where xe/xo are the even/odd elements of the step (a plane byte holds an even element
 // in its low nibble and the next odd one in its high nibble, so permuting x once per
-// call lets the weights be used as loaded), and every element is a 15-bit integer
-// v = round(x / dx) split as v = 256*hi + lo with hi, lo both int8. Two int8 dot
-// products then give float-grade accuracy (~3e-5 relative) instead of int8's ~1e-2.
-// dx is per group of G elements; the prep also keeps each group's dx and sum of x.
+// call lets the weights be used as loaded). At act_bits 16 every element is a 15-bit
+// integer v = round(x / dx) split as v = 256*hi + lo with hi, lo both int8: two int8 dot
+// products give float-grade accuracy (~3e-5 relative). At act_bits 8, v = hi and lo is
+// zero (act_quant.h). dx is per group of G elements; the prep also keeps each group's dx
+// and sum of x.
 #pragma once
 
 #include <immintrin.h>

@@ -129,7 +129,7 @@ class Row:
     mode: str
     us: float
     gbs: float
-    bw_frac: float
+    bw_frac: float  # gbs over the read bandwidth measured just before this shape
     anchors_us: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def speedup(self, anchor: str) -> Optional[float]:
@@ -197,14 +197,18 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
     """Times qmatmul and the anchors on every (shape, mode, bits, M); returns a report."""
     anc = _Anchors(anchors, threads, log)
     rng = np.random.default_rng(seed)
-    bw = read_bandwidth(threads)
-    _C.set_num_threads(threads)
-    log(f"read bandwidth ({threads} threads, 1 GiB): {bw:.1f} GB/s")
+    bws = [read_bandwidth(threads)]
+    log(f"read bandwidth ({threads} threads, 1 GiB): {bws[0]:.1f} GB/s (measured again before every shape)")
     log(header(anc.names))
     rows = []
     for shape in shapes:
         w = (rng.standard_normal((shape.n, shape.k), dtype=np.float32) * 0.02).astype(A.BFLOAT16)
         qw = quantize(w, group_size=group_size, bits=8)
+        # The denominator of % BW, measured next to the rows that use it: on a shared
+        # machine the available bandwidth drifts over a long run.
+        bw = read_bandwidth(threads)
+        bws.append(bw)
+        _C.set_num_threads(threads)
         for mode in modes:
             stream = mode == "streamed"
             t_anchor = {name: anc.time_torch(name, w, ms, stream, stream_bytes, min_time)
@@ -240,7 +244,8 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
         "machine": machine_description(),
         "threads": threads,
         "group_size": group_size,
-        "read_bandwidth_gbs": bw,
+        "read_bandwidth_gbs": statistics.median(bws),
+        "read_bandwidth_range_gbs": [min(bws), max(bws)],
         "cpu_variant": _C.cpu_variant(),
         "anchors": anc.names,
         "rows": [dict(dataclasses.asdict(r), speedups={a: r.speedup(a) for a in r.anchors_us}) for r in rows],
