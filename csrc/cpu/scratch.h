@@ -8,7 +8,7 @@ namespace bitswitch {
 namespace cpu {
 
 // Slots let one kernel hold several buffers at once.
-enum ScratchSlot : int { kScratchX = 0, kScratchPanel = 1, kScratchAcc = 2, kScratchTail = 3, kScratchSlots = 4 };
+enum ScratchSlot : int { kScratchX = 0, kScratchPanel = 1, kScratchAcc = 2, kScratchSlots = 3 };
 
 // A buffer of at least `bytes` bytes owned by the calling thread; valid until the same
 // thread asks for the same slot again. Returns nullptr if memory is exhausted.

@@ -115,12 +115,3 @@ def empty(shape: tuple, dtype: str, kind: str, like: Any = None) -> Any:
 def finish_output(out: Any, kind: str) -> Any:
     """Converts an output allocated by empty() to the caller's framework."""
     return from_numpy(out, MLX) if kind == MLX else out
-
-
-def contiguous(a: Any) -> bool:
-    kind = framework(a)
-    if kind == NUMPY:
-        return a.flags.c_contiguous
-    if kind == TORCH:
-        return a.is_contiguous()
-    return True  # MLX exports row-major data through DLPack

@@ -95,13 +95,9 @@ BITSWITCH_HD float dequant_int8(uint32_t q, uint32_t r, float s, float b) {
   return int8_scale(s) * float(int8_code(q, r)) + int8_bias(s, b);
 }
 
-// MLX 8-bit -> planes: code c8 = 16q + r, scale s = 16*s8, bias b = b8 + 7.5*s8.
-// With these, the INT8 view reproduces MLX's dequantization s8*c8 + b8, and plane 0
-// alone is a free INT4 view of the same weight.
-BITSWITCH_HD uint32_t mlx8_to_plane0(uint32_t c8) { return c8 >> kPlaneBits; }
-BITSWITCH_HD uint32_t mlx8_to_plane1(uint32_t c8) { return c8 & uint32_t(kCodeMax); }
-BITSWITCH_HD float mlx8_to_scale(float s8) { return s8 * float(kResidualDivisor); }
-BITSWITCH_HD float mlx8_to_bias(float s8, float b8) { return b8 + kResidualCenter * s8; }
+// MLX 8-bit weights map onto the planes as plane 0 = c8 >> 4, plane 1 = c8 & 15,
+// s = 16*s8, b = b8 + 7.5*s8: the INT8 view then reproduces MLX's s8*c8 + b8 and plane 0
+// alone is a free INT4 view (the conversion lives in python/bitswitch/quant.py).
 
 }  // namespace format
 }  // namespace bitswitch
