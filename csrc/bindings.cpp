@@ -56,7 +56,7 @@ std::string arg_prefix(const char* op, const char* name) { return std::string(op
 // sys.modules), never imported from here.
 struct TorchTypes {
   bool ready = false;
-  py::object tensor, f32, bf16, f16, u32;
+  py::object tensor, f32, bf16, f16, u32, i32;
 };
 
 TorchTypes& torch_types() {
@@ -74,6 +74,7 @@ TorchTypes& torch_types() {
       t->bf16 = mod.attr("bfloat16");
       t->f16 = mod.attr("float16");
       t->u32 = mod.attr("uint32");
+      t->i32 = mod.attr("int32");
       t->ready = true;
     }
   }
@@ -90,6 +91,7 @@ bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
   else if (dt.is(t.bf16)) v.dtype = bs::DType::kBFloat16;
   else if (dt.is(t.f16)) v.dtype = bs::DType::kFloat16;
   else if (dt.is(t.u32)) v.dtype = bs::DType::kUInt32;
+  else if (dt.is(t.i32)) v.dtype = bs::DType::kInt32;
   else {
     v.dtype_known = false;
     v.dtype_name = py::str(dt);
@@ -119,7 +121,7 @@ bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
 // numpy type numbers of the accepted dtypes; bfloat16 comes from ml_dtypes (registered
 // at run time, so its number is looked up once).
 struct NumpyTypes {
-  int f32, f16, u32, bf16 = -1;
+  int f32, f16, u32, i32, bf16 = -1;
 };
 
 const NumpyTypes& numpy_types() {
@@ -128,6 +130,7 @@ const NumpyTypes& numpy_types() {
     r.f32 = py::dtype::of<float>().num();
     r.f16 = py::dtype("float16").num();
     r.u32 = py::dtype::of<uint32_t>().num();
+    r.i32 = py::dtype::of<int32_t>().num();
     try {
       r.bf16 = py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")).num();
     } catch (const py::error_already_set&) {
@@ -149,6 +152,7 @@ bool from_numpy(py::handle obj, Arg& a, const char* op, const char* name) {
   if (num == nt.f32) v.dtype = bs::DType::kFloat32;
   else if (num == nt.f16) v.dtype = bs::DType::kFloat16;
   else if (num == nt.u32) v.dtype = bs::DType::kUInt32;
+  else if (num == nt.i32) v.dtype = bs::DType::kInt32;
   else if (num == nt.bf16) v.dtype = bs::DType::kBFloat16;
   else {
     v.dtype_known = false;
@@ -185,6 +189,7 @@ bool from_dlpack(py::handle obj, Arg& a, const char* op, const char* name) {
   else if (d.code == bs::dlpack::kDLFloat && d.bits == 16) v.dtype = bs::DType::kFloat16, v.dtype_name = "float16";
   else if (d.code == bs::dlpack::kDLBfloat && d.bits == 16) v.dtype = bs::DType::kBFloat16, v.dtype_name = "bfloat16";
   else if (d.code == bs::dlpack::kDLUInt && d.bits == 32) v.dtype = bs::DType::kUInt32, v.dtype_name = "uint32";
+  else if (d.code == bs::dlpack::kDLInt && d.bits == 32) v.dtype = bs::DType::kInt32, v.dtype_name = "int32";
   else {
     v.dtype_known = false;
     const char* kinds[] = {"int", "uint", "float", "?", "bfloat"};
@@ -358,6 +363,44 @@ and in CPU memory.)doc");
       },
       py::arg("x"), py::arg("weight"), py::arg("bits"), py::arg("out"), py::arg("act_bits") = 16,
       "qmatmul with a PackedWeight: only x and out are converted per call.");
+
+  m.def(
+      "attention",
+      [](py::handle q, py::handle k, py::handle v, py::handle indptr, py::handle indices, int64_t block_q,
+         int64_t block_k, bool causal, double scale, int64_t q_offset, py::handle out, py::handle lse) {
+        const char* op = "attention";
+        Arg aq, ak, av, ap, ai, ao, al;
+        to_arg(q, aq, op, "q");
+        to_arg(k, ak, op, "k");
+        to_arg(v, av, op, "v");
+        to_arg(out, ao, op, "out");
+        bs::BlockMaskViews mask;
+        mask.block_q = block_q;
+        mask.block_k = block_k;
+        if (indptr.is_none() != indices.is_none())
+          throw bs::ValueError("attention: mask needs both indptr and indices, or neither");
+        mask.has_mask = !indptr.is_none();
+        if (mask.has_mask) {
+          to_arg(indptr, ap, op, "mask.indptr");
+          to_arg(indices, ai, op, "mask.indices");
+          mask.indptr = ap.v;
+          mask.indices = ai.v;
+        }
+        const bool has_lse = !lse.is_none();
+        if (has_lse) to_arg(lse, al, op, "lse");
+        py::gil_scoped_release nogil;
+        bs::attention(aq.v, ak.v, av.v, mask, causal, scale, q_offset, ao.v, has_lse ? &al.v : nullptr);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indptr"), py::arg("indices"), py::arg("block_q"),
+      py::arg("block_k"), py::arg("causal"), py::arg("scale"), py::arg("q_offset"), py::arg("out"), py::arg("lse"),
+      R"doc(Block-sparse flash attention: out = softmax(scale q k^T) v over the visible keys.
+
+q: [B, Hq, Lq, D], k and v: [B, Hkv, Lk, D] (Hq a multiple of Hkv, D 64 or 128, one float
+dtype, unit stride on D). indptr int32 [B, Hkv, ceil(Lq/block_q)+1] and indices int32
+[B, Hkv, n] select key blocks per query block (None, None: all). causal hides keys after
+q_offset + i from query row i. scale NaN means D^-0.5. out: like q, written in place; lse:
+None or float32 [B, Hq, Lq], the natural-log log-sum-exp of each row (-inf for a row that
+sees no key, whose output is 0).)doc");
 
   m.def(
       "read_stream",

@@ -62,6 +62,21 @@ void validate_weight(const char* op, const WeightViews& w);
 void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out,
              int64_t act_bits = 16);
 
+// A block mask in BSR form per (batch, kv head); has_mask false means dense.
+struct BlockMaskViews {
+  bool has_mask = false;
+  TensorView indptr;   // int32 [B, Hkv, ceil(Lq / block_q) + 1]
+  TensorView indices;  // int32 [B, Hkv, capacity]
+  int64_t block_q = 64;
+  int64_t block_k = 64;
+};
+
+// out = softmax(scale q k^T [+ block mask] [+ causal]) v for q [B, Hq, Lq, D], k and v
+// [B, Hkv, Lk, D] (unit stride on D, any other strides); lse, if given, float32 [B, Hq, Lq].
+// scale NaN means D^-0.5.
+void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
+               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse);
+
 // Reads a byte buffer on every pool thread; returns a checksum (the bandwidth anchor).
 double read_stream(const TensorView& buffer);
 

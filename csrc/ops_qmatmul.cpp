@@ -40,6 +40,7 @@ std::string dtype_str(DType t) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat16: return "float16";
     case DType::kUInt32: return "uint32";
+    case DType::kInt32: return "int32";
   }
   return "?";
 }

@@ -2,7 +2,7 @@
 // unit's logic on CPUs without AVX-512 (configure with -DBITSWITCH_EMULATE_AVX512=ON;
 // never used in a release build). Each intrinsic becomes a macro for a lane loop over
 // GCC's 64-byte vector types, following the instruction's definition in Intel's SDM.
-// Only what csrc/cpu/qmatmul_avx512.cpp calls is here: a missing one fails to compile
+// Only what csrc/cpu/avx512.cpp calls is here: a missing one fails to compile
 // ("target specific option mismatch"), never silently runs the real instruction.
 #pragma once
 

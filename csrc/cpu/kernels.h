@@ -2,7 +2,7 @@
 // ISA variant, and the entry points each translation unit defines.
 //
 // Kernels take raw pointers and sizes, run on the thread pool, and return a Status.
-// They assume arguments were validated by the ops glue (csrc/ops_qmatmul.cpp).
+// They assume arguments were validated by the ops glue (csrc/ops_*.cpp).
 #pragma once
 
 #include <cstddef>
@@ -11,7 +11,7 @@
 namespace bitswitch {
 
 // Element types that cross the kernel boundary.
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kUInt32 = 3 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kUInt32 = 3, kInt32 = 4 };
 
 enum class Status : int32_t { kOk = 0, kInvalidArgument = 1, kOutOfMemory = 2, kUnsupported = 3 };
 
@@ -37,6 +37,32 @@ struct QMatmulArgs {
   DType scale_dtype;        // float32, bfloat16 or float16
 };
 
+// out = softmax(scale * q k^T + mask) v, flash-style, for q [B, Hq, Lq, D] and k, v
+// [B, Hkv, Lk, D] (GQA: query head h reads kv head h / (Hq / Hkv)). Key j is visible to
+// query row i when the block mask selects key block j / block_k for query block
+// i / block_q (all blocks when there is no mask) and, if causal, j <= q_offset + i.
+struct AttentionArgs {
+  const void* q;            // q: [B, Hq, Lq, D], dtype; strides below, unit stride on D
+  const void* k;            // k: [B, Hkv, Lk, D]
+  const void* v;            // v: [B, Hkv, Lk, D]
+  void* out;                // out: [B, Hq, Lq, D], dtype
+  float* lse;               // lse: [B, Hq, Lq] contiguous, natural-log log-sum-exp; may be null
+  DType dtype;              // float32, bfloat16 or float16, shared by q, k, v and out
+  int64_t b, hq, hkv, lq, lk, d;
+  int64_t q_strides[3];     // element strides of the B, H and L dimensions
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t o_strides[3];
+  const int32_t* indptr;    // indptr: [B, Hkv, ceil(Lq / block_q) + 1] offsets into indices; null: dense
+  const int32_t* indices;   // indices: [B, Hkv, nnz_cap] sorted key-block numbers of each query block
+  int64_t nnz_cap;          // length of each (batch, kv head) row of indices
+  int32_t block_q;          // query rows per mask block (also the kernel's tile height)
+  int32_t block_k;          // keys per mask block
+  bool causal;
+  float scale;              // multiplies q k^T (usually D^-0.5)
+  int64_t q_offset;         // absolute position of query row 0 (chunked prefill, decode)
+};
+
 // Which implementation runs a kernel. Order matters: a larger value needs more of the CPU.
 enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -46,6 +72,10 @@ Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M, 512-bit dequantize + FMA for large M.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
+
+Status attention_scalar(const AttentionArgs& a, ThreadPool& pool);
+Status attention_avx2(const AttentionArgs& a, ThreadPool& pool);
+Status attention_avx512(const AttentionArgs& a, ThreadPool& pool);
 
 // Read `bytes` bytes from `data` on every pool thread (disjoint slices) and return a
 // checksum so the reads cannot be elided; the benchmark's read-bandwidth anchor.

@@ -11,7 +11,8 @@
 //     template <int BITS, int G, int MT, bool LO>          // LO: the act_bits 16 lo halves
 //     static void step(w0, w1, f, xq, Acc (&acc)[MT]);   // one 128-element step of one row
 //     template <int MRt>
-//     static void micro(x, ldx, panel, klen, c, ldc);  // c[MRt x kNR] += x @ panel
+//     static void micro(x, ldx, ldk, panel, klen, c, ldc);  // c[MRt x kNR] += x @ panel,
+//                                              // x[i][k] at x[i * ldx + k * ldk]
 //   };
 #pragma once
 
@@ -190,12 +191,12 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
 }
 
 template <class Isa, int MRt>
-inline void micro_rows_at_most(int mr, const float* x, int64_t ldx, const float* panel, int64_t klen,
-                               float* c, int64_t ldc) {
+inline void micro_rows_at_most(int mr, const float* x, int64_t ldx, int64_t ldk, const float* panel,
+                               int64_t klen, float* c, int64_t ldc) {
   if (mr == MRt) {
-    Isa::template micro<MRt>(x, ldx, panel, klen, c, ldc);
+    Isa::template micro<MRt>(x, ldx, ldk, panel, klen, c, ldc);
   } else if constexpr (MRt > 1) {
-    micro_rows_at_most<Isa, MRt - 1>(mr, x, ldx, panel, klen, c, ldc);
+    micro_rows_at_most<Isa, MRt - 1>(mr, x, ldx, ldk, panel, klen, c, ldc);
   }
 }
 
@@ -235,7 +236,7 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
       for (int64_t m = 0; m < M; m += kMR) {
         const int mr = int(imin(kMR, M - m));
         for (int j = 0; j < panels; ++j)
-          micro_rows_at_most<Isa, kMR>(mr, xf + m * K + k0, K, panel + j * kKB * kNR, klen,
+          micro_rows_at_most<Isa, kMR>(mr, xf + m * K + k0, K, 1, panel + j * kKB * kNR, klen,
                                        c + m * kNB + j * kNR, kNB);
       }
     }

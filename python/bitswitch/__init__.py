@@ -10,6 +10,7 @@ Arrays may be numpy, torch (CPU) or MLX; results come back as the same kind.
 """
 
 from . import _C
+from . import attention  # the module: masks, selection, plan (the op is ops.attention)
 from . import ops
 from .quant import (
     ACT_BITS,
@@ -30,7 +31,7 @@ __version__ = _C.__version__
 
 __all__ = [
     "ACT_BITS", "quantize_activations", "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
-    "qmatmul_f64", "qmatmul", "ops", "info", "__version__",
+    "qmatmul_f64", "qmatmul", "attention", "ops", "info", "__version__",
 ]
 
 

@@ -7,13 +7,18 @@ DLPack for MLX); results come back as the caller's kind of array.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
 
 from . import _arrays as A
 from . import _C
 from .quant import QWeight, check_act_bits
 
-__all__ = ["qmatmul", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
+if TYPE_CHECKING:
+    from .attention import BlockMask
+
+__all__ = ["qmatmul", "attention", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
 
 
 def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, act_bits: int = 16) -> Any:
@@ -54,6 +59,53 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
         y = out
     _C.qmatmul(x, qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, qw.group_size, bits, y, act_bits)
     return y if out is not None else A.finish_output(y, kind)
+
+
+# Without a mask the tile is free: 128 x 128 amortizes the per-block work (conversion,
+# softmax) over the most rows and keys (bench/attention: ~10% faster than 64 x 64).
+_DENSE_TILE = (128, 128)
+
+
+def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal: bool = True,
+              scale: Optional[float] = None, q_offset: int = 0, out: Any = None, return_lse: bool = False) -> Any:
+    """Block-sparse flash attention: softmax(scale q k^T) v over the keys each row sees.
+
+    q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] (Hq a multiple of Hkv: GQA; D 64 or 128), one
+    float dtype, numpy / torch / MLX, any strides with a unit stride on D (a KV-cache slice
+    works as is). Query row i sits at absolute position q_offset + i. mask: a
+    bitswitch.attention.BlockMask of key blocks per query block (None: all); causal hides
+    keys after each row's position. A row that sees no key returns zeros. Accumulation is
+    float32; the cost is proportional to the number of blocks read.
+    Returns out (like q), or (out, lse) with lse float32 [B, Hq, Lq] natural-log
+    log-sum-exp (-inf for a row without keys) when return_lse.
+    """
+    kind = A.framework(q)
+    for name, t in (("k", k), ("v", v)):
+        if A.framework(t) != kind:
+            raise TypeError(f"attention: {name} is a {A.framework(t)} array but q is {kind}")
+    shape = tuple(int(d) for d in q.shape)
+    if len(shape) != 4:
+        raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {shape}")
+    if out is None:
+        o = A.empty(shape, A.dtype_name(q), kind, q)
+    else:
+        if kind == A.MLX:
+            raise TypeError("attention: out= is not supported for MLX arrays (they are immutable)")
+        if A.framework(out) != kind:
+            raise TypeError(f"attention: out must be a {kind} array like q, got {A.framework(out)}")
+        o = out
+    lse = np.empty(shape[:3], np.float32) if return_lse else None
+    if mask is None:
+        ip = ix = None
+        bq, bk = _DENSE_TILE
+    else:
+        ip, ix, bq, bk = mask.indptr, mask.indices, mask.block_q, mask.block_k
+    _C.attention(q, k, v, ip, ix, bq, bk, bool(causal), float("nan") if scale is None else float(scale),
+                 int(q_offset), o, lse)
+    res = o if out is not None else A.finish_output(o, kind)
+    if not return_lse:
+        return res
+    return res, (A.from_numpy(lse, kind, q) if kind != A.NUMPY else lse)
 
 
 def cpu_variant() -> str:

@@ -16,7 +16,7 @@ from . import _C
 from . import _arrays as A
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["QLinear", "qmatmul"]
+__all__ = ["QLinear", "attention", "qmatmul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -24,6 +24,10 @@ _lib = torch.library.Library("bitswitch", "DEF")
 _lib.define(
     "qmatmul(Tensor x, Tensor plane0, Tensor? plane1, Tensor scales, Tensor biases, int group_size, int bits, "
     "int act_bits=16) -> Tensor"
+)
+_lib.define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? indptr, Tensor? indices, int block_q, int block_k, "
+    "bool causal=True, float? scale=None, int q_offset=0) -> (Tensor, Tensor)"
 )
 
 
@@ -59,6 +63,45 @@ def _qmatmul_fake(x, plane0, plane1, scales, biases, group_size, bits, act_bits=
         raise ValueError("qmatmul: bits is 8 but the weight has no plane 1; use bits=4")
     check_act_bits(act_bits, "qmatmul")
     return x.new_empty(_out_shape(x, plane0))
+
+
+def _attention_cpu(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+    if q.dim() != 4:
+        raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {tuple(q.shape)}")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    _C.attention(q, k, v, indptr, indices, block_q, block_k, causal, float("nan") if scale is None else scale,
+                 q_offset, out, lse)
+    return out, lse
+
+
+_lib.impl("attention", _attention_cpu, "CPU")
+
+
+@torch.library.register_fake("bitswitch::attention")
+def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention: q, k and v must be 4-D [batch, heads, length, head_dim]")
+    if (indptr is None) != (indices is None):
+        raise ValueError("attention: mask needs both indptr and indices, or neither")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal: bool = True,
+              scale: Optional[float] = None, q_offset: int = 0, return_lse: bool = False):
+    """torch.ops.bitswitch.attention with a bitswitch.attention.BlockMask (None: dense);
+    the semantics of bitswitch.ops.attention. Traceable by torch.compile."""
+    if mask is None:
+        ip = ix = None
+        bq, bk = 128, 128
+    else:
+        ip, ix = mask.torch_tensors()
+        bq, bk = mask.block_q, mask.block_k
+    out, lse = torch.ops.bitswitch.attention(q, k, v, ip, ix, bq, bk, causal, scale, q_offset)
+    return (out, lse) if return_lse else out
 
 
 def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: int = 16) -> torch.Tensor:

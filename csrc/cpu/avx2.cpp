@@ -1,4 +1,5 @@
-// AVX2 + FMA + F16C variant of qmatmul.
+// AVX2 + FMA + F16C variants of qmatmul and attention (x86_attention.h: the micro-kernel
+// below serves both of its products).
 //
 // Small M (decode): an integer GEMV that streams the weights once at memory bandwidth.
 // x is prepared once per call (x86_common.h) as 15-bit integers split into two int8
@@ -10,7 +11,7 @@
 //
 // Large M (prefill): dequantized float32 panels and a 6x16 FMA micro-kernel
 // (x86_qmatmul.h), 12 accumulators + 2 panel rows + 1 broadcast of 16 ymm registers.
-#include "x86_qmatmul.h"
+#include "x86_attention.h"
 
 namespace bitswitch {
 namespace cpu {
@@ -84,22 +85,27 @@ struct Avx2 {
     }
   }
 
-  // c[MRt x 16] += x[MRt x klen] @ panel[klen x 16]; x rows ldx apart, c rows ldc apart.
+  // c[MRt x 16] += x[MRt x klen] @ panel[klen x 16]; x[i][k] at x[i * ldx + k * ldk], c rows ldc
+  // apart.
   template <int MRt>
-  static void micro(const float* x, int64_t ldx, const float* panel, int64_t klen, float* c, int64_t ldc) {
+  static void micro(const float* x, int64_t ldx, int64_t ldk, const float* panel, int64_t klen, float* c,
+                    int64_t ldc) {
     __m256 acc[MRt][2];
+#pragma GCC unroll 8
     for (int i = 0; i < MRt; ++i) {
       acc[i][0] = _mm256_loadu_ps(c + i * ldc);
       acc[i][1] = _mm256_loadu_ps(c + i * ldc + 8);
     }
-    for (int64_t k = 0; k < klen; ++k) {
+    for (int64_t k = 0; k < klen; ++k, x += ldk) {
       const __m256 b0 = _mm256_load_ps(panel + k * kNR), b1 = _mm256_load_ps(panel + k * kNR + 8);
+#pragma GCC unroll 8
       for (int i = 0; i < MRt; ++i) {
-        const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
+        const __m256 xv = _mm256_broadcast_ss(x + i * ldx);
         acc[i][0] = _mm256_fmadd_ps(xv, b0, acc[i][0]);
         acc[i][1] = _mm256_fmadd_ps(xv, b1, acc[i][1]);
       }
     }
+#pragma GCC unroll 8
     for (int i = 0; i < MRt; ++i) {
       _mm256_storeu_ps(c + i * ldc, acc[i][0]);
       _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
@@ -110,6 +116,8 @@ struct Avx2 {
 }  // namespace
 
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool) { return qmatmul_x86<Avx2>(a, pool); }
+
+Status attention_avx2(const AttentionArgs& a, ThreadPool& pool) { return attention_x86<Avx2>(a, pool); }
 
 }  // namespace cpu
 }  // namespace bitswitch

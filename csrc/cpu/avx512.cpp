@@ -1,4 +1,4 @@
-// AVX-512 (F, BW, DQ, VL) + VNNI variant of qmatmul.
+// AVX-512 (F, BW, DQ, VL) + VNNI variants of qmatmul and attention (x86_attention.h).
 //
 // Small M: the integer GEMV of the AVX2 unit with one 64-byte step per weight row and
 // vpdpbusd, which multiplies unsigned by signed bytes and sums four products straight
@@ -14,7 +14,7 @@
 #include "avx512_emulation.h"
 #endif
 
-#include "x86_qmatmul.h"
+#include "x86_attention.h"
 
 namespace bitswitch {
 namespace cpu {
@@ -71,22 +71,26 @@ struct Avx512 {
     }
   }
 
-  // c[MRt x 32] += x[MRt x klen] @ panel[klen x 32].
+  // c[MRt x 32] += x[MRt x klen] @ panel[klen x 32]; x[i][k] at x[i * ldx + k * ldk].
   template <int MRt>
-  static void micro(const float* x, int64_t ldx, const float* panel, int64_t klen, float* c, int64_t ldc) {
+  static void micro(const float* x, int64_t ldx, int64_t ldk, const float* panel, int64_t klen, float* c,
+                    int64_t ldc) {
     __m512 acc[MRt][2];
+#pragma GCC unroll 8
     for (int i = 0; i < MRt; ++i) {
       acc[i][0] = _mm512_loadu_ps(c + i * ldc);
       acc[i][1] = _mm512_loadu_ps(c + i * ldc + 16);
     }
-    for (int64_t k = 0; k < klen; ++k) {
+    for (int64_t k = 0; k < klen; ++k, x += ldk) {
       const __m512 b0 = _mm512_load_ps(panel + k * kNR), b1 = _mm512_load_ps(panel + k * kNR + 16);
+#pragma GCC unroll 8
       for (int i = 0; i < MRt; ++i) {
-        const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
+        const __m512 xv = _mm512_set1_ps(x[i * ldx]);
         acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
         acc[i][1] = _mm512_fmadd_ps(xv, b1, acc[i][1]);
       }
     }
+#pragma GCC unroll 8
     for (int i = 0; i < MRt; ++i) {
       _mm512_storeu_ps(c + i * ldc, acc[i][0]);
       _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
@@ -97,6 +101,8 @@ struct Avx512 {
 }  // namespace
 
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool) { return qmatmul_x86<Avx512>(a, pool); }
+
+Status attention_avx512(const AttentionArgs& a, ThreadPool& pool) { return attention_x86<Avx512>(a, pool); }
 
 }  // namespace cpu
 }  // namespace bitswitch

@@ -1,0 +1,202 @@
+// Glue for attention: validation (shapes, strides, dtypes, the block mask's structure)
+// and dispatch to the kernel variant.
+#include <cmath>
+#include <sstream>
+
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "ops.h"
+
+namespace bitswitch {
+namespace {
+
+const char* kOp = "attention";
+
+std::string pre(const char* arg) { return std::string(kOp) + ": " + arg + " "; }
+
+bool is_float(const TensorView& t) {
+  return t.dtype_known && (t.dtype == DType::kFloat32 || t.dtype == DType::kBFloat16 || t.dtype == DType::kFloat16);
+}
+
+int64_t esize(DType t) { return t == DType::kFloat32 || t == DType::kUInt32 || t == DType::kInt32 ? 4 : 2; }
+
+// Byte range an array's elements span.
+void extent(const TensorView& t, const char** lo, const char** hi) {
+  int64_t last = 0;
+  for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
+  *lo = static_cast<const char*>(t.data);
+  *hi = *lo + (last + 1) * esize(t.dtype);
+}
+
+bool overlaps(const TensorView& a, const TensorView& b) {
+  const char *a0, *a1, *b0, *b1;
+  extent(a, &a0, &a1);
+  extent(b, &b0, &b1);
+  return a0 < b1 && b0 < a1;
+}
+
+// No two elements share memory: sorted by stride, each stride covers the dims below it.
+bool non_overlapping(const TensorView& t) {
+  int order[TensorView::kMaxDims];
+  const int n = t.ndim < TensorView::kMaxDims ? t.ndim : TensorView::kMaxDims;
+  for (int i = 0; i < n; ++i) {  // insertion sort by stride: at most 8 dims
+    int j = i;
+    for (; j > 0 && t.strides[order[j - 1]] > t.strides[i]; --j) order[j] = order[j - 1];
+    order[j] = i;
+  }
+  int64_t span = 1;
+  for (int i = 0; i < n; ++i) {
+    const int d = order[i];
+    if (t.shape[d] == 1) continue;
+    if (t.strides[d] < span) return false;
+    span = t.strides[d] * t.shape[d];
+  }
+  return true;
+}
+
+void check_4d(const char* arg, const TensorView& t) {
+  if (t.device != Device::kCPU) throw ValueError(pre(arg) + "must be in CPU memory");
+  if (t.ndim != 4)
+    throw ValueError(pre(arg) + "must be 4-D [batch, heads, length, head_dim], got shape " + t.shape_str());
+  for (int i = 0; i < 4; ++i)
+    if (t.shape[i] <= 0 || t.shape[i] >= (int64_t(1) << 31))
+      throw ValueError(pre(arg) + "has an empty or too large dimension: shape " + t.shape_str());
+  if (t.strides[3] != 1)
+    throw ValueError(pre(arg) + "must have unit stride on head_dim (the last dimension); make it contiguous");
+  for (int i = 0; i < 3; ++i)
+    if (t.strides[i] < 0) throw ValueError(pre(arg) + "must not have negative strides");
+  if (!is_float(t)) throw TypeError(pre(arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
+  if (t.data == nullptr) throw ValueError(pre(arg) + "has no data");
+}
+
+void check_index_array(const char* arg, const TensorView& t, int64_t b, int64_t h) {
+  if (t.device != Device::kCPU) throw ValueError(pre(arg) + "must be in CPU memory");
+  if (!t.dtype_known || t.dtype != DType::kInt32) throw TypeError(pre(arg) + "must be int32, got " + t.type_str());
+  if (t.ndim != 3 || t.shape[0] != b || t.shape[1] != h) {
+    std::ostringstream s;
+    s << pre(arg) << "must have shape (" << b << ", " << h << ", n) for q batch " << b << " and " << h
+      << " kv heads, got " << t.shape_str();
+    throw ValueError(s.str());
+  }
+  if (!t.row_contiguous()) throw ValueError(pre(arg) + "must be C-contiguous");
+}
+
+void validate_mask(const BlockMaskViews& m, int64_t b, int64_t hkv, int64_t lq, int64_t lk) {
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"block_q", m.block_q}, {"block_k", m.block_k}})
+    if (v != 32 && v != 64 && v != 128)
+      throw ValueError(pre("mask") + name + " must be 32, 64 or 128, got " + std::to_string(v));
+  if (!m.has_mask) return;
+  check_index_array("mask.indptr", m.indptr, b, hkv);
+  check_index_array("mask.indices", m.indices, b, hkv);
+  const int64_t nqb = (lq + m.block_q - 1) / m.block_q, nkb = (lk + m.block_k - 1) / m.block_k;
+  if (m.indptr.shape[2] != nqb + 1)
+    throw ValueError(pre("mask.indptr") + "must have " + std::to_string(nqb + 1) + " entries per row (Lq = " +
+                     std::to_string(lq) + " in blocks of " + std::to_string(m.block_q) + ", plus one), got " +
+                     std::to_string(m.indptr.shape[2]));
+  const int64_t cap = m.indices.shape[2];
+  if (cap > 0 && m.indices.data == nullptr) throw ValueError(pre("mask.indices") + "has no data");
+  const int32_t* ip = static_cast<const int32_t*>(m.indptr.data);
+  const int32_t* ix = static_cast<const int32_t*>(m.indices.data);
+  for (int64_t r = 0; r < b * hkv; ++r) {
+    const int32_t* p = ip + r * (nqb + 1);
+    const int32_t* x = ix + r * cap;
+    if (p[0] != 0) throw ValueError(pre("mask.indptr") + "rows must start at 0");
+    for (int64_t i = 0; i < nqb; ++i) {
+      if (p[i + 1] < p[i]) throw ValueError(pre("mask.indptr") + "must be non-decreasing");
+      if (p[i + 1] > cap)
+        throw ValueError(pre("mask.indptr") + "points past the end of indices (capacity " + std::to_string(cap) + ")");
+      for (int32_t j = p[i]; j < p[i + 1]; ++j) {
+        if (x[j] < 0 || x[j] >= nkb)
+          throw ValueError(pre("mask.indices") + "holds key block " + std::to_string(x[j]) + ", outside 0.." +
+                           std::to_string(nkb - 1) + " (Lk = " + std::to_string(lk) + " in blocks of " +
+                           std::to_string(m.block_k) + ")");
+        if (j > p[i] && x[j] <= x[j - 1])
+          throw ValueError(pre("mask.indices") + "must be strictly increasing within each query block");
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
+               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse) {
+  check_4d("q", q);
+  check_4d("k", k);
+  check_4d("v", v);
+  check_4d("out", out);
+  const int64_t B = q.shape[0], Hq = q.shape[1], Lq = q.shape[2], D = q.shape[3];
+  const int64_t Hkv = k.shape[1], Lk = k.shape[2];
+  if (D != 64 && D != 128) throw ValueError(pre("q") + "head_dim must be 64 or 128, got " + std::to_string(D));
+  if (k.shape[0] != B || k.shape[3] != D)
+    throw ValueError(pre("k") + "must have q's batch and head_dim: q " + q.shape_str() + ", k " + k.shape_str());
+  for (int i = 0; i < 4; ++i)
+    if (v.shape[i] != k.shape[i]) throw ValueError(pre("v") + "must have k's shape " + k.shape_str() + ", got " + v.shape_str());
+  if (Hq % Hkv != 0)
+    throw ValueError(pre("q") + "heads (" + std::to_string(Hq) + ") must be a multiple of k's heads (" +
+                     std::to_string(Hkv) + ")");
+  if (k.dtype != q.dtype || v.dtype != q.dtype)
+    throw TypeError(pre("k") + "and v must have q's dtype " + q.type_str() + ", got " + k.type_str() + " and " +
+                    v.type_str());
+  for (int i = 0; i < 4; ++i)
+    if (out.shape[i] != q.shape[i]) throw ValueError(pre("out") + "must have q's shape " + q.shape_str() + ", got " + out.shape_str());
+  if (out.dtype != q.dtype) throw TypeError(pre("out") + "must have q's dtype " + q.type_str() + ", got " + out.type_str());
+  if (!out.writable || !non_overlapping(out)) throw ValueError(pre("out") + "must be writable with non-overlapping elements");
+  for (const TensorView* in : {&q, &k, &v})
+    if (overlaps(out, *in)) throw ValueError(pre("out") + "overlaps an input array");
+  if (lse) {
+    if (lse->device != Device::kCPU || !lse->dtype_known || lse->dtype != DType::kFloat32 || lse->ndim != 3 ||
+        lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq || !lse->row_contiguous() || !lse->writable)
+      throw ValueError(pre("lse") + "must be a writable C-contiguous float32 array of shape (" + std::to_string(B) +
+                       ", " + std::to_string(Hq) + ", " + std::to_string(Lq) + ")");
+    for (const TensorView* in : {&q, &k, &v, &out})
+      if (overlaps(*lse, *in)) throw ValueError(pre("lse") + "overlaps another array");
+  }
+  if (q_offset < 0) throw ValueError(pre("q_offset") + "must be >= 0, got " + std::to_string(q_offset));
+  if (std::isnan(scale)) scale = 1.0 / std::sqrt(double(D));
+  if (!std::isfinite(scale)) throw ValueError(pre("scale") + "must be finite");
+  validate_mask(mask, B, Hkv, Lq, Lk);
+
+  cpu::AttentionArgs a;
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  a.dtype = q.dtype;
+  a.b = B;
+  a.hq = Hq;
+  a.hkv = Hkv;
+  a.lq = Lq;
+  a.lk = Lk;
+  a.d = D;
+  for (int i = 0; i < 3; ++i) {
+    a.q_strides[i] = q.strides[i];
+    a.k_strides[i] = k.strides[i];
+    a.v_strides[i] = v.strides[i];
+    a.o_strides[i] = out.strides[i];
+  }
+  a.indptr = mask.has_mask ? static_cast<const int32_t*>(mask.indptr.data) : nullptr;
+  a.indices = mask.has_mask ? static_cast<const int32_t*>(mask.indices.data) : nullptr;
+  a.nnz_cap = mask.has_mask ? mask.indices.shape[2] : 0;
+  a.block_q = int32_t(mask.block_q);
+  a.block_k = int32_t(mask.block_k);
+  a.causal = causal;
+  a.scale = float(scale);
+  a.q_offset = q_offset;
+
+  cpu::Variant variant;
+  std::string why;
+  if (!cpu::active_variant(&variant, &why)) throw ValueError(std::string(kOp) + ": " + why);
+  auto pool = cpu::pool();
+  Status s;
+  switch (variant) {
+    case cpu::Variant::kAvx512: s = cpu::attention_avx512(a, *pool); break;
+    case cpu::Variant::kAvx2: s = cpu::attention_avx2(a, *pool); break;
+    default: s = cpu::attention_scalar(a, *pool); break;
+  }
+  if (s == Status::kOutOfMemory) throw std::bad_alloc();
+  if (s != Status::kOk) throw ValueError(std::string(kOp) + ": the kernel rejected its arguments");
+}
+
+}  // namespace bitswitch
