@@ -99,17 +99,18 @@ bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
   v.device = obj.attr("is_cpu").ptr() == Py_True ? bs::Device::kCPU
              : obj.attr("is_cuda").ptr() == Py_True ? bs::Device::kCUDA
                                                      : bs::Device::kOther;
-  // is_contiguous() is cheaper than building the stride tuple; a non-contiguous tensor is
-  // rejected by every op, so its exact strides are never needed.
+  // is_contiguous() is cheaper than building the stride tuple, which is read only for the
+  // non-contiguous tensors some ops accept (attention over a KV-cache slice).
   py::tuple sh = obj.attr("shape");
   if (sh.size() > size_t(bs::TensorView::kMaxDims))
     throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
   v.ndim = int(sh.size());
   const bool contiguous = obj.attr("is_contiguous")().ptr() == Py_True;
+  py::tuple st = contiguous ? py::tuple() : py::tuple(obj.attr("stride")());
   int64_t expect = 1;
   for (int i = v.ndim - 1; i >= 0; --i) {
     v.shape[i] = PyLong_AsLongLong(sh[i].ptr());
-    v.strides[i] = contiguous ? expect : -1;
+    v.strides[i] = contiguous ? expect : PyLong_AsLongLong(st[i].ptr());
     expect *= v.shape[i];
   }
   v.data = PyLong_AsVoidPtr(obj.attr("data_ptr")().ptr());

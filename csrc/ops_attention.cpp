@@ -105,6 +105,8 @@ void validate_mask(const BlockMaskViews& m, int64_t b, int64_t hkv, int64_t lq, 
       if (p[i + 1] < p[i]) throw ValueError(pre("mask.indptr") + "must be non-decreasing");
       if (p[i + 1] > cap)
         throw ValueError(pre("mask.indptr") + "points past the end of indices (capacity " + std::to_string(cap) + ")");
+    }
+    for (int64_t i = 0; i < nqb; ++i) {
       for (int32_t j = p[i]; j < p[i + 1]; ++j) {
         if (x[j] < 0 || x[j] >= nkb)
           throw ValueError(pre("mask.indices") + "holds key block " + std::to_string(x[j]) + ", outside 0.." +

@@ -1,5 +1,6 @@
 """The AVX-512 unit's logic, on any x86 CPU: build _C with the AVX-512 intrinsics mapped
-onto portable code (csrc/cpu/avx512_emulation.h) and run the qmatmul variant tests on it.
+onto portable code (csrc/cpu/avx512_emulation.h) and run the qmatmul and attention variant
+tests on it.
 
 On CPUs with AVX-512 the same tests also run natively (the `variant` fixture); this one
 makes sure the unit is exercised on every machine, CI included.
@@ -41,7 +42,8 @@ def test_avx512_unit_on_emulation(tmp_path):
     assert str(pkg) in probe.stdout and "True ok" in probe.stdout
     tests = ROOT / "tests"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "avx512",
-                          str(tests / "test_qmatmul.py")], env=env, capture_output=True, text=True, cwd=tmp_path)
+                          str(tests / "test_qmatmul.py"), str(tests / "test_attention.py")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary

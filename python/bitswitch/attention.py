@@ -220,6 +220,10 @@ class KeyBlockSummary:
         nkb = -(-capacity // block_k)
         self.kmin = np.full((batch, kv_heads, nkb, head_dim), np.inf, np.float32)
         self.kmax = np.full((batch, kv_heads, nkb, head_dim), -np.inf, np.float32)
+        # The bound max(q kmin, q kmax) = q center + |q| radius, summed over channels, is two
+        # matrix products over these (kept up to date for the blocks append touches).
+        self.center = np.zeros((batch, kv_heads, nkb, head_dim), np.float32)
+        self.radius = np.zeros((batch, kv_heads, nkb, head_dim), np.float32)
         self.length = 0
 
     @classmethod
@@ -245,6 +249,8 @@ class KeyBlockSummary:
             chunk = kn[:, :, pos - self.length:end - self.length]
             np.minimum(self.kmin[:, :, blk], chunk.min(axis=2), out=self.kmin[:, :, blk])
             np.maximum(self.kmax[:, :, blk], chunk.max(axis=2), out=self.kmax[:, :, blk])
+            self.center[:, :, blk] = 0.5 * (self.kmax[:, :, blk] + self.kmin[:, :, blk])
+            self.radius[:, :, blk] = 0.5 * (self.kmax[:, :, blk] - self.kmin[:, :, blk])
             pos = end
         self.length += n
 
@@ -271,13 +277,14 @@ def select_pages(q: Any, summary: KeyBlockSummary, budget: Optional[int] = None,
         budget = math.ceil(density * nkb)
     budget = max(1, min(int(budget), nkb))
     qg = qn.reshape(b, hkv, hq // hkv * lq, d)
-    kmin, kmax = summary.kmin[:, :, :nkb], summary.kmax[:, :, :nkb]
-    bound = np.maximum(qg[:, :, :, None, :] * kmin[:, :, None], qg[:, :, :, None, :] * kmax[:, :, None]).sum(-1)
-    score = bound.max(axis=2)  # [B, Hkv, nkb]
+    bound = qg @ summary.center[:, :, :nkb].transpose(0, 1, 3, 2) \
+        + np.abs(qg) @ summary.radius[:, :, :nkb].transpose(0, 1, 3, 2)   # [B, Hkv, rows, nkb]
+    score = bound.max(axis=2)
     kb = np.arange(nkb)
     forced = (kb < sinks) | (kb == nkb - 1)
     score = np.where(forced, np.inf, score)
-    top = np.argsort(-score, axis=-1, kind="stable")[:, :, :max(budget, int(forced.sum()))]
+    n = max(budget, int(forced.sum()))
+    top = np.argpartition(-score, n - 1, axis=-1)[:, :, :n] if n < nkb else np.broadcast_to(kb, score.shape)
     keep = np.zeros((b, hkv, nkb), bool)
     np.put_along_axis(keep, top, True, axis=-1)
     nqb = -(-lq // block_q)
