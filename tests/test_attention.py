@@ -173,6 +173,23 @@ def test_plan_builds_each_method(rng):
         A.plan(q, k, "topk")
 
 
+def test_selection_with_a_density_budget(rng):
+    """select_blocks(density=d): every query block keeps its ceil(d * visible) best-scoring
+    blocks, the sink and diagonal blocks among them (so at least those two)."""
+    q, k, _ = make_qkv(rng, 1, 4, 2, 1000, 1000, 64)
+    nqb = -(-1000 // 64)
+    visible = np.arange(nqb) + 1  # causal, Lq = Lk, square blocks
+    forced = np.minimum(visible, 2)
+    for d in (0.1, 0.3, 0.7):
+        mask = A.select_blocks(q, k, density=d)
+        kept = np.diff(mask.indptr, axis=-1)[0]
+        assert np.array_equal(kept, np.broadcast_to(np.maximum(np.ceil(d * visible), forced), kept.shape)), d
+        table = mask.to_dense()[0, :, ::64, ::64]
+        assert table[:, :, 0].all() and table[:, np.arange(nqb), np.arange(nqb)].all()
+    with pytest.raises(ValueError, match="density must be in"):
+        A.select_blocks(q, k, density=0.0)
+
+
 def needle_problem(rng, n_blocks=32, block=64, d=128, hq=4, hkv=2, needle_q=30, needle_k=5):
     """Queries and keys with a local structure (block b's rows share a latent vector z_b, so
     each query block attends to its own block) and one needle: key block `needle_k` carries

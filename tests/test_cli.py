@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import bitswitch as bs
 from bitswitch import cli
 
@@ -33,3 +35,19 @@ def test_bench_smoke(tmp_path, capsys):
     assert {(r["bits"], r["act_bits"]) for r in d["rows"]} == {(4, 16), (4, 8), (8, 16)}
     assert all(r["us"] > 0 and r["anchors_us"]["torch_bf16"] > 0 and r["speedups"]["torch_bf16"] > 0
                for r in d["rows"])
+
+
+def test_bench_attention_smoke(tmp_path, capsys):
+    pytest.importorskip("torch")
+    report = tmp_path / "a.json"
+    rc = cli.main(["bench", "attention", "--lengths", "256", "--densities", "1,0.5", "--decode-len", "1024",
+                   "--pages", "4", "--heads", "4", "--kv-heads", "2", "--reps", "1", "--json", str(report),
+                   "--markdown"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| kind | L |" in out
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["kind"], r["density"]) for r in rows] == [("prefill", 1.0), ("prefill", 0.5), ("decode", 1.0),
+                                                        ("decode", 4 / 16)]
+    assert all(r["ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
+    assert 0.5 <= rows[1]["actual_density"] < 1.0

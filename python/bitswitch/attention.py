@@ -167,16 +167,21 @@ def _pool(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def select_blocks(q: Any, k: Any, tau: float = 0.9, block_q: int = 64, block_k: int = 64, sinks: int = 1,
-                  q_offset: int = 0, causal: bool = True, scale: Optional[float] = None) -> BlockMask:
+                  q_offset: int = 0, causal: bool = True, scale: Optional[float] = None,
+                  density: Optional[float] = None) -> BlockMask:
     """Runtime block selection from block-pooled scores (XAttention / FlexPrefill style).
 
     q and k are mean-pooled per block; the pooled scores of each query block (averaged over
     the query heads sharing a kv head) go through a softmax over the visible key blocks, and
     the smallest set of key blocks holding at least `tau` of that mass is kept, plus the
-    first `sinks` blocks and the diagonal blocks, which are always kept.
+    first `sinks` blocks and the diagonal blocks, which are always kept. With `density`
+    instead, each query block keeps its best-scoring ceil(density * visible) blocks (a fixed
+    budget; forced blocks count towards it).
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"select_blocks: tau must be in (0, 1], got {tau}")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"select_blocks: density must be in (0, 1], got {density}")
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     qn, kn = A.to_numpy(q).astype(np.float32), A.to_numpy(k).astype(np.float32)
@@ -198,13 +203,19 @@ def select_blocks(q: Any, k: Any, tau: float = 0.9, block_q: int = 64, block_k: 
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    order = np.argsort(-p, axis=-1, kind="stable")
-    ps = np.take_along_axis(p, order, axis=-1)
-    before = np.cumsum(ps, axis=-1) - ps          # mass of the blocks ranked above
-    keep_sorted = before < tau                    # the minimal prefix that reaches tau
-    keep = np.zeros_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
     forced = (kb < sinks) | ((kb >= lo[:, None]) & (kb <= hi[:, None]))
+    if density is not None:
+        p = np.where(forced & visible, np.inf, p)  # forced blocks rank first
+    order = np.argsort(-p, axis=-1, kind="stable")
+    if density is None:
+        ps = np.take_along_axis(p, order, axis=-1)
+        before = np.cumsum(ps, axis=-1) - ps      # mass of the blocks ranked above
+        keep_sorted = before < tau                # the minimal prefix that reaches tau
+    else:
+        budget = np.ceil(density * visible.sum(axis=-1))[:, None]   # per query block
+        keep_sorted = np.broadcast_to(np.arange(nkb) < budget, order.shape)
+    keep = np.zeros(order.shape, bool)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
     keep = (keep | forced) & visible
     return BlockMask.from_block_table(keep, block_q, block_k, lq, lk)
 

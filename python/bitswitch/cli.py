@@ -1,7 +1,8 @@
 """The bitswitch command.
 
     bitswitch info                 version, CPU features, kernel variant, backends
-    bitswitch bench [kernels ...]  kernel benchmarks against torch and MLX (see --help)
+    bitswitch bench [kernels ...]  qmatmul benchmarks against torch and MLX (see --help)
+    bitswitch bench attention      block-sparse attention against torch SDPA
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_TARGETS = ("kernels",)
+BENCH_TARGETS = ("kernels", "attention")
 
 
 def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -47,6 +48,10 @@ def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
         from . import bench
 
         return bench.main(list(rest))
+    if a.target == "attention":
+        from . import bench_attention
+
+        return bench_attention.main(list(rest))
     return 2  # unreachable: argparse restricts the choices
 
 
