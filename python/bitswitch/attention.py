@@ -44,6 +44,7 @@ class BlockMask:
     block_k: int = 64
     lq: int = 0
     lk: int = 0
+    q_offset: int = 0  # absolute position of query row 0 the mask was built for (density())
 
     def __post_init__(self) -> None:
         _check_block("block_q", self.block_q)
@@ -66,8 +67,10 @@ class BlockMask:
         """Selected blocks per (batch, kv head)."""
         return self.indptr[:, :, -1].astype(np.int64)
 
-    def density(self, causal: bool = True, q_offset: int = 0) -> float:
-        """Selected blocks over the blocks a dense (causal) attention would read."""
+    def density(self, causal: bool = True, q_offset: Optional[int] = None) -> float:
+        """Selected blocks over the blocks a dense (causal) attention would read; q_offset
+        defaults to the one the mask was built for."""
+        q_offset = self.q_offset if q_offset is None else q_offset
         full = causal_mask(self.indptr.shape[0], self.indptr.shape[1], self.lq, self.lk, self.block_q,
                            self.block_k, q_offset) if causal else None
         total = full.nnz().sum() if full is not None else self.n_query_blocks * self.n_key_blocks * self.nnz().size
@@ -91,7 +94,8 @@ class BlockMask:
         return out[:, :, :self.lq, :self.lk]
 
     @classmethod
-    def from_block_table(cls, table: np.ndarray, block_q: int, block_k: int, lq: int, lk: int) -> "BlockMask":
+    def from_block_table(cls, table: np.ndarray, block_q: int, block_k: int, lq: int, lk: int,
+                         q_offset: int = 0) -> "BlockMask":
         """A mask from a boolean table [B, Hkv, n_query_blocks, n_key_blocks]."""
         table = np.asarray(table, dtype=bool)
         if table.ndim != 4:
@@ -109,7 +113,7 @@ class BlockMask:
         row = bi * h + hi
         pos = np.arange(row.size) - np.searchsorted(row, row, side="left")
         indices[bi, hi, pos] = kb
-        return cls(indptr, indices, block_q, block_k, lq, lk)
+        return cls(indptr, indices, block_q, block_k, lq, lk, q_offset)
 
 
 # -- static masks ---------------------------------------------------------------------------
@@ -135,7 +139,8 @@ def causal_mask(b: int, hkv: int, lq: int, lk: int, block_q: int = 64, block_k: 
     nqb, nkb = -(-lq // block_q), -(-lk // block_k)
     _, hi = _diagonal(lq, block_q, block_k, q_offset, nkb)
     table = np.arange(nkb)[None, :] <= hi[:, None]
-    return BlockMask.from_block_table(np.broadcast_to(table, (b, hkv, nqb, nkb)), block_q, block_k, lq, lk)
+    return BlockMask.from_block_table(np.broadcast_to(table, (b, hkv, nqb, nkb)), block_q, block_k, lq, lk,
+                                      q_offset)
 
 
 def streaming_mask(b: int, hkv: int, lq: int, lk: int, sinks: int = 1, window: int = 4, block_q: int = 64,
@@ -149,7 +154,8 @@ def streaming_mask(b: int, hkv: int, lq: int, lk: int, sinks: int = 1, window: i
     lo, hi = _diagonal(lq, block_q, block_k, q_offset, nkb)
     kb = np.arange(nkb)[None, :]
     table = ((kb < sinks) | (kb > lo[:, None] - window)) & (kb <= hi[:, None])
-    return BlockMask.from_block_table(np.broadcast_to(table, (b, hkv, nqb, nkb)), block_q, block_k, lq, lk)
+    return BlockMask.from_block_table(np.broadcast_to(table, (b, hkv, nqb, nkb)), block_q, block_k, lq, lk,
+                                      q_offset)
 
 
 # -- runtime selection (prefill) ------------------------------------------------------------
@@ -217,7 +223,7 @@ def select_blocks(q: Any, k: Any, tau: float = 0.9, block_q: int = 64, block_k: 
     keep = np.zeros(order.shape, bool)
     np.put_along_axis(keep, order, keep_sorted, axis=-1)
     keep = (keep | forced) & visible
-    return BlockMask.from_block_table(keep, block_q, block_k, lq, lk)
+    return BlockMask.from_block_table(keep, block_q, block_k, lq, lk, q_offset)
 
 
 # -- decode: per-block key summaries and page selection (Quest) ------------------------------
@@ -300,7 +306,7 @@ def select_pages(q: Any, summary: KeyBlockSummary, budget: Optional[int] = None,
     np.put_along_axis(keep, top, True, axis=-1)
     nqb = -(-lq // block_q)
     table = np.broadcast_to(keep[:, :, None, :], (b, hkv, nqb, nkb))
-    return BlockMask.from_block_table(table, block_q, summary.block_k, lq, summary.length)
+    return BlockMask.from_block_table(table, block_q, summary.block_k, lq, summary.length, summary.length - lq)
 
 
 # -- plan -------------------------------------------------------------------------------------
