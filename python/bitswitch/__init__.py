@@ -31,8 +31,15 @@ __version__ = _C.__version__
 
 __all__ = [
     "ACT_BITS", "quantize_activations", "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
-    "qmatmul_f64", "qmatmul", "attention", "ops", "info", "__version__",
+    "qmatmul_f64", "qmatmul", "attention", "ops", "info", "load", "__version__",
 ]
+
+
+def load(path, dtype="bfloat16", group_size: int = 64, keep_float: bool = False, progress=None):
+    """A Qwen3 / Qwen2 model (torch) from a checkpoint folder; see bitswitch.models.load."""
+    from .models.load import load as _load
+
+    return _load(path, dtype=dtype, group_size=group_size, keep_float=keep_float, progress=progress)
 
 
 def cuda_info() -> dict:

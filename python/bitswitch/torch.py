@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _C
 from . import _arrays as A
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["QLinear", "attention", "qmatmul"]
+__all__ = ["FULL", "QLinear", "attention", "qmatmul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -111,16 +112,21 @@ def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: 
     return torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits, act_bits)
 
 
+FULL = "full"  # the bits of the kept float weight
+
+
 class QLinear(nn.Module):
     """A drop-in for nn.Linear over a nibble-plane weight whose precision is chosen per call.
 
-    ``bits`` (4 or 8) may be changed between calls: it selects which planes the next
-    forward reads, with no reallocation or re-quantization. ``act_bits`` (16 or 8) selects
-    the activation precision the same way (see bitswitch.ops.qmatmul).
+    ``bits`` (4 or 8, or "full" when a float weight is kept) may be changed between calls: it
+    selects which planes (or the float weight) the next forward reads, with no reallocation
+    or re-quantization. ``act_bits`` (16 or 8) selects the activation precision the same way
+    (see bitswitch.ops.qmatmul). ``weight``: an optional float copy [N, K] kept next to the
+    planes for the "full" tier.
     """
 
-    def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits: Optional[int] = None,
-                 act_bits: int = 16):
+    def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits=None,
+                 act_bits: int = 16, weight: Optional[torch.Tensor] = None):
         super().__init__()
         if not isinstance(qweight, QWeight):
             raise TypeError(f"QLinear: qweight must be a QWeight, got {type(qweight).__name__}")
@@ -131,6 +137,9 @@ class QLinear(nn.Module):
         self.register_buffer("plane1", qw.plane1)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("biases", qw.biases)
+        if weight is not None and tuple(weight.shape) != tuple(qw.shape):
+            raise ValueError(f"QLinear: weight must have shape {tuple(qw.shape)}, got {tuple(weight.shape)}")
+        self.register_buffer("weight_full", None if weight is None else weight.detach())
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"QLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -144,13 +153,23 @@ class QLinear(nn.Module):
         self._packed = None  # (_C.PackedWeight, the tensors it was built from)
 
     @property
-    def bits(self) -> int:
+    def bits(self):
         return self._bits
 
     @bits.setter
-    def bits(self, value: int) -> None:
+    def bits(self, value) -> None:
+        if value == FULL:
+            if self.weight_full is None:
+                raise ValueError("QLinear.bits: 'full' asked of a layer without a kept float weight "
+                                 "(load with keep_float=True)")
+            self._bits = FULL
+            return
         self.qweight.check_bits(value, "QLinear.bits")
         self._bits = int(value)
+
+    @property
+    def bits_available(self) -> tuple:
+        return self.qweight.bits_available + ((FULL,) if self.weight_full is not None else ())
 
     @property
     def act_bits(self) -> int:
@@ -190,6 +209,10 @@ class QLinear(nn.Module):
         return self._packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bits == FULL:
+            w = self.weight_full
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
         if _is_compiling() or not x.is_cpu or x.requires_grad:
             y = torch.ops.bitswitch.qmatmul(x, self.plane0, self.plane1, self.scales, self.biases,
                                             self.group_size, self._bits, self._act_bits)
@@ -203,5 +226,5 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self._bits}, "
                 f"act_bits={self._act_bits}, "
-                f"available={self.qweight.bits_available}, group_size={self.group_size}, "
+                f"available={self.bits_available}, group_size={self.group_size}, "
                 f"scales={A.dtype_name(self.scales)}, bias={self.bias is not None}")

@@ -1,0 +1,278 @@
+"""Qwen3 (and Qwen2) on the bitswitch kernels, op for op as transformers computes it.
+
+Per layer: h = x + o_proj(attention(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))),
+v_proj(rms(x)))), out = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h))). Every
+projection and the lm_head is a QLinear, so each layer's precision is chosen per call;
+attention is bitswitch's block-sparse flash attention over a static, preallocated KV cache
+(the cache stores K after the norm and RoPE). Qwen2 (Qwen2.5, QwQ) is the same module with
+q/k/v biases and without the q/k norms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import attention as attn
+from ..quant import QWeight
+from ..torch import FULL, QLinear
+from ..torch import attention as bs_attention
+from .config import Qwen3Config, rope_inv_freq
+
+__all__ = ["KVCache", "QEmbedding", "Qwen3", "Qwen3Config"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _unpack_codes(words: torch.Tensor) -> torch.Tensor:
+    """uint32 [..., K/8] -> int codes [..., K] (element k in bits 4 (k mod 8) of word k/8)."""
+    w = words.view(torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
+    return ((w.unsqueeze(-1) >> shifts) & 15).flatten(-2)
+
+
+class QEmbedding(nn.Module):
+    """Token embedding over the nibble planes of a [vocab, hidden] weight: the looked-up rows
+    are dequantized in the chosen view (or read from the kept float table). With tied
+    embeddings the lm_head QLinear shares these very tensors."""
+
+    def __init__(self, lin: QLinear, dtype: torch.dtype):
+        super().__init__()
+        self.lin = lin  # the planes (and float table) live in one QLinear
+        self.dtype = dtype
+        self.bits = lin.bits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        if self.bits == FULL:
+            return lin.weight_full[ids].to(self.dtype)
+        g = lin.group_size
+        s = lin.scales[ids].float().repeat_interleave(g, dim=-1)
+        b = lin.biases[ids].float().repeat_interleave(g, dim=-1)
+        w = s * _unpack_codes(lin.plane0[ids]).float() + b
+        if self.bits == 8:
+            w = w + (s / 16) * (_unpack_codes(lin.plane1[ids]).float() - 7.5)
+        return w.to(self.dtype)
+
+
+class KVCache:
+    """Static cache: K (after norm and RoPE) and V per layer, [B, Hkv, capacity, D], plus the
+    per-block key summaries decode page selection reads."""
+
+    def __init__(self, cfg: Qwen3Config, batch: int, capacity: int, dtype: torch.dtype, summaries: bool = False):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.capacity = capacity
+        self.length = 0
+        self.summaries = [attn.KeyBlockSummary(batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+                          for _ in range(cfg.num_hidden_layers)] if summaries else None
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer: int, projs: dict, dtype: torch.dtype):
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (projs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        # "dense", or a dict for block-sparse attention: {"prefill": plan options, "pages": n}
+        self.sparse: Optional[dict] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, ctx: dict):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.hq, self.d)
+        k = self.k_proj(x).view(b, n, self.hkv, self.d)
+        v = self.v_proj(x).view(b, n, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        pos = cache.length
+        end = pos + n
+        cache.k[self.layer, :, :, pos:end] = k
+        cache.v[self.layer, :, :, pos:end] = v
+        kc, vc = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+        mask = None
+        if self.sparse is not None:
+            if cache.summaries is not None:
+                cache.summaries[self.layer].append(k)
+            mask = ctx["plan"](self, q, kc, cache, pos)
+        o = bs_attention(q, kc, vc, mask, causal=True, q_offset=pos)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.hq * self.d))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, projs: dict):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer: int, projs: dict, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layer, projs, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(projs)
+
+    def forward(self, x, cos, sin, cache, ctx):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3(nn.Module):
+    """The model. Build it with bitswitch.load (or Qwen3.from_weights); then
+
+        logits = model(ids)            # prefill: appends to the cache, [B, n, vocab]
+        logits = model(next_ids)       # decode step(s) continue from the cache
+        model.reset()                  # empty the cache
+
+    `linears` maps every projection path (e.g. "model.layers.0.self_attn.q_proj",
+    "lm_head") to its QLinear; the embedding reads the planes of "model.embed_tokens".
+    """
+
+    def __init__(self, cfg: Qwen3Config, linears: dict, norms: dict, dtype: torch.dtype = torch.float32,
+                 biases: Optional[dict] = None):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = QEmbedding(linears["model.embed_tokens"], dtype)
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            projs = {n: linears[p + ("self_attn." if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.") + n]
+                     for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+            layers.append(DecoderLayer(cfg, i, projs, dtype))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = linears["lm_head"]
+        inv_freq, self.attention_scaling = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        with torch.no_grad():
+            for name, t in norms.items():
+                self.get_parameter(name).copy_(t)
+        self.cache: Optional[KVCache] = None
+        self.prefill_plan: dict = {"method": "select", "tau": 0.9}
+
+    # -- cache ------------------------------------------------------------------------------
+    def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
+        """Empties the cache; reallocates it only when the batch or capacity changes."""
+        cap = capacity or (self.cache.capacity if self.cache else min(self.config.max_position_embeddings, 4096))
+        sparse = any(l.self_attn.sparse for l in self.layers)
+        c = self.cache
+        if c is None or c.k.shape[1] != batch or c.capacity != cap or (c.summaries is not None) != sparse:
+            self.cache = KVCache(self.config, batch, cap, self.dtype, summaries=sparse)
+        else:
+            c.length = 0
+            if c.summaries is not None:
+                self.cache.summaries = [attn.KeyBlockSummary(batch, self.config.num_key_value_heads, cap,
+                                                             self.config.head_dim) for _ in self.layers]
+
+    def _rope_tables(self, pos: int, n: int):
+        t = torch.arange(pos, pos + n, dtype=torch.float32)
+        freqs = t[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(self.dtype), (emb.sin() * self.attention_scaling).to(self.dtype)
+
+    def _plan(self):
+        """Masks of one forward: built once, reused by every sparse layer (prefill: from the
+        first sparse layer's q and k; decode: pages from each layer's own key summaries)."""
+        built = {}
+
+        def plan(layer: Attention, q, kc, cache: KVCache, pos: int):
+            if q.shape[2] > 1:  # prefill / chunk
+                if "mask" not in built:
+                    opts = dict(layer.sparse.get("prefill", self.prefill_plan))
+                    method = opts.pop("method", "select")
+                    built["mask"] = attn.plan(q, kc, method, q_offset=pos, **opts)
+                return built["mask"]
+            pages = layer.sparse.get("pages", 64)
+            summary = cache.summaries[layer.layer]
+            if -(-summary.length // summary.block_k) <= pages + 2:
+                return None  # the budget covers the cache: dense
+            return attn.select_pages(q, summary, budget=pages)
+
+        return plan
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() == 1:
+            ids = ids[None]
+        b, n = ids.shape
+        if self.cache is None or self.cache.k.shape[1] != b:
+            self.reset(b)
+        cache = self.cache
+        if cache.length + n > cache.capacity:
+            raise ValueError(f"Qwen3: {cache.length} cached + {n} new tokens exceed the cache capacity "
+                             f"{cache.capacity}; call reset(capacity=...)")
+        cos, sin = self._rope_tables(cache.length, n)
+        ctx = {"plan": self._plan()}
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, ctx)
+        cache.length += n
+        return self.lm_head(self.norm(x))
+
+    # -- precision ---------------------------------------------------------------------------
+    def linears(self) -> dict:
+        out = {name: m for name, m in self.named_modules() if isinstance(m, QLinear)}
+        return out
+
+    def set_bits(self, bits) -> None:
+        """Every projection, the lm_head and the embedding read `bits` (4, 8 or "full") from
+        the next call on."""
+        for m in self.linears().values():
+            m.bits = bits
+        self.embed_tokens.bits = bits
+
+    def weight_bytes(self, bits=None) -> int:
+        """Bytes of weights one token reads in the current (or the given) setting."""
+        total = 0
+        for m in self.linears().values():
+            bb = m.bits if bits is None else bits
+            if bb == FULL:
+                total += m.weight_full.numel() * m.weight_full.element_size()
+                continue
+            planes = 1 if bb == 4 else 2
+            total += m.plane0.numel() * 4 * planes + m.scales.numel() * m.scales.element_size() * 2
+        return total
+
+
+def build_linear(w: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, keep_float: bool,
+                 dtype: torch.dtype, scales_dtype: Optional[str] = None) -> QLinear:
+    """A float weight quantized to INT8 nested planes (both views), optionally kept as is."""
+    from ..quant import quantize
+
+    qw = quantize(w, group_size=group_size, bits=8, scales_dtype=scales_dtype)
+    return QLinear(qw, bias, bits=8, weight=w.to(dtype) if keep_float else None)
+
+
+def from_quantized(qw: QWeight, bias: Optional[torch.Tensor]) -> QLinear:
+    return QLinear(qw, bias)
