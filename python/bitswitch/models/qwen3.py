@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attention as attn
-from ..quant import QWeight
 from ..torch import FULL, QLinear
 from ..torch import attention as bs_attention
 from .config import Qwen3Config, rope_inv_freq
@@ -242,8 +241,7 @@ class Qwen3(nn.Module):
 
     # -- precision ---------------------------------------------------------------------------
     def linears(self) -> dict:
-        out = {name: m for name, m in self.named_modules() if isinstance(m, QLinear)}
-        return out
+        return {name: m for name, m in self.named_modules() if isinstance(m, QLinear)}
 
     def set_bits(self, bits) -> None:
         """Every projection, the lm_head and the embedding read `bits` (4, 8 or "full") from
@@ -272,7 +270,3 @@ def build_linear(w: torch.Tensor, bias: Optional[torch.Tensor], group_size: int,
 
     qw = quantize(w, group_size=group_size, bits=8, scales_dtype=scales_dtype)
     return QLinear(qw, bias, bits=8, weight=w.to(dtype) if keep_float else None)
-
-
-def from_quantized(qw: QWeight, bias: Optional[torch.Tensor]) -> QLinear:
-    return QLinear(qw, bias)
