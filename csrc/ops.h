@@ -40,9 +40,17 @@ struct TensorView {
   int64_t numel() const;
   bool row_contiguous() const;
   std::string shape_str() const;
+  bool is_float() const;  // float32, bfloat16 or float16
+  // Whether the byte ranges the two arrays' elements span intersect (strides included).
+  bool overlaps(const TensorView& other) const;
 };
 
 std::string dtype_str(DType t);
+
+// The kernel variant to run, or ValueError(op: why) when the forced one cannot run here.
+cpu::Variant variant_or_throw(const char* op);
+// Turns a kernel's status into the exception the caller sees (bad_alloc, ValueError).
+void check_status(const char* op, Status s);
 
 // The arrays of a nibble-plane weight W[N, K].
 struct WeightViews {

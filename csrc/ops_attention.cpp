@@ -14,27 +14,6 @@ const char* kOp = "attention";
 
 std::string pre(const char* arg) { return std::string(kOp) + ": " + arg + " "; }
 
-bool is_float(const TensorView& t) {
-  return t.dtype_known && (t.dtype == DType::kFloat32 || t.dtype == DType::kBFloat16 || t.dtype == DType::kFloat16);
-}
-
-int64_t esize(DType t) { return t == DType::kFloat32 || t == DType::kUInt32 || t == DType::kInt32 ? 4 : 2; }
-
-// Byte range an array's elements span.
-void extent(const TensorView& t, const char** lo, const char** hi) {
-  int64_t last = 0;
-  for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-  *lo = static_cast<const char*>(t.data);
-  *hi = *lo + (last + 1) * esize(t.dtype);
-}
-
-bool overlaps(const TensorView& a, const TensorView& b) {
-  const char *a0, *a1, *b0, *b1;
-  extent(a, &a0, &a1);
-  extent(b, &b0, &b1);
-  return a0 < b1 && b0 < a1;
-}
-
 // No two elements share memory: sorted by stride, each stride covers the dims below it.
 bool non_overlapping(const TensorView& t) {
   int order[TensorView::kMaxDims];
@@ -65,7 +44,7 @@ void check_4d(const char* arg, const TensorView& t) {
     throw ValueError(pre(arg) + "must have unit stride on head_dim (the last dimension); make it contiguous");
   for (int i = 0; i < 3; ++i)
     if (t.strides[i] < 0) throw ValueError(pre(arg) + "must not have negative strides");
-  if (!is_float(t)) throw TypeError(pre(arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
+  if (!t.is_float()) throw TypeError(pre(arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
   if (t.data == nullptr) throw ValueError(pre(arg) + "has no data");
 }
 
@@ -145,14 +124,14 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   if (out.dtype != q.dtype) throw TypeError(pre("out") + "must have q's dtype " + q.type_str() + ", got " + out.type_str());
   if (!out.writable || !non_overlapping(out)) throw ValueError(pre("out") + "must be writable with non-overlapping elements");
   for (const TensorView* in : {&q, &k, &v})
-    if (overlaps(out, *in)) throw ValueError(pre("out") + "overlaps an input array");
+    if (out.overlaps(*in)) throw ValueError(pre("out") + "overlaps an input array");
   if (lse) {
     if (lse->device != Device::kCPU || !lse->dtype_known || lse->dtype != DType::kFloat32 || lse->ndim != 3 ||
         lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq || !lse->row_contiguous() || !lse->writable)
       throw ValueError(pre("lse") + "must be a writable C-contiguous float32 array of shape (" + std::to_string(B) +
                        ", " + std::to_string(Hq) + ", " + std::to_string(Lq) + ")");
     for (const TensorView* in : {&q, &k, &v, &out})
-      if (overlaps(*lse, *in)) throw ValueError(pre("lse") + "overlaps another array");
+      if (lse->overlaps(*in)) throw ValueError(pre("lse") + "overlaps another array");
   }
   if (q_offset < 0) throw ValueError(pre("q_offset") + "must be >= 0, got " + std::to_string(q_offset));
   if (std::isnan(scale)) scale = 1.0 / std::sqrt(double(D));
@@ -187,9 +166,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   a.scale = float(scale);
   a.q_offset = q_offset;
 
-  cpu::Variant variant;
-  std::string why;
-  if (!cpu::active_variant(&variant, &why)) throw ValueError(std::string(kOp) + ": " + why);
+  const cpu::Variant variant = variant_or_throw(kOp);
   auto pool = cpu::pool();
   Status s;
   switch (variant) {
@@ -197,8 +174,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
     case cpu::Variant::kAvx2: s = cpu::attention_avx2(a, *pool); break;
     default: s = cpu::attention_scalar(a, *pool); break;
   }
-  if (s == Status::kOutOfMemory) throw std::bad_alloc();
-  if (s != Status::kOk) throw ValueError(std::string(kOp) + ": the kernel rejected its arguments");
+  check_status(kOp, s);
 }
 
 }  // namespace bitswitch

@@ -1,6 +1,7 @@
 #include <sstream>
 
 #include "bitswitch/format.h"
+#include "cpu/convert.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
 #include "ops.h"
@@ -32,6 +33,39 @@ std::string TensorView::shape_str() const {
   for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
   s << (ndim == 1 ? ",)" : ")");
   return s.str();
+}
+
+bool TensorView::is_float() const {
+  return dtype_known && (dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+}
+
+bool TensorView::overlaps(const TensorView& other) const {
+  auto span = [](const TensorView& t, const char** lo, const char** hi) {
+    int64_t last = 0;
+    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
+    *lo = static_cast<const char*>(t.data);
+    *hi = *lo + (last + 1) * cpu::dtype_size(t.dtype);
+  };
+  const char *a0, *a1, *b0, *b1;
+  span(*this, &a0, &a1);
+  span(other, &b0, &b1);
+  return a0 < b1 && b0 < a1;
+}
+
+void check_status(const char* op, Status s) {
+  switch (s) {
+    case Status::kOk: return;
+    case Status::kOutOfMemory: throw std::bad_alloc();
+    default: throw ValueError(std::string(op) + ": the kernel rejected its arguments (status " +
+                              std::to_string(int(s)) + ")");
+  }
+}
+
+cpu::Variant variant_or_throw(const char* op) {
+  cpu::Variant v;
+  std::string why;
+  if (!cpu::active_variant(&v, &why)) throw ValueError(std::string(op) + ": " + why);
+  return v;
 }
 
 std::string dtype_str(DType t) {
@@ -84,12 +118,8 @@ void check_rows(const char* op, const char* arg, const TensorView& t) {
   if (t.data == nullptr) throw ValueError(prefix(op, arg) + "has no data");
 }
 
-bool is_float(const TensorView& t) {
-  return t.dtype_known && (t.dtype == DType::kFloat32 || t.dtype == DType::kBFloat16 || t.dtype == DType::kFloat16);
-}
-
 void check_dtype_float(const char* op, const char* arg, const TensorView& t) {
-  if (!is_float(t))
+  if (!t.is_float())
     throw TypeError(prefix(op, arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
 }
 
@@ -101,29 +131,6 @@ void check_shape(const char* op, const char* arg, const TensorView& t, int64_t r
   }
 }
 
-size_t nbytes(const TensorView& t) { return size_t(t.numel()) * size_t(t.dtype == DType::kFloat32 || t.dtype == DType::kUInt32 ? 4 : 2); }
-
-bool overlaps(const TensorView& a, const TensorView& b) {
-  const char* a0 = static_cast<const char*>(a.data);
-  const char* b0 = static_cast<const char*>(b.data);
-  return a0 < b0 + nbytes(b) && b0 < a0 + nbytes(a);
-}
-
-void check_status(const char* op, Status s) {
-  switch (s) {
-    case Status::kOk: return;
-    case Status::kOutOfMemory: throw std::bad_alloc();
-    default: throw ValueError(std::string(op) + ": the kernel rejected its arguments (status " +
-                              std::to_string(int(s)) + ")");
-  }
-}
-
-cpu::Variant variant_or_throw(const char* op) {
-  cpu::Variant v;
-  std::string why;
-  if (!cpu::active_variant(&v, &why)) throw ValueError(std::string(op) + ": " + why);
-  return v;
-}
 
 }  // namespace
 
@@ -186,7 +193,7 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   if (!out.writable) throw ValueError(prefix(op, "out") + "is read-only");
   const TensorView* plane1 = w.has_plane1 ? &w.plane1 : nullptr;
   for (const TensorView* in : {&x, &w.plane0, plane1, &w.scales, &w.biases})
-    if (in && overlaps(out, *in)) throw ValueError(prefix(op, "out") + "overlaps an input array");
+    if (in && out.overlaps(*in)) throw ValueError(prefix(op, "out") + "overlaps an input array");
 
   cpu::QMatmulArgs a;
   a.x = x.data;
@@ -220,7 +227,7 @@ double read_stream(const TensorView& buffer) {
   if (!buffer.row_contiguous()) throw ValueError("read_stream: buffer must be contiguous");
   if (!buffer.dtype_known) throw TypeError("read_stream: buffer must be float32, bfloat16, float16 or uint32");
   auto pool = cpu::pool();
-  return cpu::read_stream(buffer.data, nbytes(buffer), *pool);
+  return cpu::read_stream(buffer.data, size_t(buffer.numel() * cpu::dtype_size(buffer.dtype)), *pool);
 }
 
 }  // namespace bitswitch

@@ -96,7 +96,9 @@ inline void store_f32(void* p, DType t, int64_t i, float v) {
   }
 }
 
-inline int64_t dtype_size(DType t) { return t == DType::kFloat32 || t == DType::kUInt32 ? 4 : 2; }
+inline int64_t dtype_size(DType t) {
+  return t == DType::kFloat32 || t == DType::kUInt32 || t == DType::kInt32 ? 4 : 2;
+}
 
 }  // namespace
 }  // namespace cpu

@@ -21,6 +21,18 @@ if TYPE_CHECKING:
 __all__ = ["qmatmul", "attention", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
 
 
+def _output(op: str, out: Any, shape: tuple, like: Any, like_name: str, kind: str) -> Any:
+    """The result array: a new one of `like`'s kind and dtype, or the caller's `out`
+    (checked to be the same kind; its shape and dtype are checked natively)."""
+    if out is None:
+        return A.empty(shape, A.dtype_name(like), kind, like)
+    if kind == A.MLX:
+        raise TypeError(f"{op}: out= is not supported for MLX arrays (they are immutable)")
+    if A.framework(out) != kind:
+        raise TypeError(f"{op}: out must be a {kind} array like {like_name}, got {A.framework(out)}")
+    return out
+
+
 def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, act_bits: int = 16) -> Any:
     """y[..., N] = x[..., K] @ W[N, K]^T for a packed weight, reading the `bits` view.
 
@@ -49,20 +61,13 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     if shape[-1] != k:
         raise ValueError(f"qmatmul: x has {shape[-1]} inputs in its last dimension, the weight expects K = {k}")
     out_shape = shape[:-1] + (n,)
-    if out is None:
-        y = A.empty(out_shape, A.dtype_name(x), kind, x)
-    else:
-        if kind == A.MLX:
-            raise TypeError("qmatmul: out= is not supported for MLX arrays (they are immutable)")
-        if A.framework(out) != kind:
-            raise TypeError(f"qmatmul: out must be a {kind} array like x, got {A.framework(out)}")
-        y = out
+    y = _output("qmatmul", out, out_shape, x, "x", kind)
     _C.qmatmul(x, qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, qw.group_size, bits, y, act_bits)
     return y if out is not None else A.finish_output(y, kind)
 
 
 # Without a mask the tile is free: 128 x 128 amortizes the per-block work (conversion,
-# softmax) over the most rows and keys (bench/attention: ~10% faster than 64 x 64).
+# softmax) over the most rows and keys (~10% faster than 64 x 64 in `bitswitch bench attention`).
 _DENSE_TILE = (128, 128)
 
 
@@ -86,14 +91,7 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
     shape = tuple(int(d) for d in q.shape)
     if len(shape) != 4:
         raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {shape}")
-    if out is None:
-        o = A.empty(shape, A.dtype_name(q), kind, q)
-    else:
-        if kind == A.MLX:
-            raise TypeError("attention: out= is not supported for MLX arrays (they are immutable)")
-        if A.framework(out) != kind:
-            raise TypeError(f"attention: out must be a {kind} array like q, got {A.framework(out)}")
-        o = out
+    o = _output("attention", out, shape, q, "q", kind)
     lse = np.empty(shape[:3], np.float32) if return_lse else None
     if mask is None:
         ip = ix = None

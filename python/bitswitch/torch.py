@@ -15,6 +15,7 @@ from torch import nn
 
 from . import _C
 from . import _arrays as A
+from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
 __all__ = ["FULL", "QLinear", "attention", "qmatmul"]
@@ -97,7 +98,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, caus
     the semantics of bitswitch.ops.attention. Traceable by torch.compile."""
     if mask is None:
         ip = ix = None
-        bq, bk = 128, 128
+        bq, bk = _DENSE_TILE
     else:
         ip, ix = mask.torch_tensors()
         bq, bk = mask.block_q, mask.block_k
