@@ -36,7 +36,8 @@ __all__ = [
 
 
 def load(path, dtype="bfloat16", group_size: int = 64, keep_float: bool = False, progress=None):
-    """A Qwen3 / Qwen2 model (torch) from a checkpoint folder; see bitswitch.models.load."""
+    """A Qwen3 / Qwen2 model (torch) from a checkpoint folder or Hugging Face repo id (float,
+    MLX affine, AWQ, GPTQ or bitswitch safetensors); see bitswitch.models.load.load."""
     from .models.load import load as _load
 
     return _load(path, dtype=dtype, group_size=group_size, keep_float=keep_float, progress=progress)

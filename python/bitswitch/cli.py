@@ -1,8 +1,12 @@
 """The bitswitch command.
 
-    bitswitch info                 version, CPU features, kernel variant, backends
+    bitswitch generate [PROMPT]    text from a model (default: the embedded tiny Qwen3)
+    bitswitch chat                 interactive multi-turn chat, thinking on or off
+    bitswitch quantize SRC DST     a checkpoint saved as nibble planes (no re-quantization at load)
+    bitswitch info [MODEL]         version, CPU features, kernel variant, backends; or a model's layout
     bitswitch bench [kernels ...]  qmatmul benchmarks against torch and MLX (see --help)
     bitswitch bench attention      block-sparse attention against torch SDPA
+    bitswitch bench e2e            Qwen3 prefill and decode (INT8, INT4) against transformers bf16
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_TARGETS = ("kernels", "attention")
+BENCH_TARGETS = ("kernels", "attention", "e2e")
 
 
 def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -52,13 +56,34 @@ def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
         from . import bench_attention
 
         return bench_attention.main(list(rest))
+    if a.target == "e2e":
+        from . import bench_e2e
+
+        return bench_e2e.main(list(rest))
     return 2  # unreachable: argparse restricts the choices
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bitswitch", description="bitswitch: INT4/INT8 nibble-plane inference kernels")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, CPU features, kernel variant, backends")
+    from . import cli_models as cm
+
+    i = sub.add_parser("info", help="version, CPU features, kernel variant, backends; with MODEL, its layout")
+    i.add_argument("model", nargs="?", default=None, help="a model folder or repo id ('default': the embedded one)")
+    g = sub.add_parser("generate", help="generate text from a prompt (default model: the embedded tiny Qwen3)")
+    g.add_argument("prompt", nargs="?", default="The Python language", help="the prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    cm.add_model_args(g)
+    cm.add_sampling_args(g)
+    c = sub.add_parser("chat", help="interactive chat; the KV cache is kept between turns")
+    c.add_argument("--system", default=None, help="a system message")
+    cm.add_model_args(c)
+    cm.add_sampling_args(c)
+    q = sub.add_parser("quantize", help="save a checkpoint as nibble planes (loads without re-quantization)")
+    q.add_argument("src", help="model folder or repo id (HF safetensors, MLX, AWQ, GPTQ, bitswitch)")
+    q.add_argument("dst", help="output folder")
+    q.add_argument("--bits", type=int, default=8, choices=(4, 8), help="8: planes 0 and 1 (both views); 4: plane 0")
+    q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     b = sub.add_parser("bench", help="benchmarks against the best alternatives, measured in the same run; "
                                      "options after the target go to it (bitswitch bench kernels --help)",
                        add_help=False)
@@ -68,10 +93,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args[:1] == ["bench"] and (len(args) == 1 or (args[1].startswith("-") and args[1] not in ("-h", "--help"))):
         args.insert(1, "kernels")  # `bitswitch bench --preset full` means the default target
     a, rest = p.parse_known_args(args)
-    if a.command == "info":
-        if rest:
-            p.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _info(a)
+    if a.command != "bench" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if a.command == "info":
+            return cm.info(a) if a.model else _info(a)
+        if a.command in ("generate", "chat", "quantize"):
+            return getattr(cm, a.command)(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bitswitch {a.command}: {e}", file=sys.stderr)
+        return 1
     return _bench(a, rest)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attention as attn
+from .. import ops
 from ..torch import FULL, QLinear
 from ..torch import attention as bs_attention
 from .config import Qwen3Config, rope_inv_freq
@@ -31,9 +32,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)), the normalization in float32 and cast before the
+    weight, as transformers computes it (in place where the temporaries are its own)."""
+    x32 = x.float()
+    return weight * (x32 * x32.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
 
 
 def _unpack_codes(words: torch.Tensor) -> torch.Tensor:
@@ -77,6 +83,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype)
         self.capacity = capacity
         self.length = 0
+        # Per-layer views [B, Hkv, capacity, D], so a step indexes no layer dimension.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.summaries = [attn.KeyBlockSummary(batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
                           for _ in range(cfg.num_hidden_layers)] if summaries else None
 
@@ -96,32 +104,41 @@ class Attention(nn.Module):
         self.sparse: Optional[dict] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, ctx: dict):
+        # x: [B, n, hidden]; cos, sin: [n, 1, D] at the new positions (sin signed, see _rope)
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.hq, self.d)
-        k = self.k_proj(x).view(b, n, self.hkv, self.d)
+        # q and k side by side, [B, n, Hq + Hkv, D]: one norm and one rotation serve both (a
+        # decode step's small torch ops cost microseconds each, as much as the GEMVs together)
+        qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(b, n, self.hq + self.hkv, self.d)
         v = self.v_proj(x).view(b, n, self.hkv, self.d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            w = torch.cat((self.q_norm.weight.expand(self.hq, -1), self.k_norm.weight.expand(self.hkv, -1)))
+            qk = _rms_norm(qk, w, self.q_norm.eps)
+        qk = _rope(qk, cos, sin).transpose(1, 2)  # [B, Hq + Hkv, n, D]
+        q, k = qk[:, : self.hq], qk[:, self.hq:]
         pos = cache.length
         end = pos + n
-        cache.k[self.layer, :, :, pos:end] = k
-        cache.v[self.layer, :, :, pos:end] = v
-        kc, vc = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+        kc, vc = cache.k_layers[self.layer], cache.v_layers[self.layer]
+        kc.narrow(2, pos, n).copy_(k)
+        vc.narrow(2, pos, n).copy_(v.transpose(1, 2))
+        kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
         mask = None
         if self.sparse is not None:
             if cache.summaries is not None:
                 cache.summaries[self.layer].append(k)
             mask = ctx["plan"](self, q, kc, cache, pos)
-        o = bs_attention(q, kc, vc, mask, causal=True, q_offset=pos)
+        if torch.compiler.is_compiling():
+            o = bs_attention(q, kc, vc, mask, causal=True, q_offset=pos)
+        else:
+            # Eager: the kernel without the dispatcher and without the log-sum-exp output,
+            # about half the time of a decode step's attention call at short contexts.
+            o = ops.attention(q, kc, vc, mask, causal=True, q_offset=pos)
         return self.o_proj(o.transpose(1, 2).reshape(b, n, self.hq * self.d))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    """Non-interleaved RoPE, x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]
+    written as roll(x) = [x2, x1] times a sin whose first half is negated (exact: a sign)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class MLP(nn.Module):
@@ -130,7 +147,8 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -178,6 +196,7 @@ class Qwen3(nn.Module):
             for name, t in norms.items():
                 self.get_parameter(name).copy_(t)
         self.cache: Optional[KVCache] = None
+        self._rope: Optional[tuple] = None  # (cos, signed sin) [positions, 1, D], see _rope_tables
         self.prefill_plan: dict = {"method": "select", "tau": 0.9}
 
     # -- cache ------------------------------------------------------------------------------
@@ -194,11 +213,35 @@ class Qwen3(nn.Module):
                 self.cache.summaries = [attn.KeyBlockSummary(batch, self.config.num_key_value_heads, cap,
                                                              self.config.head_dim) for _ in self.layers]
 
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` cached positions and drops the rest (a chat turn that
+        shares a prefix with the cache prefills only what follows it). Sparse layers' key
+        summaries are rebuilt from the kept keys, so page selection never sees dropped keys."""
+        cached = self.cache.length if self.cache is not None else 0
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= cached:
+            raise ValueError(f"Qwen3.truncate: length must be an integer in [0, {cached}] (the cached length), "
+                             f"got {length!r}")
+        if self.cache is None:
+            return
+        c = self.cache
+        c.length = length
+        if c.summaries is not None:
+            c.summaries = [attn.KeyBlockSummary.from_keys(c.k[i, :, :, :length], capacity=c.capacity)
+                           for i in range(len(self.layers))]
+
     def _rope_tables(self, pos: int, n: int):
-        t = torch.arange(pos, pos + n, dtype=torch.float32)
-        freqs = t[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(self.dtype), (emb.sin() * self.attention_scaling).to(self.dtype)
+        """cos and signed sin (see _rope) [n, 1, D] of positions pos..pos+n-1: rows of tables
+        computed once for the cache's capacity, as transformers computes them per call."""
+        if self._rope is None or self._rope[0].shape[0] < pos + n:
+            t = torch.arange(max(pos + n, self.cache.capacity), dtype=torch.float32)
+            freqs = t[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = (emb.cos() * self.attention_scaling).to(self.dtype)
+            sin = (emb.sin() * self.attention_scaling).to(self.dtype)
+            sin[:, : emb.shape[1] // 2].neg_()
+            self._rope = (cos[:, None], sin[:, None])  # broadcast over heads of [B, n, H, D]
+        cos, sin = self._rope
+        return cos[pos:pos + n], sin[pos:pos + n]
 
     def _plan(self):
         """Masks of one forward: built once, reused by every sparse layer (prefill: from the
@@ -221,7 +264,11 @@ class Qwen3(nn.Module):
         return plan
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, n, vocab] of the new tokens, or of the last `logits_to_keep` of them
+        (a prefill that samples only the next token passes 1: no lm_head on the rest)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"Qwen3: logits_to_keep must be an integer >= 0 (0: all), got {logits_to_keep!r}")
         if ids.dim() == 1:
             ids = ids[None]
         b, n = ids.shape
@@ -237,6 +284,8 @@ class Qwen3(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, cache, ctx)
         cache.length += n
+        if 0 < logits_to_keep < n:
+            x = x[:, n - logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     # -- precision ---------------------------------------------------------------------------
@@ -245,16 +294,30 @@ class Qwen3(nn.Module):
 
     def set_bits(self, bits) -> None:
         """Every projection, the lm_head and the embedding read `bits` (4, 8 or "full") from
-        the next call on."""
+        the next call on. Raises ValueError, changing nothing, if some layer does not hold
+        that view (an INT4-only weight has no plane 1; "full" needs a kept float weight)."""
+        if bits not in (4, 8, FULL):
+            raise ValueError(f"Qwen3.set_bits: bits must be 4, 8 or {FULL!r}, got {bits!r}")
+        lacking = [name for name, m in self.linears().items() if bits not in m.bits_available]
+        if lacking:
+            what = "plane 1 (they hold only the INT4 view)" if bits == 8 else "a kept float weight (load with keep_float=True)"
+            raise ValueError(f"Qwen3.set_bits: bits={bits!r} asked, but {len(lacking)} of {len(self.linears())} layers "
+                             f"lack {what}: {', '.join(lacking[:5])}" + (" ..." if len(lacking) > 5 else ""))
         for m in self.linears().values():
             m.bits = bits
         self.embed_tokens.bits = bits
 
     def weight_bytes(self, bits=None) -> int:
-        """Bytes of weights one token reads in the current (or the given) setting."""
+        """Bytes of weights one decode token reads in the current (or the given) setting: every
+        projection and the lm_head. An untied embedding table is not counted (a token reads
+        one row of it); a tied one is, as the lm_head."""
         total = 0
-        for m in self.linears().values():
+        for name, m in self.linears().items():
+            if m is self.embed_tokens.lin and m is not self.lm_head:
+                continue
             bb = m.bits if bits is None else bits
+            if bb not in m.bits_available:
+                raise ValueError(f"Qwen3.weight_bytes: {name} has no {bb!r} view (it holds {m.bits_available})")
             if bb == FULL:
                 total += m.weight_full.numel() * m.weight_full.element_size()
                 continue

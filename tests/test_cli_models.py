@@ -1,0 +1,65 @@
+"""The model commands: generate, chat, quantize, info MODEL (on a tiny random checkpoint)."""
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from bitswitch import cli  # noqa: E402
+from bitswitch.models import Tokenizer, load  # noqa: E402
+
+from test_generate import checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    checkpoint(path, seed=7)
+    return path
+
+
+def test_generate_greedy_prints_the_models_tokens(folder, capsys):
+    assert cli.main(["generate", "hello world", "-m", str(folder), "--bits", "8", "--dtype", "float32",
+                     "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    # The same greedy tokens computed here with the model directly.
+    model, tok = load(folder, dtype="float32"), Tokenizer.from_dir(folder)
+    ids = tok.encode("hello world")
+    got = []
+    logits = model(torch.tensor([ids]))
+    for _ in range(6):
+        nxt = int(logits[0, -1].argmax())
+        if nxt in tok.eos_token_ids:
+            break
+        got.append(nxt)
+        logits = model(torch.tensor([[nxt]]))
+    assert out.rstrip("\n") == "hello world" + tok.decode(got)
+    assert "prompt tokens" in err and "tok/s" in err
+
+
+def test_quantize_info_and_chat(folder, tmp_path, capsys, monkeypatch):
+    dst = tmp_path / "q4"
+    assert cli.main(["quantize", str(folder), str(dst), "--bits", "4", "--group-size", "32"]) == 0
+    assert cli.main(["info", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "views 4" in out and "views 4, 8" not in out and "at 4-bit" in out and "at 8-bit" not in out
+    # The saved INT4 model holds no plane 1: asking for 8 bits is a clear error, not a crash.
+    assert cli.main(["generate", "x", "-m", str(dst), "--bits", "8", "--max-new-tokens", "2"]) == 1
+    assert "lack plane 1" in capsys.readouterr().err
+    # Two turns, a precision switch refused with a message, then exit.
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi there\n/bits 8\nand again\n/exit\n"))
+    assert cli.main(["chat", "-m", str(dst), "--no-think", "--max-new-tokens", "4", "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("new tokens at") == 2 and "lack plane 1" in err
+
+
+def test_model_commands_reject_bad_input(folder, tmp_path, capsys):
+    assert cli.main(["generate", "x", "-m", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "-m", str(folder), "--top-p", "1.5"]) == 1
+    assert "top_p" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(folder), str(tmp_path / "o"), "--bits", "3"])
