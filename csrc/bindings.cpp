@@ -404,6 +404,61 @@ None or float32 [B, Hq, Lq], the natural-log log-sum-exp of each row (-inf for a
 sees no key, whose output is 0).)doc");
 
   m.def(
+      "rms_norm",
+      [](py::handle x, py::handle delta, py::handle weight, double eps, py::handle out) {
+        const char* op = "rms_norm";
+        Arg ax, ad, aw, ao;
+        to_arg(x, ax, op, "x");
+        const bool has_delta = !delta.is_none();
+        if (has_delta) to_arg(delta, ad, op, "delta");
+        to_arg(weight, aw, op, "weight");
+        to_arg(out, ao, op, "out");
+        py::gil_scoped_release nogil;
+        bs::rms_norm(ax.v, has_delta ? &ad.v : nullptr, aw.v, eps, ao.v);
+      },
+      py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+      R"doc(x += delta (in place, when delta is not None), then out = RMSNorm(x) * weight over the
+last dimension, rounded as transformers rounds (see bitswitch.ops.rms_norm). out may be x.)doc");
+
+  m.def(
+      "rope_qkv",
+      [](py::handle qkv, py::handle q_weight, py::handle k_weight, double eps, py::handle cos, py::handle sin,
+         int64_t pos, py::handle q_out, py::handle k_cache, py::handle v_cache) {
+        const char* op = "rope_qkv";
+        Arg a_qkv, aqw, akw, acos, asin, aq, ak, av;
+        to_arg(qkv, a_qkv, op, "qkv");
+        const bool norm = !q_weight.is_none() || !k_weight.is_none();
+        if (norm) {
+          if (q_weight.is_none() || k_weight.is_none())
+            throw bs::ValueError("rope_qkv: q_weight and k_weight must be given together (q/k norm) or both be None");
+          to_arg(q_weight, aqw, op, "q_weight");
+          to_arg(k_weight, akw, op, "k_weight");
+        }
+        to_arg(cos, acos, op, "cos");
+        to_arg(sin, asin, op, "sin");
+        to_arg(q_out, aq, op, "q_out");
+        to_arg(k_cache, ak, op, "k_cache");
+        to_arg(v_cache, av, op, "v_cache");
+        py::gil_scoped_release nogil;
+        bs::rope_qkv(a_qkv.v, norm ? &aqw.v : nullptr, norm ? &akw.v : nullptr, eps, acos.v, asin.v, pos, aq.v, ak.v,
+                     av.v);
+      },
+      py::arg("qkv"), py::arg("q_weight"), py::arg("k_weight"), py::arg("eps"), py::arg("cos"), py::arg("sin"),
+      py::arg("pos"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"),
+      "q/k RMSNorm, RoPE and the KV-cache write of a fused q|k|v projection (see bitswitch.ops.rope_qkv).");
+
+  m.def(
+      "silu_mul",
+      [](py::handle gate_up, py::handle out) {
+        Arg ag, ao;
+        to_arg(gate_up, ag, "silu_mul", "gate_up");
+        to_arg(out, ao, "silu_mul", "out");
+        py::gil_scoped_release nogil;
+        bs::silu_mul(ag.v, ao.v);
+      },
+      py::arg("gate_up"), py::arg("out"), "out[..., I] = silu(gate_up[..., :I]) * gate_up[..., I:].");
+
+  m.def(
       "read_stream",
       [](py::handle buffer) {
         Arg a;

@@ -85,6 +85,19 @@ struct BlockMaskViews {
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
                bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse);
 
+// Fused layer ops (cpu/layer_ops.h); every array C-contiguous, one float dtype.
+// x (+= delta, in place), out = RMSNorm(x) * weight over the last dimension; out may be x.
+void rms_norm(const TensorView& x, const TensorView* delta, const TensorView& weight, double eps,
+              const TensorView& out);
+// From a fused projection qkv [B, n, (Hq + 2 Hkv) * D]: q (and k) RMSNorm over D when the
+// weights are given, RoPE with rows pos.. of the cos/sin tables [P, D]; q to q_out
+// [B, Hq, n, D], k and v to rows pos .. pos + n - 1 of the caches [B, Hkv, capacity, D].
+void rope_qkv(const TensorView& qkv, const TensorView* q_weight, const TensorView* k_weight, double eps,
+              const TensorView& cos, const TensorView& sin, int64_t pos, const TensorView& q_out,
+              const TensorView& k_cache, const TensorView& v_cache);
+// out[..., I] = silu(gate_up[..., :I]) * gate_up[..., I:].
+void silu_mul(const TensorView& gate_up, const TensorView& out);
+
 // Reads a byte buffer on every pool thread; returns a checksum (the bandwidth anchor).
 double read_stream(const TensorView& buffer);
 

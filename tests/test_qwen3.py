@@ -46,8 +46,17 @@ def rel(a, b) -> float:
 CASES = [("qwen3", True), ("qwen3", False), ("qwen2", False), ("qwen2", True)]
 
 
+@pytest.fixture(params=["native", "torch"])
+def layer_ops(request, monkeypatch):
+    """The model's fused layer ops on the native kernels (eager CPU) or as the torch ops
+    they replace (torch.compile, other devices)."""
+    if request.param == "torch":
+        monkeypatch.setattr("bitswitch.torch._native", lambda x: False)
+    return request.param
+
+
 @pytest.mark.parametrize("kind,tied", CASES)
-def test_logits_match_transformers(tmp_path, kind, tied):
+def test_logits_match_transformers(tmp_path, kind, tied, layer_ops):
     hf = make_hf(kind, tied)
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, VOCAB, (2, 37))
@@ -76,7 +85,7 @@ def test_logits_match_transformers(tmp_path, kind, tied):
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
-def test_prefill_then_decode_equals_one_forward(tmp_path, kind):
+def test_prefill_then_decode_equals_one_forward(tmp_path, kind, layer_ops):
     """Float weights: equal to rounding. INT8: decode steps take the GEMV path (activations
     quantized to 15 bits per group) where the prompt takes the float GEMM, so ~3e-5 apart."""
     make_hf(kind, tied=True).save_pretrained(tmp_path)

@@ -161,13 +161,14 @@ def _rss_peak_bytes() -> int:
 
 
 def _resident_bytes(module) -> int:
-    """Bytes of the distinct tensors (parameters and buffers) a module holds."""
+    """Bytes of the distinct storages behind a module's parameters and buffers (fused
+    projections are views of one storage: counted once)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.data_ptr(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
     return total
 
 

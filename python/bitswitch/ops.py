@@ -18,7 +18,7 @@ from .quant import QWeight, check_act_bits
 if TYPE_CHECKING:
     from .attention import BlockMask
 
-__all__ = ["qmatmul", "attention", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
+__all__ = ["qmatmul", "attention", "rms_norm", "rope_qkv", "silu_mul", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
 
 
 def _output(op: str, out: Any, shape: tuple, like: Any, like_name: str, kind: str) -> Any:
@@ -104,6 +104,59 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
     if not return_lse:
         return res
     return res, (A.from_numpy(lse, kind, q) if kind != A.NUMPY else lse)
+
+
+def rms_norm(x: Any, weight: Any, eps: float = 1e-6, delta: Any = None, out: Any = None) -> Any:
+    """RMSNorm over the last dimension: weight * x / sqrt(mean(x^2) + eps), rounded as
+    transformers' Qwen3/Llama RMSNorm rounds (float32 math, the normalized value rounded to
+    x's dtype before the weight multiplies it).
+
+    delta: when given, x is first replaced by x + delta in place (rounded to x's dtype), the
+    residual add that precedes every norm of a transformer layer; x must then be writable
+    (numpy or torch). out: optional result array (may be x itself). Arrays C-contiguous, one
+    float dtype, last dimension at most 16384.
+    """
+    kind = A.framework(x)
+    if delta is not None and kind == A.MLX:
+        raise TypeError("rms_norm: delta= updates x in place, which MLX arrays do not allow")
+    y = _output("rms_norm", out, tuple(x.shape), x, "x", kind)
+    _C.rms_norm(x, delta, weight, float(eps), y)
+    return y if out is not None else A.finish_output(y, kind)
+
+
+def rope_qkv(qkv: Any, cos: Any, sin: Any, pos: int, k_cache: Any, v_cache: Any, num_q_heads: int,
+             q_weight: Any = None, k_weight: Any = None, eps: float = 1e-6, out: Any = None) -> Any:
+    """The attention inputs of a Qwen3 / Qwen2 layer from its fused q|k|v projection.
+
+    qkv: [B, n, (Hq + 2 Hkv) * D], per token the q heads, then the k heads, then the v heads.
+    q and k are RMS-normalized over D with q_weight / k_weight (Qwen3; None for Qwen2), then
+    rotated: x * cos + rotate_half(x) * sin with cos and sin [P, D] rows of absolute
+    positions, sin's first half negated (rotate_half as a roll; see the model), each product
+    rounded as transformers rounds it. k and v are written to rows pos .. pos + n - 1 of
+    k_cache and v_cache [B, Hkv, capacity, D] (numpy or torch, in place); q is returned as
+    [B, Hq, n, D] (or written to out).
+    """
+    kind = A.framework(qkv)
+    if kind == A.MLX:
+        raise TypeError("rope_qkv: writes the KV cache in place, which MLX arrays do not allow")
+    b, n = int(qkv.shape[0]), int(qkv.shape[1])
+    d = int(k_cache.shape[-1])
+    q = _output("rope_qkv", out, (b, int(num_q_heads), n, d), qkv, "qkv", kind)
+    _C.rope_qkv(qkv, q_weight, k_weight, float(eps), cos, sin, int(pos), q, k_cache, v_cache)
+    return q
+
+
+def silu_mul(gate_up: Any, out: Any = None) -> Any:
+    """SwiGLU's activation: silu(gate) * up for gate_up = [gate | up] along the last
+    dimension (a fused gate|up projection); the result has half the last dimension. Each
+    op rounds to the input's dtype as torch's silu and multiply do."""
+    kind = A.framework(gate_up)
+    shape = tuple(int(s) for s in gate_up.shape)
+    if not shape or shape[-1] % 2:
+        raise ValueError(f"silu_mul: gate_up must have an even last dimension [gate | up], got shape {shape}")
+    y = _output("silu_mul", out, shape[:-1] + (shape[-1] // 2,), gate_up, "gate_up", kind)
+    _C.silu_mul(gate_up, y)
+    return y if out is not None else A.finish_output(y, kind)
 
 
 def cpu_variant() -> str:

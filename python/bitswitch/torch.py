@@ -7,7 +7,7 @@ call them as ``torch.ops.bitswitch.qmatmul``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from . import _arrays as A
 from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["FULL", "QLinear", "attention", "qmatmul"]
+__all__ = ["FULL", "QLinear", "attention", "qmatmul", "rms_norm", "rope_qkv", "silu_mul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -113,6 +113,75 @@ def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: 
     return torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales, qw.biases, qw.group_size, bits, act_bits)
 
 
+# -- fused layer ops ---------------------------------------------------------------------
+#
+# Each runs the native kernel on CPU tensors in eager mode (a decode step then makes a few
+# native calls per layer instead of dozens of small torch ops) and the same computation
+# as torch ops otherwise (under torch.compile, on other devices, with autograd): the torch
+# code is the reference the native kernels are tested against, and it follows Hugging Face
+# transformers' Qwen3 op for op, so both round where transformers rounds.
+
+def _native(x: torch.Tensor) -> bool:
+    return x.is_cpu and not _is_compiling() and not x.requires_grad
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)): the normalization in float32, cast to x's
+    dtype before the weight multiplies it."""
+    x32 = x.float()
+    return weight * (x32 * x32.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm over the last dimension; with delta, x += delta (in place) first: the
+    residual add before each norm of a transformer layer."""
+    if _native(x):
+        out = torch.empty_like(x)
+        _C.rms_norm(x, delta, weight, eps, out)
+        return out
+    if delta is not None:
+        x.add_(delta)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]
+    written as roll(x) = [x2, x1] times a sin whose first half is negated (exact: a sign)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def rope_qkv(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+             eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: int, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, n, D] from a fused projection qkv [B, n, (Hq + 2 Hkv) * D]: q and k
+    RMS-normalized over D (when the weights are given) and rotated with rows pos .. pos + n - 1
+    of cos / signed sin [P, D]; k and v are written to those rows of the caches [B, Hkv, cap, D]."""
+    b, n, _ = qkv.shape
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    if _native(qkv):
+        q = qkv.new_empty((b, num_q_heads, n, d))
+        _C.rope_qkv(qkv, q_weight, k_weight, eps, cos, sin, pos, q, k_cache, v_cache)
+        return q
+    x = qkv.view(b, n, num_q_heads + 2 * hkv, d)
+    qk, v = x[:, :, : num_q_heads + hkv], x[:, :, num_q_heads + hkv:]
+    if q_weight is not None:
+        qk = rms_norm_reference(qk, torch.cat((q_weight.expand(num_q_heads, -1), k_weight.expand(hkv, -1))), eps)
+    qk = rope_reference(qk, cos[pos:pos + n, None], sin[pos:pos + n, None]).transpose(1, 2)
+    k_cache.narrow(2, pos, n).copy_(qk[:, num_q_heads:])
+    v_cache.narrow(2, pos, n).copy_(v.transpose(1, 2))
+    return qk[:, :num_q_heads]
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
+    i = gate_up.shape[-1] // 2
+    if _native(gate_up):
+        out = gate_up.new_empty(gate_up.shape[:-1] + (i,))
+        _C.silu_mul(gate_up, out)
+        return out
+    return F.silu(gate_up[..., :i]) * gate_up[..., i:]
+
+
 FULL = "full"  # the bits of the kept float weight
 
 
@@ -194,6 +263,45 @@ class QLinear(nn.Module):
             raise TypeError(f"QLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         qw = quantize(linear.weight.detach(), group_size=group_size, bits=bits, scales_dtype=scales_dtype)
         return cls(qw, linear.bias, bits=bits)
+
+    @classmethod
+    def fuse(cls, parts: Sequence["QLinear"]) -> "QLinear":
+        """One QLinear computing the parts' outputs side by side (out_features N1 + N2 + ...)
+        from one call, over one copy of their weights: the fused buffers are the parts'
+        concatenated along N, and each part's buffers become row views of them (no memory
+        is added once the originals are released). Used for q|k|v and gate|up, which share
+        their input: one GEMV streams all three weights with one activation prep and one
+        thread-pool dispatch. The fused module reads whatever bits it is set to; callers
+        use it only while every part reads the same view (see bitswitch.models.qwen3).
+
+        Parts must share in_features, group_size, the scales' dtype and which planes (and
+        kept float weights) they hold."""
+        parts = list(parts)
+        if len(parts) < 2 or not all(isinstance(p, QLinear) for p in parts):
+            raise TypeError("QLinear.fuse: parts must be at least two QLinear modules")
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.in_features == first.in_features and p.group_size == first.group_size
+                    and p.scales.dtype == first.scales.dtype and (p.plane1 is None) == (first.plane1 is None)
+                    and (p.weight_full is None) == (first.weight_full is None))
+            if not same:
+                raise ValueError("QLinear.fuse: parts must share in_features, group_size, the scales' dtype and "
+                                 f"which planes / float weights they hold; got {first.extra_repr()} and {p.extra_repr()}")
+        names = ("plane0", "plane1", "scales", "biases", "weight_full")
+        cat = {n: None if getattr(first, n) is None else torch.cat([getattr(p, n) for p in parts]) for n in names}
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.bias if p.bias is not None else p.scales.new_zeros(p.out_features) for p in parts])
+        fused = cls(QWeight(cat["plane0"], cat["plane1"], cat["scales"], cat["biases"], first.group_size), bias,
+                    weight=cat["weight_full"])
+        row = 0
+        for p in parts:
+            for n in names:
+                if cat[n] is not None:
+                    setattr(p, n, cat[n][row:row + p.out_features])
+            p._packed = None
+            row += p.out_features
+        return fused
 
     def _packed_weight(self):
         """The weight resolved once for the eager fast path, rebuilt when a buffer is

@@ -18,8 +18,8 @@ from torch import nn
 
 from .. import attention as attn
 from .. import ops
+from .. import torch as bt
 from ..torch import FULL, QLinear
-from ..torch import attention as bs_attention
 from .config import Qwen3Config, rope_inv_freq
 
 __all__ = ["KVCache", "QEmbedding", "Qwen3", "Qwen3Config"]
@@ -31,15 +31,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RMSNorm(x); with delta, the residual add x += delta (in place) comes first."""
+        return bt.rms_norm(x, self.weight, self.eps, delta)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x * rsqrt(mean(x^2) + eps)), the normalization in float32 and cast before the
-    weight, as transformers computes it (in place where the temporaries are its own)."""
-    x32 = x.float()
-    return weight * (x32 * x32.square().mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+class Fused:
+    """Projections that share their input (q|k|v, gate|up) computed by one QLinear over one
+    copy of their weights (QLinear.fuse), whenever they all read the same view; the parts
+    stay the modules that precision policies address."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        try:
+            self.qlinear = QLinear.fuse(parts)
+        except ValueError:  # e.g. an MLX checkpoint quantizing them differently: separate calls
+            self.qlinear = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        first, fused = self.parts[0], self.qlinear
+        bits, act = first.bits, first.act_bits
+        if fused is not None and all(p.bits == bits and p.act_bits == act for p in self.parts[1:]):
+            if fused.bits != bits:
+                fused.bits = bits
+            if fused.act_bits != act:
+                fused.act_bits = act
+            return fused(x)
+        return torch.cat([p(x) for p in self.parts], -1)
 
 
 def _unpack_codes(words: torch.Tensor) -> torch.Tensor:
@@ -98,57 +116,46 @@ class Attention(nn.Module):
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (projs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.qkv = Fused([self.q_proj, self.k_proj, self.v_proj])
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        # "dense", or a dict for block-sparse attention: {"prefill": plan options, "pages": n}
+        # None: dense; a dict for block-sparse attention: {"prefill": plan options, "pages": n}
         self.sparse: Optional[dict] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, ctx: dict):
-        # x: [B, n, hidden]; cos, sin: [n, 1, D] at the new positions (sin signed, see _rope)
+    def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache, ctx: dict) -> torch.Tensor:
+        # x: [B, n, hidden]; rope: (cos, signed sin) [positions, D] tables (see Qwen3._rope_tables)
         b, n, _ = x.shape
-        # q and k side by side, [B, n, Hq + Hkv, D]: one norm and one rotation serve both (a
-        # decode step's small torch ops cost microseconds each, as much as the GEMVs together)
-        qk = torch.cat((self.q_proj(x), self.k_proj(x)), -1).view(b, n, self.hq + self.hkv, self.d)
-        v = self.v_proj(x).view(b, n, self.hkv, self.d)
-        if self.q_norm is not None:
-            w = torch.cat((self.q_norm.weight.expand(self.hq, -1), self.k_norm.weight.expand(self.hkv, -1)))
-            qk = _rms_norm(qk, w, self.q_norm.eps)
-        qk = _rope(qk, cos, sin).transpose(1, 2)  # [B, Hq + Hkv, n, D]
-        q, k = qk[:, : self.hq], qk[:, self.hq:]
         pos = cache.length
+        kc, vc = cache.k_layers[self.layer], cache.v_layers[self.layer]  # [B, Hkv, capacity, D]
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        # q after norm and RoPE [B, Hq, n, D]; k (after norm and RoPE) and v land in the cache
+        q = bt.rope_qkv(self.qkv(x), self.hq, qn, kn, eps, rope[0], rope[1], pos, kc, vc)
         end = pos + n
-        kc, vc = cache.k_layers[self.layer], cache.v_layers[self.layer]
-        kc.narrow(2, pos, n).copy_(k)
-        vc.narrow(2, pos, n).copy_(v.transpose(1, 2))
         kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
         mask = None
         if self.sparse is not None:
             if cache.summaries is not None:
-                cache.summaries[self.layer].append(k)
+                cache.summaries[self.layer].append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
+        # The output written as [B, n, Hq, D], so o_proj reads it without a copy.
+        o = q.new_empty((b, n, self.hq, self.d))
         if torch.compiler.is_compiling():
-            o = bs_attention(q, kc, vc, mask, causal=True, q_offset=pos)
+            o = bt.attention(q, kc, vc, mask, causal=True, q_offset=pos).transpose(1, 2)
         else:
-            # Eager: the kernel without the dispatcher and without the log-sum-exp output,
-            # about half the time of a decode step's attention call at short contexts.
-            o = ops.attention(q, kc, vc, mask, causal=True, q_offset=pos)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.hq * self.d))
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved RoPE, x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]
-    written as roll(x) = [x2, x1] times a sin whose first half is negated (exact: a sign)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+            # Eager: the kernel without the dispatcher and without the log-sum-exp output.
+            ops.attention(q, kc, vc, mask, causal=True, q_offset=pos, out=o.transpose(1, 2))
+        return self.o_proj(o.reshape(b, n, self.hq * self.d))
 
 
 class MLP(nn.Module):
     def __init__(self, projs: dict):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
+        self.gate_up = Fused([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
-        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))
+        return self.down_proj(bt.silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -159,9 +166,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(projs)
 
-    def forward(self, x, cos, sin, cache, ctx):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, delta: Optional[torch.Tensor], rope: tuple, cache: KVCache,
+                ctx: dict) -> torch.Tensor:
+        """h: the residual stream [B, n, hidden], updated in place with the previous
+        layer's output `delta` and this layer's attention; returns this layer's MLP output
+        (the next delta). Each residual add is fused into the norm that follows it."""
+        a = self.self_attn(self.input_layernorm(h, delta), rope, cache, ctx)
+        return self.mlp(self.post_attention_layernorm(h, a))
 
 
 class Qwen3(nn.Module):
@@ -196,7 +207,7 @@ class Qwen3(nn.Module):
             for name, t in norms.items():
                 self.get_parameter(name).copy_(t)
         self.cache: Optional[KVCache] = None
-        self._rope: Optional[tuple] = None  # (cos, signed sin) [positions, 1, D], see _rope_tables
+        self._rope: Optional[tuple] = None  # (cos, signed sin) [positions, D], see _rope_tables
         self.prefill_plan: dict = {"method": "select", "tau": 0.9}
 
     # -- cache ------------------------------------------------------------------------------
@@ -229,19 +240,19 @@ class Qwen3(nn.Module):
             c.summaries = [attn.KeyBlockSummary.from_keys(c.k[i, :, :, :length], capacity=c.capacity)
                            for i in range(len(self.layers))]
 
-    def _rope_tables(self, pos: int, n: int):
-        """cos and signed sin (see _rope) [n, 1, D] of positions pos..pos+n-1: rows of tables
-        computed once for the cache's capacity, as transformers computes them per call."""
-        if self._rope is None or self._rope[0].shape[0] < pos + n:
-            t = torch.arange(max(pos + n, self.cache.capacity), dtype=torch.float32)
+    def _rope_tables(self, length: int) -> tuple:
+        """cos and signed sin (see torch.rope_reference) [positions, D] for at least `length`
+        positions: computed once for the cache's capacity in float32 and rounded to the
+        model's dtype, the values transformers computes per call."""
+        if self._rope is None or self._rope[0].shape[0] < length:
+            t = torch.arange(max(length, self.cache.capacity), dtype=torch.float32)
             freqs = t[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = (emb.cos() * self.attention_scaling).to(self.dtype)
             sin = (emb.sin() * self.attention_scaling).to(self.dtype)
             sin[:, : emb.shape[1] // 2].neg_()
-            self._rope = (cos[:, None], sin[:, None])  # broadcast over heads of [B, n, H, D]
-        cos, sin = self._rope
-        return cos[pos:pos + n], sin[pos:pos + n]
+            self._rope = (cos, sin)
+        return self._rope
 
     def _plan(self):
         """Masks of one forward: built once, reused by every sparse layer (prefill: from the
@@ -278,15 +289,16 @@ class Qwen3(nn.Module):
         if cache.length + n > cache.capacity:
             raise ValueError(f"Qwen3: {cache.length} cached + {n} new tokens exceed the cache capacity "
                              f"{cache.capacity}; call reset(capacity=...)")
-        cos, sin = self._rope_tables(cache.length, n)
+        rope = self._rope_tables(cache.length + n)
         ctx = {"plan": self._plan()}
-        x = self.embed_tokens(ids)
+        h = self.embed_tokens(ids)  # the residual stream [B, n, hidden], updated in place
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, ctx)
+            delta = layer(h, delta, rope, cache, ctx)
         cache.length += n
         if 0 < logits_to_keep < n:
-            x = x[:, n - logits_to_keep:]
-        return self.lm_head(self.norm(x))
+            h, delta = (t[:, n - logits_to_keep:].contiguous() for t in (h, delta))
+        return self.lm_head(self.norm(h, delta))
 
     # -- precision ---------------------------------------------------------------------------
     def linears(self) -> dict:

@@ -1,0 +1,325 @@
+// The small per-token operations of a transformer layer, fused so that a decode step
+// makes a few native calls instead of dozens of framework ones: RMSNorm (with the
+// residual add folded in), q/k RMSNorm + RoPE + KV-cache write, and SiLU(gate) * up.
+//
+// At decode sizes (one row of 1-4K elements) each of these is ~1 µs of arithmetic; done
+// as separate torch ops they cost 2-8 µs each, and a Qwen3 layer needs about forty of
+// them, which measured ~0.3 ms per layer (more than the layer's INT4 GEMVs at 0.6B).
+//
+// Rounding follows Hugging Face transformers op for op, so a bfloat16 model computes the
+// values transformers computes: every torch op of the reference rounds its result to the
+// activation dtype, and so do the fused kernels at the same points (noted per op below);
+// everything between those points is float32.
+//
+// The code is plain C++ written so that the compiler vectorizes it; layer_ops_*.cpp
+// instantiate it once per ISA unit with that unit's flags (scalar, AVX2, AVX-512), and
+// the ops glue picks the unit of the active variant like every other kernel. The oracle
+// is the same computation in torch (tests/test_layer_ops.py), which is what the model
+// runs under torch.compile and on other devices.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "convert.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace bitswitch {
+namespace cpu {
+
+// x (+= delta), out = rms_norm(x) * weight, row by row.
+//   s = round(x + delta)            (written back to x when delta is given)
+//   r = 1 / sqrt(mean(s^2) + eps)   (float32)
+//   out = round(round(s * r) * weight)
+struct RmsNormArgs {
+  void* x;              // x: [rows, h], dtype; updated in place when delta is not null
+  const void* delta;    // delta: [rows, h] or null
+  const void* weight;   // weight: [h]
+  void* out;            // out: [rows, h]; may be x itself
+  int64_t rows, h;
+  int64_t x_stride, delta_stride, out_stride;  // elements between consecutive rows
+  float eps;
+  DType dtype;          // of x, delta, weight and out
+};
+
+// The attention inputs of a Qwen3/Qwen2 layer from its fused q|k|v projection:
+//   q, k: per head, RMSNorm over head_dim (when weights are given; Qwen2 has none), then
+//         RoPE: round(round(x * cos) + round(rot(x) * sin)), rot(x) = x rolled by d/2,
+//         with sin's first half negated (rotate_half as a roll and a sign);
+//   q goes to q_out, k and v to row pos + t of the caches.
+struct RopeArgs {
+  const void* qkv;      // qkv: [b, n, (hq + 2 hkv) * d]: q heads, k heads, v heads per token
+  int64_t qkv_strides[2];  // elements between batches and tokens; heads are contiguous
+  int64_t b, n, hq, hkv, d;
+  const void* q_weight;  // q_weight, k_weight: [d] or both null
+  const void* k_weight;
+  float eps;
+  const void* cos;      // cos: [>= pos + n, d] rows by absolute position
+  const void* sin;      // sin: [>= pos + n, d], first half negated
+  int64_t pos;          // absolute position of token 0
+  void* q_out;          // q_out: [b, hq, n, d]
+  int64_t q_strides[3];
+  void* k_cache;        // k_cache, v_cache: [b, hkv, capacity, d]; rows pos .. pos + n - 1 written
+  void* v_cache;
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  DType dtype;          // of every array
+};
+
+// out = round(round(silu(g)) * u) for each row [g | u] of gate_up.
+struct SiluMulArgs {
+  const void* gate_up;  // gate_up: [rows, 2 i]
+  void* out;            // out: [rows, i]
+  int64_t rows, i;
+  int64_t gu_stride, out_stride;
+  DType dtype;
+};
+
+// Largest row an RMSNorm takes (rows are held in float32 on the stack) and largest
+// head_dim of the RoPE op; the glue rejects larger ones.
+constexpr int64_t kMaxNormWidth = 16384;
+constexpr int64_t kMaxHeadDim = 256;
+
+// One unit's entry points (see layer_ops_{scalar,avx2,avx512}.cpp).
+struct LayerOps {
+  Status (*rms_norm)(const RmsNormArgs&, ThreadPool&);
+  Status (*rope)(const RopeArgs&, ThreadPool&);
+  Status (*silu_mul)(const SiluMulArgs&, ThreadPool&);
+};
+const LayerOps& layer_ops_scalar();
+const LayerOps& layer_ops_avx2();
+const LayerOps& layer_ops_avx512();
+
+namespace {
+namespace layer {
+
+// Elements per chunk: rows are converted to float32 a chunk at a time in stack buffers.
+constexpr int64_t kChunk = 256;
+// Below this many elements a call runs on the calling thread: waking the pool costs
+// more than the work (a decode row is 1-12K elements).
+constexpr int64_t kParallelElements = 1 << 15;
+
+// Branch-free conversions (the loops that use them vectorize); same results as convert.h.
+inline float to_f32(const void* p, DType t, int64_t i) {
+  if (t == DType::kBFloat16) {
+    const uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  if (t == DType::kFloat16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded);
+}
+
+// f rounded to dtype t, as a float32 (the value a torch op of that dtype would hold).
+inline float round_to(float f, DType t) {
+  if (t == DType::kBFloat16) {
+    const uint32_t u = uint32_t(bf16_bits(f)) << 16;
+    float r;
+    std::memcpy(&r, &u, 4);
+    return r;
+  }
+  if (t == DType::kFloat16) return f16_to_f32(f32_to_f16(f));
+  return f;
+}
+
+inline void load_chunk(const void* p, DType t, int64_t off, int64_t n, float* dst) {
+  if (t == DType::kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = uint32_t(s[i]) << 16;
+      std::memcpy(dst + i, &u, 4);
+    }
+  } else if (t == DType::kFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+  } else {
+    std::memcpy(dst, static_cast<const float*>(p) + off, size_t(n) * 4);
+  }
+}
+
+inline void store_chunk(void* p, DType t, int64_t off, int64_t n, const float* src) {
+  if (t == DType::kBFloat16) {
+    uint16_t* d = static_cast<uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
+  } else if (t == DType::kFloat16) {
+    uint16_t* d = static_cast<uint16_t*>(p) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+  } else {
+    std::memcpy(static_cast<float*>(p) + off, src, size_t(n) * 4);
+  }
+}
+
+inline void round_chunk(float* v, int64_t n, DType t) {
+  if (t == DType::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = uint32_t(bf16_bits(v[i])) << 16;
+      std::memcpy(v + i, &u, 4);
+    }
+  } else if (t == DType::kFloat16) {
+    for (int64_t i = 0; i < n; ++i) v[i] = f16_to_f32(f32_to_f16(v[i]));
+  }
+}
+
+// e^x for the SiLU, relative error < 2e-7 over the range that matters (below -87 the
+// result is a denormal or 0 and the SiLU is -0 to float32 precision; above 88 it is inf).
+// Written without branches or library calls so that the loop around it vectorizes.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = x * 1.4426950408889634f;
+  // Round to nearest with the 1.5 * 2^23 trick (exact for |t| < 2^22).
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float f = t - n;  // [-0.5, 0.5]
+  float p = 1.5403530393381608e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const uint32_t e = uint32_t(int32_t(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, 4);
+  return p * s;
+}
+
+// Runs f(row) for rows [0, rows), on the pool when there is enough work.
+template <class F>
+void for_rows(ThreadPool& pool, int64_t rows, int64_t row_elements, F&& f) {
+  if (rows * row_elements < kParallelElements || rows == 1) {
+    for (int64_t r = 0; r < rows; ++r) f(r);
+    return;
+  }
+  const int64_t per_task = (kParallelElements / 4 + row_elements - 1) / row_elements;
+  pool.parallel_for((rows + per_task - 1) / per_task, [&](int64_t task, int) {
+    const int64_t r1 = (task + 1) * per_task < rows ? (task + 1) * per_task : rows;
+    for (int64_t r = task * per_task; r < r1; ++r) f(r);
+  });
+}
+
+// Normalizes v[0..h) in place: v = round(round(v * r) * w), r = 1 / sqrt(mean(v^2) + eps).
+inline void rms_normalize(float* v, int64_t h, const float* w, float eps, DType t) {
+  // 16 partial sums: without them the compiler may not reorder the float additions, and a
+  // single running sum is a serial chain (~4 cycles per element) as well as less accurate.
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += v[i + j] * v[i + j];
+  float ss = 0.0f;
+  for (; i < h; ++i) ss += v[i] * v[i];
+  for (int j = 0; j < 16; ++j) ss += part[j];
+  const float r = 1.0f / std::sqrt(ss / float(h) + eps);
+  for (i = 0; i < h; ++i) v[i] = round_to(v[i] * r, t) * w[i];
+  round_chunk(v, h, t);
+}
+
+Status rms_norm_impl(const RmsNormArgs& a, ThreadPool& pool) {
+  const DType t = a.dtype;
+  const int64_t es = dtype_size(t);
+  // The weight in float32, converted once per call (a row needs all of it).
+  alignas(64) float w[kMaxNormWidth];
+  load_chunk(a.weight, t, 0, a.h, w);
+  for_rows(pool, a.rows, a.h, [&](int64_t r) {
+    char* x = static_cast<char*>(a.x) + r * a.x_stride * es;
+    alignas(64) float v[kMaxNormWidth];
+    load_chunk(x, t, 0, a.h, v);
+    if (a.delta) {
+      alignas(64) float dl[kChunk];
+      const char* src = static_cast<const char*>(a.delta) + r * a.delta_stride * es;
+      for (int64_t c = 0; c < a.h; c += kChunk) {
+        const int64_t n = a.h - c < kChunk ? a.h - c : kChunk;
+        load_chunk(src, t, c, n, dl);
+        for (int64_t i = 0; i < n; ++i) v[c + i] += dl[i];
+      }
+      round_chunk(v, a.h, t);
+      store_chunk(x, t, 0, a.h, v);
+    }
+    rms_normalize(v, a.h, w, a.eps, t);
+    store_chunk(static_cast<char*>(a.out) + r * a.out_stride * es, t, 0, a.h, v);
+  });
+  return Status::kOk;
+}
+
+Status rope_impl(const RopeArgs& a, ThreadPool& pool) {
+  const DType t = a.dtype;
+  const int64_t es = dtype_size(t), d = a.d, half = d / 2, heads = a.hq + 2 * a.hkv;
+  // One task per (batch, token): all its heads share the cos/sin rows.
+  for_rows(pool, a.b * a.n, heads * d, [&](int64_t bt) {
+    const int64_t bi = bt / a.n, ti = bt % a.n, p = a.pos + ti;
+    alignas(64) float cs[kMaxHeadDim], sn[kMaxHeadDim], qw[kMaxHeadDim], kw[kMaxHeadDim], v[kMaxHeadDim],
+        rot[kMaxHeadDim];
+    load_chunk(a.cos, t, p * d, d, cs);
+    load_chunk(a.sin, t, p * d, d, sn);
+    const bool norm = a.q_weight != nullptr;
+    if (norm) {
+      load_chunk(a.q_weight, t, 0, d, qw);
+      load_chunk(a.k_weight, t, 0, d, kw);
+    }
+    const char* src = static_cast<const char*>(a.qkv) + (bi * a.qkv_strides[0] + ti * a.qkv_strides[1]) * es;
+    for (int64_t h = 0; h < heads; ++h) {
+      load_chunk(src, t, h * d, d, v);
+      const bool is_q = h < a.hq, is_k = !is_q && h < a.hq + a.hkv;
+      char* dst;
+      if (is_q) {
+        dst = static_cast<char*>(a.q_out) + (bi * a.q_strides[0] + h * a.q_strides[1] + ti * a.q_strides[2]) * es;
+      } else if (is_k) {
+        const int64_t hk = h - a.hq;
+        dst = static_cast<char*>(a.k_cache) + (bi * a.k_strides[0] + hk * a.k_strides[1] + p * a.k_strides[2]) * es;
+      } else {
+        const int64_t hv = h - a.hq - a.hkv;
+        dst = static_cast<char*>(a.v_cache) + (bi * a.v_strides[0] + hv * a.v_strides[1] + p * a.v_strides[2]) * es;
+        store_chunk(dst, t, 0, d, v);
+        continue;
+      }
+      if (norm) rms_normalize(v, d, is_q ? qw : kw, a.eps, t);
+      for (int64_t i = 0; i < half; ++i) {
+        rot[i] = v[i + half];
+        rot[i + half] = v[i];
+      }
+      for (int64_t i = 0; i < d; ++i) v[i] = round_to(v[i] * cs[i], t) + round_to(rot[i] * sn[i], t);
+      store_chunk(dst, t, 0, d, v);
+    }
+  });
+  return Status::kOk;
+}
+
+Status silu_mul_impl(const SiluMulArgs& a, ThreadPool& pool) {
+  const DType t = a.dtype;
+  const int64_t es = dtype_size(t);
+  for_rows(pool, a.rows, a.i, [&](int64_t r) {
+    const char* gu = static_cast<const char*>(a.gate_up) + r * a.gu_stride * es;
+    char* out = static_cast<char*>(a.out) + r * a.out_stride * es;
+    alignas(64) float g[kChunk], u[kChunk];
+    for (int64_t c = 0; c < a.i; c += kChunk) {
+      const int64_t n = a.i - c < kChunk ? a.i - c : kChunk;
+      load_chunk(gu, t, c, n, g);
+      load_chunk(gu, t, a.i + c, n, u);
+      for (int64_t j = 0; j < n; ++j) g[j] = g[j] / (1.0f + exp_approx(-g[j]));
+      round_chunk(g, n, t);
+      for (int64_t j = 0; j < n; ++j) g[j] *= u[j];
+      store_chunk(out, t, c, n, g);
+    }
+  });
+  return Status::kOk;
+}
+
+}  // namespace layer
+
+// The table a unit returns from its layer_ops_<unit>() (internal linkage per unit).
+inline const LayerOps& layer_ops_table() {
+  static const LayerOps ops = {layer::rms_norm_impl, layer::rope_impl, layer::silu_mul_impl};
+  return ops;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace bitswitch
