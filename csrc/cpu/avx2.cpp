@@ -30,16 +30,18 @@ struct Avx2 {
   using Acc = __m256;
   // x rows per GEMV pass: the codes of a chunk are unpacked once for all of them.
   static constexpr int kMaxMT = 4;
+  // Weight rows advancing together through the GEMV steps (x86_qmatmul.h gemv_rows).
+  static constexpr int kGemvRows = 4;
   static constexpr int kMR = 6, kNR = 16;
 
   static Acc zero() { return _mm256_setzero_ps(); }
-  static float hsum(Acc v) { return cpu::hsum(v); }
+  static __m256 fold(Acc v) { return v; }
 
   // One 128-element step (two 64-element chunks) of one weight row against MT x rows.
   // w0, w1: the step's 16 words of plane 0 / plane 1.  f: per x row, the step's first
   // group factor.  xq: per x row, the step's prepped bytes.  acc: per x row, 8 partial sums.
   template <int BITS, int G, int MT, bool LO>
-  static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
+  BITSWITCH_INLINE static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
                    const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i one = _mm256_set1_epi16(1);

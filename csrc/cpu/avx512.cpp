@@ -35,16 +35,16 @@ struct Avx512 {
   using Acc = __m512;
   // x rows per GEMV pass: the codes of a step are unpacked once for all of them.
   static constexpr int kMaxMT = 4;
+  // Weight rows advancing together through the GEMV steps (x86_qmatmul.h gemv_rows).
+  static constexpr int kGemvRows = 4;
   static constexpr int kMR = 8, kNR = 32;
 
   static Acc zero() { return _mm512_setzero_ps(); }
-  static float hsum(Acc v) {
-    return cpu::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
-  }
+  static __m256 fold(Acc v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
   // One 128-element step of one weight row against MT x rows (arguments as in the AVX2 unit).
   template <int BITS, int G, int MT, bool LO>
-  static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
+  BITSWITCH_INLINE static void step(const uint32_t* w0, const uint32_t* w1, const float* const (&f)[MT],
                    const int8_t* const (&xq)[MT], Acc (&acc)[MT]) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i zero = _mm512_setzero_si512();

@@ -32,6 +32,10 @@ namespace {
 
 namespace fmt = bitswitch::format;
 
+// For the GEMV's per-row and per-step functions: left to itself gcc 12 calls them out of
+// line, spills the accumulators to the stack every step and pays a call per weight row.
+#define BITSWITCH_INLINE inline __attribute__((always_inline))
+
 // Elements per x-prep step: one 64-byte cache line of one plane row.
 constexpr int64_t kStep = 128;
 constexpr int64_t kStepWords = kStep / fmt::kValuesPerWord;  // 16 uint32 per plane row
@@ -90,6 +94,12 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// The horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
 inline float hmax(__m256 v) {
