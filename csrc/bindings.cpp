@@ -403,6 +403,9 @@ q_offset + i from query row i. scale NaN means D^-0.5. out: like q, written in p
 None or float32 [B, Hq, Lq], the natural-log log-sum-exp of each row (-inf for a row that
 sees no key, whose output is 0).)doc");
 
+  m.def("_set_attention_kv_splits", &bs::set_attention_kv_splits, py::arg("n"),
+        "Test hook: forces n key-block ranges per decode attention task (split-KV); 0 = automatic.");
+
   m.def(
       "read_stream",
       [](py::handle buffer) {
