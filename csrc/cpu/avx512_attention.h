@@ -2,23 +2,30 @@
 // one decode task (one token, or a few, times the GQA group: at most kAttnDotRows) over a
 // range of its key blocks, leaving their flash state (x86_attention.h).
 //
-// Decode reads every key and value once and does only 2 * rows multiply-adds per element,
-// so the kernel is built to keep the vector units on FMAs and to touch each byte once:
+// Decode reads every key and value once and does 2 * rows multiply-adds per element, so
+// the kernel keeps the FMA port busy and touches each byte once:
 //
 // - Scores, 16 keys at a time: per key and row one zmm of partial sums (D/16 FMAs), then
 //   the 16 partial-sum vectors reduce to one vector of 16 scores with a transpose-add tree
-//   (15 adds + 30 shuffles per 16 keys, against one horizontal sum of ~6 ops per key).
-//   The query row stays in registers across the 16 keys.
-// - bfloat16 K and V are converted with one op per 16 elements: a 64-byte load holds 32
-//   elements and, read as 16 dwords, (x << 16) is the even elements as float32 and
-//   (x & 0xFFFF0000) the odd ones. Rows are therefore kept in an even/odd order within each
-//   32 elements (q, the converted keys and the O accumulators alike: a dot product does not
-//   care about the order) and O is put back in natural order once at the end.
-// - Keys are converted once per 16-key group into a small float32 buffer (8 KB at D = 128,
-//   in L1) that every row then reads; float32 keys are read in place.
+//   (15 adds + 30 shuffles per 16 keys, where one horizontal sum per key costs ~6 ops and
+//   a dependency chain). The query row stays in registers across the 16 keys.
+// - bfloat16 K and V are converted with one byte shuffle per 16 elements: a 64-byte load
+//   holds 32 elements, and dword i of the result takes element 2i (or 2i + 1) as its high
+//   half. Rows are therefore kept in an even/odd order within each 32 elements (q, the
+//   keys and the O accumulators alike: a dot product does not care about the order) and O
+//   is put back in natural order once at the end.
 // - P V: the rows' O accumulators for a slice of D stay in registers over all the block's
 //   keys (rows x slice <= 16 zmm), each value slice is loaded and converted once, and the
-//   probabilities come in as embedded broadcasts of the FMAs.
+//   probabilities come in as broadcasts.
+//
+// Where the time goes (Qwen3 decode shapes, 2 rows per task, bfloat16, the measuring VM:
+// one 512-bit FMA unit per core): with K/V in L2 a key costs ~11.5 ns per thread, the
+// 32 FMAs it needs at one per cycle; from L3 or DRAM the kernel runs at the bandwidth the
+// two cores get (45-55 GB/s from L3, 25-35 GB/s from DRAM). Tried and dropped: vdpbf16ps
+// for the bfloat16 scores (exact products of bf16 q and k, D/32 instructions per key:
+// 52 multiply-adds per ns against 41 for zmm FMAs in a loop of them alone, yet no faster
+// end to end) and software prefetch of the next block (3x slower on scattered
+// page-selection blocks, 1.3x on dense ones).
 #pragma once
 
 #include <limits>
