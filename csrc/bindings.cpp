@@ -81,11 +81,40 @@ TorchTypes& torch_types() {
   return *t;
 }
 
+// The tensor attributes from_torch reads, as interned strings made once (leaked: they must
+// outlive interpreter teardown). Looking them up through these rather than through
+// py::object::attr(const char*) saves building a string per access: ~1 us per attention call
+// (four tensors), a sizable part of a decode step's call.
+struct TorchNames {
+  PyObject *dtype, *is_cpu, *is_cuda, *shape, *stride, *data_ptr;
+};
+
+const TorchNames& torch_names() {
+  static const TorchNames* n = new TorchNames{
+      PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("is_cpu"),
+      PyUnicode_InternFromString("is_cuda"), PyUnicode_InternFromString("shape"),
+      PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr")};
+  return *n;
+}
+
+py::object get_attr(py::handle obj, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(obj.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+py::object call_method(py::handle obj, PyObject* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(obj.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
 bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
   TorchTypes& t = torch_types();
   if (!t.ready || !py::isinstance(obj, t.tensor)) return false;
+  const TorchNames& n = torch_names();
   bs::TensorView& v = a.v;
-  py::object dt = obj.attr("dtype");
+  py::object dt = get_attr(obj, n.dtype);
   v.dtype_known = true;
   if (dt.is(t.f32)) v.dtype = bs::DType::kFloat32;
   else if (dt.is(t.bf16)) v.dtype = bs::DType::kBFloat16;
@@ -96,24 +125,19 @@ bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
     v.dtype_known = false;
     v.dtype_name = py::str(dt);
   }
-  v.device = obj.attr("is_cpu").ptr() == Py_True ? bs::Device::kCPU
-             : obj.attr("is_cuda").ptr() == Py_True ? bs::Device::kCUDA
-                                                     : bs::Device::kOther;
-  // is_contiguous() is cheaper than building the stride tuple, which is read only for the
-  // non-contiguous tensors some ops accept (attention over a KV-cache slice).
-  py::tuple sh = obj.attr("shape");
+  v.device = get_attr(obj, n.is_cpu).ptr() == Py_True    ? bs::Device::kCPU
+             : get_attr(obj, n.is_cuda).ptr() == Py_True ? bs::Device::kCUDA
+                                                         : bs::Device::kOther;
+  py::tuple sh = get_attr(obj, n.shape);
   if (sh.size() > size_t(bs::TensorView::kMaxDims))
     throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
   v.ndim = int(sh.size());
-  const bool contiguous = obj.attr("is_contiguous")().ptr() == Py_True;
-  py::tuple st = contiguous ? py::tuple() : py::tuple(obj.attr("stride")());
-  int64_t expect = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.shape[i] = PyLong_AsLongLong(sh[i].ptr());
-    v.strides[i] = contiguous ? expect : PyLong_AsLongLong(st[i].ptr());
-    expect *= v.shape[i];
+  py::tuple st = call_method(obj, n.stride);
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(sh.ptr(), i));
+    v.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(st.ptr(), i));
   }
-  v.data = PyLong_AsVoidPtr(obj.attr("data_ptr")().ptr());
+  v.data = PyLong_AsVoidPtr(call_method(obj, n.data_ptr).ptr());
   v.writable = true;
   a.keep = py::reinterpret_borrow<py::object>(obj);
   return true;
@@ -402,6 +426,9 @@ dtype, unit stride on D). indptr int32 [B, Hkv, ceil(Lq/block_q)+1] and indices 
 q_offset + i from query row i. scale NaN means D^-0.5. out: like q, written in place; lse:
 None or float32 [B, Hq, Lq], the natural-log log-sum-exp of each row (-inf for a row that
 sees no key, whose output is 0).)doc");
+
+  m.def("_set_attention_kv_splits", &bs::set_attention_kv_splits, py::arg("n"),
+        "Test hook: forces n key-block ranges per decode attention task (split-KV); 0 = automatic.");
 
   m.def(
       "rms_norm",

@@ -84,6 +84,9 @@ struct BlockMaskViews {
 // scale NaN means D^-0.5.
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
                bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse);
+// Test hook: key-block ranges per decode task (split-KV) for every later call; 0 lets the
+// kernel choose (it splits only when there are too few tasks for the threads).
+void set_attention_kv_splits(int64_t n);
 
 // Fused layer ops (cpu/layer_ops.h); every array C-contiguous, one float dtype.
 // x (+= delta, in place), out = RMSNorm(x) * weight over the last dimension; out may be x.

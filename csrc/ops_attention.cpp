@@ -1,5 +1,6 @@
 // Glue for attention: validation (shapes, strides, dtypes, the block mask's structure)
 // and dispatch to the kernel variant.
+#include <atomic>
 #include <cmath>
 #include <sstream>
 
@@ -11,6 +12,8 @@ namespace bitswitch {
 namespace {
 
 const char* kOp = "attention";
+
+std::atomic<int64_t> g_kv_splits{0};  // set_attention_kv_splits
 
 std::string pre(const char* arg) { return std::string(kOp) + ": " + arg + " "; }
 
@@ -100,6 +103,11 @@ void validate_mask(const BlockMaskViews& m, int64_t b, int64_t hkv, int64_t lq, 
 
 }  // namespace
 
+void set_attention_kv_splits(int64_t n) {
+  if (n < 0) throw ValueError("set_attention_kv_splits: n must be >= 0 (0: automatic), got " + std::to_string(n));
+  g_kv_splits.store(n);
+}
+
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
                bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse) {
   check_4d("q", q);
@@ -165,6 +173,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   a.causal = causal;
   a.scale = float(scale);
   a.q_offset = q_offset;
+  a.kv_splits = g_kv_splits.load(std::memory_order_relaxed);
 
   const cpu::Variant variant = variant_or_throw(kOp);
   auto pool = cpu::pool();

@@ -2,6 +2,8 @@
 mask expanded to a dense mask (bitswitch.attention.attention_reference), the mask builders,
 runtime selection, decode page selection, and bad input."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,103 @@ def test_rows_without_keys_are_zero(variant, rng):
     ref, _ = A.attention_reference(q, k, v, mask, causal=True)
     assert rel_err(y, ref) <= ATTN_TOL["float32"]
     assert np.any(y[:, 2:, 64:] != 0)
+
+
+# -- decode: tasks of at most 8 rows (Lq times the GQA group) -----------------------------------
+DECODE_ROWS = [(g, lq) for g in (1, 2, 4) for lq in range(1, 9) if g * lq <= 8]
+
+
+@contextlib.contextmanager
+def kv_splits(n):
+    """Forces n key-block ranges per decode task (the split-KV path and its merge)."""
+    bs._C._set_attention_kv_splits(n)
+    try:
+        yield
+    finally:
+        bs._C._set_attention_kv_splits(0)
+
+
+def decode_case(rng, kind, b, hkv, lq, lk, bk, qo):
+    """A one-query-block mask (block_q 64 >= Lq) of `kind` and the q_offset to run it at.
+    subset: ~40% of the key blocks, the partial last block always among them for kv head 0.
+    unseen: the rows start 4 keys before a block boundary and the mask selects only the blocks
+    from that boundary on, so causal rows 0..3 see nothing (zeros) and later rows a few keys;
+    kv head 1 (if any) selects no block at all."""
+    nkb = -(-lk // bk)
+    if kind == "none":
+        return None, qo
+    table = np.zeros((b, hkv, 1, nkb), bool)
+    if kind == "subset":
+        table[:] = rng.random(table.shape) < 0.4
+        table[:, 0, 0, -1] = True
+    else:
+        edge = (nkb - 2) * bk
+        qo = edge - 4
+        table[:, :, 0, nkb - 2:] = True
+        table[:, 1:2] = False
+    return A.BlockMask.from_block_table(table, 64, bk, lq, lk, qo), qo
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_matches_float64(rng, variant, dtype, d):
+    """Every (GQA group, Lq) with at most 8 rows per task, causal and not, no mask / a subset of
+    blocks (partial last block) / rows without visible keys, k and v strided views of a
+    larger cache, Lk not a multiple of the block, with and without forced split-KV (more
+    ranges than blocks included)."""
+    b, hkv, cap = 2, 2, 420
+    for i, (group, lq) in enumerate(DECODE_ROWS):
+        kind = ["none", "subset", "unseen"][(i + i // 3) % 3]
+        lk, bk = [(301, 32), (333, 64), (97, 128)][i % 3] if kind != "unseen" else (333, 32)
+        q = cast(rng.standard_normal((b, hkv * group, lq, d)).astype(np.float32), dtype)
+        kc = cast(rng.standard_normal((b, hkv, cap, d)).astype(np.float32), dtype)
+        vc = cast(rng.standard_normal((b, hkv, cap, d)).astype(np.float32), dtype)
+        k, v = kc[:, :, :lk], vc[:, :, :lk]  # a narrow of the cache: row stride cap * d
+        mask, qo = decode_case(rng, kind, b, hkv, lq, lk, bk, lk - lq)
+        for causal in (True, False):
+            ref, ref_lse = A.attention_reference(q, k, v, mask, causal=causal, q_offset=qo)
+            for splits in (0, 3, 7):
+                out = cast(np.full(q.shape, np.nan, np.float32), dtype)  # poisoned
+                with kv_splits(splits):
+                    y, lse = bs.ops.attention(q, k, v, mask=mask, causal=causal, q_offset=qo, out=out,
+                                              return_lse=True)
+                what = f"{variant} group {group} lq {lq} lk {lk} bk {bk} {kind} causal {causal} splits {splits}"
+                assert not np.isnan(np.asarray(y, np.float32)).any(), what
+                err = rel_err(y, ref)
+                assert err <= ATTN_TOL[dtype], f"{what}: {err:.2e}"
+                assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)), what
+                fin = np.isfinite(ref_lse)
+                assert np.max(np.abs(lse[fin] - ref_lse[fin]), initial=0.0) <= 1e-4, what
+                if kind == "unseen" and causal:
+                    assert np.all(np.asarray(y[:, :, :4], np.float32) == 0), what
+                    if lq > 4:
+                        assert np.any(np.asarray(y[:, :group, 4:], np.float32) != 0), what
+
+
+def test_decode_kernel_inside_prefill_call(rng, variant):
+    """A last query block of few rows (70 = 64 + 6 rows, GQA group 1) takes the decode kernel
+    within a tiled call."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 70, 200, 128, "bfloat16")
+    out = cast(np.full(q.shape, np.nan, np.float32), "bfloat16")
+    mask = make_mask("random", rng, q, k, 130, 64, 32)
+    y = bs.ops.attention(q, k, v, mask=mask, q_offset=130, out=out)
+    ref, _ = A.attention_reference(q, k, v, mask, causal=True, q_offset=130)
+    assert rel_err(y, ref) <= ATTN_TOL["bfloat16"]
+
+
+def test_decode_splits_by_itself(rng):
+    """Few tasks for the threads and a long cache: the automatic split-KV matches one range."""
+    q, k, v = make_qkv(rng, 1, 4, 1, 1, 5000, 128, "bfloat16")
+    threads = bs.ops.num_threads()
+    try:
+        bs.ops.set_num_threads(4)
+        y = bs.ops.attention(q, k, v, q_offset=4999)
+        with kv_splits(1):
+            y1 = bs.ops.attention(q, k, v, q_offset=4999)
+    finally:
+        bs.ops.set_num_threads(threads)
+    ref, _ = A.attention_reference(q, k, v, None, q_offset=4999)
+    assert rel_err(y, ref) <= ATTN_TOL["bfloat16"] and rel_err(y1, ref) <= ATTN_TOL["bfloat16"]
 
 
 def test_kv_cache_slices_and_torch(rng):

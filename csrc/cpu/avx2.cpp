@@ -37,6 +37,15 @@ struct Avx2 {
   static Acc zero() { return _mm256_setzero_ps(); }
   static __m256 fold(Acc v) { return v; }
 
+  // Decode attention (x86_attention.h): one key row at a time against every row.
+  static size_t decode_floats(int64_t rows, int64_t d, int64_t block_k) {
+    return DotScratch::floats(rows, d, block_k);
+  }
+  static void decode_rows(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, int64_t bi0,
+                          int64_t bi1, float* scratch, const DecodeRows& st) {
+    attention_task_dot(a, t, blocks, bi0, bi1, scratch, st);
+  }
+
   // One 128-element step (two 64-element chunks) of one weight row against MT x rows.
   // w0, w1: the step's 16 words of plane 0 / plane 1.  f: per x row, the step's first
   // group factor.  xq: per x row, the step's prepped bytes.  acc: per x row, 8 partial sums.

@@ -8,13 +8,15 @@
 //
 // Large M: dequantized float32 panels and an 8x32 FMA micro-kernel (16 accumulators).
 //
+// Decode attention: avx512_attention.h.
+//
 // Built with BITSWITCH_EMULATE_AVX512 the 512-bit intrinsics map onto portable code
 // (avx512_emulation.h) so this unit's logic is tested on CPUs without AVX-512.
 #if defined(BITSWITCH_EMULATE_AVX512)
 #include "avx512_emulation.h"
 #endif
 
-#include "x86_attention.h"
+#include "avx512_attention.h"
 
 namespace bitswitch {
 namespace cpu {
@@ -41,6 +43,15 @@ struct Avx512 {
 
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m256 fold(Acc v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+
+  // Decode attention: 16 keys per score vector (avx512_attention.h).
+  static size_t decode_floats(int64_t rows, int64_t d, int64_t block_k) {
+    return Decode512Scratch::floats(rows, d, block_k);
+  }
+  static void decode_rows(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, int64_t bi0,
+                          int64_t bi1, float* scratch, const DecodeRows& st) {
+    decode_rows_avx512(a, t, blocks, bi0, bi1, scratch, st);
+  }
 
   // One 128-element step of one weight row against MT x rows (arguments as in the AVX2 unit).
   template <int BITS, int G, int MT, bool LO>

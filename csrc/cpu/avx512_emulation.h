@@ -8,6 +8,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -16,7 +17,9 @@ namespace bitswitch_avx512_emulation {
 union V {
   __m512 f;
   __m512i i;
+  __m512d d;
   float f32[16];
+  double f64[8];
   int32_t i32[16];
   uint16_t u16[32];
   int8_t i8[64];
@@ -141,6 +144,136 @@ inline __m512 permutexvar_ps(__m512i idx, __m512 a) {
   for (int i = 0; i < 16; ++i) r.f32[i] = x.f32[ix.i32[i] & 15];
   return r.f;
 }
+inline __m512 add_ps(__m512 a, __m512 b) {
+  V x = vf(a), y = vf(b);
+  for (int i = 0; i < 16; ++i) x.f32[i] += y.f32[i];
+  return x.f;
+}
+inline __m512 sub_ps(__m512 a, __m512 b) {
+  V x = vf(a), y = vf(b);
+  for (int i = 0; i < 16; ++i) x.f32[i] -= y.f32[i];
+  return x.f;
+}
+// MAXPS / MINPS: the second operand when either is NaN (or both are zeros).
+inline __m512 max_ps(__m512 a, __m512 b) {
+  V x = vf(a), y = vf(b);
+  for (int i = 0; i < 16; ++i) x.f32[i] = x.f32[i] > y.f32[i] ? x.f32[i] : y.f32[i];
+  return x.f;
+}
+inline __m512 min_ps(__m512 a, __m512 b) {
+  V x = vf(a), y = vf(b);
+  for (int i = 0; i < 16; ++i) x.f32[i] = x.f32[i] < y.f32[i] ? x.f32[i] : y.f32[i];
+  return x.f;
+}
+// VCMPPS into a mask: only the predicates the unit uses; any other traps.
+inline __mmask16 cmp_ps_mask(__m512 a, __m512 b, int pred) {
+  V x = vf(a), y = vf(b);
+  __mmask16 k = 0;
+  for (int i = 0; i < 16; ++i) {
+    bool r;
+    switch (pred) {
+      case _CMP_GE_OQ: r = x.f32[i] >= y.f32[i]; break;  // false when either is NaN
+      case _CMP_LT_OQ: r = x.f32[i] < y.f32[i]; break;
+      default: __builtin_trap();
+    }
+    k = __mmask16(k | (r ? 1u << i : 0u));
+  }
+  return k;
+}
+// VRNDSCALEPS with scale 0 (imm[7:4] = 0): round to an integer in the mode of imm[1:0].
+inline __m512 roundscale_ps(__m512 a, int imm) {
+  if (imm & 0xF0) __builtin_trap();
+  V x = vf(a);
+  for (float& e : x.f32) {
+    switch (imm & 3) {
+      case 0: e = std::nearbyint(e); break;  // the default rounding mode: to nearest even
+      case 1: e = std::floor(e); break;
+      case 2: e = std::ceil(e); break;
+      default: e = std::trunc(e);
+    }
+  }
+  return x.f;
+}
+// VSCALEFPS, zero-masked: a * 2^floor(b) where k is set, else 0.
+inline __m512 maskz_scalef_ps(__mmask16 k, __m512 a, __m512 b) {
+  V x = vf(a), y = vf(b), r;
+  for (int i = 0; i < 16; ++i) {
+    const float e = y.f32[i];
+    float v;
+    if (std::isnan(x.f32[i]) || std::isnan(e)) v = x.f32[i] + e;
+    else if (std::isinf(e)) v = e > 0 ? x.f32[i] * e : (x.f32[i] == 0 || std::isinf(x.f32[i]) ? NAN : std::copysign(0.0f, x.f32[i]));
+    else v = std::ldexp(x.f32[i], int(std::fmax(std::fmin(std::floor(e), 1000.0f), -1000.0f)));
+    r.f32[i] = (k >> i) & 1 ? v : 0.0f;
+  }
+  return r.f;
+}
+inline __m512 cvtph_ps(__m256i a) {
+  V r;
+  const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(a)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+  std::memcpy(r.f32, &lo, 32);
+  std::memcpy(r.f32 + 8, &hi, 32);
+  return r.f;
+}
+inline __m512i set4_epi32(int d, int c, int b, int a) {
+  V v;
+  for (int i = 0; i < 16; i += 4) v.i32[i] = a, v.i32[i + 1] = b, v.i32[i + 2] = c, v.i32[i + 3] = d;
+  return v.i;
+}
+// VPSHUFB: within each 128-bit lane, byte i = a[idx & 15], or 0 when idx bit 7 is set.
+inline __m512i shuffle_epi8(__m512i a, __m512i idx) {
+  V x = vi(a), ix = vi(idx), r;
+  for (int i = 0; i < 64; ++i) r.u8[i] = ix.u8[i] & 0x80 ? 0 : x.u8[(i & ~15) | (ix.u8[i] & 15)];
+  return r.i;
+}
+// Within each 128-bit lane: unpacklo_ps [a0 b0 a1 b1], unpackhi_ps [a2 b2 a3 b3];
+// unpacklo_pd [a0 b0], unpackhi_pd [a1 b1] (64-bit elements).
+inline __m512 unpack_ps(__m512 a, __m512 b, int hi) {
+  V x = vf(a), y = vf(b), r;
+  for (int l = 0; l < 16; l += 4) {
+    r.f32[l] = x.f32[l + 2 * hi];
+    r.f32[l + 1] = y.f32[l + 2 * hi];
+    r.f32[l + 2] = x.f32[l + 2 * hi + 1];
+    r.f32[l + 3] = y.f32[l + 2 * hi + 1];
+  }
+  return r.f;
+}
+inline __m512d unpack_pd(__m512d a, __m512d b, int hi) {
+  V x, y, r;
+  x.d = a;
+  y.d = b;
+  for (int l = 0; l < 8; l += 2) {
+    r.f64[l] = x.f64[l + hi];
+    r.f64[l + 1] = y.f64[l + hi];
+  }
+  return r.d;
+}
+inline __m512d castps_pd(__m512 a) {
+  V v;
+  v.f = a;
+  return v.d;
+}
+inline __m512 castpd_ps(__m512d a) {
+  V v;
+  v.d = a;
+  return v.f;
+}
+inline __m512 castsi512_ps(__m512i a) {
+  V v;
+  v.i = a;
+  return v.f;
+}
+// VSHUFF32X4: 128-bit lanes 0, 1 from a and 2, 3 from b, chosen by 2-bit fields of imm.
+inline __m512 shuffle_f32x4(__m512 a, __m512 b, int imm) {
+  V x = vf(a), y = vf(b), r;
+  for (int l = 0; l < 4; ++l) std::memcpy(r.f32 + 4 * l, (l < 2 ? x : y).f32 + 4 * ((imm >> (2 * l)) & 3), 16);
+  return r.f;
+}
+// VPERMT2PS: lane i = (idx_i & 16 ? b : a)[idx_i & 15].
+inline __m512 permutex2var_ps(__m512 a, __m512i idx, __m512 b) {
+  V x = vf(a), y = vf(b), ix = vi(idx), r;
+  for (int i = 0; i < 16; ++i) r.f32[i] = (ix.i32[i] & 16 ? y : x).f32[ix.i32[i] & 15];
+  return r.f;
+}
 inline __m512 castps128_ps512(__m128 a) {
   V r;
   std::memset(&r, 0, sizeof r);  // upper lanes are undefined for the real cast
@@ -198,3 +331,41 @@ inline __m512 insertf32x8(__m512 a, __m256 b, int half) {
 #define _mm512_castps512_ps256(a) BSEMU::castps512_ps256(a)
 #define _mm512_extractf32x8_ps(a, h) BSEMU::extractf32x8_ps(a, h)
 #define _mm512_insertf32x8(a, b, h) BSEMU::insertf32x8(a, b, h)
+#undef _mm512_add_ps
+#define _mm512_add_ps(a, b) BSEMU::add_ps(a, b)
+#undef _mm512_sub_ps
+#define _mm512_sub_ps(a, b) BSEMU::sub_ps(a, b)
+#undef _mm512_max_ps
+#define _mm512_max_ps(a, b) BSEMU::max_ps(a, b)
+#undef _mm512_min_ps
+#define _mm512_min_ps(a, b) BSEMU::min_ps(a, b)
+#undef _mm512_cmp_ps_mask
+#define _mm512_cmp_ps_mask(a, b, p) BSEMU::cmp_ps_mask(a, b, p)
+#undef _mm512_roundscale_ps
+#define _mm512_roundscale_ps(a, imm) BSEMU::roundscale_ps(a, imm)
+#undef _mm512_maskz_scalef_ps
+#define _mm512_maskz_scalef_ps(k, a, b) BSEMU::maskz_scalef_ps(k, a, b)
+#undef _mm512_cvtph_ps
+#define _mm512_cvtph_ps(a) BSEMU::cvtph_ps(a)
+#undef _mm512_set4_epi32
+#define _mm512_set4_epi32(d, c, b, a) BSEMU::set4_epi32(d, c, b, a)
+#undef _mm512_shuffle_epi8
+#define _mm512_shuffle_epi8(a, i) BSEMU::shuffle_epi8(a, i)
+#undef _mm512_unpacklo_ps
+#define _mm512_unpacklo_ps(a, b) BSEMU::unpack_ps(a, b, 0)
+#undef _mm512_unpackhi_ps
+#define _mm512_unpackhi_ps(a, b) BSEMU::unpack_ps(a, b, 1)
+#undef _mm512_unpacklo_pd
+#define _mm512_unpacklo_pd(a, b) BSEMU::unpack_pd(a, b, 0)
+#undef _mm512_unpackhi_pd
+#define _mm512_unpackhi_pd(a, b) BSEMU::unpack_pd(a, b, 1)
+#undef _mm512_castps_pd
+#define _mm512_castps_pd(a) BSEMU::castps_pd(a)
+#undef _mm512_castpd_ps
+#define _mm512_castpd_ps(a) BSEMU::castpd_ps(a)
+#undef _mm512_castsi512_ps
+#define _mm512_castsi512_ps(a) BSEMU::castsi512_ps(a)
+#undef _mm512_shuffle_f32x4
+#define _mm512_shuffle_f32x4(a, b, imm) BSEMU::shuffle_f32x4(a, b, imm)
+#undef _mm512_permutex2var_ps
+#define _mm512_permutex2var_ps(a, i, b) BSEMU::permutex2var_ps(a, i, b)

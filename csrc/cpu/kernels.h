@@ -61,6 +61,7 @@ struct AttentionArgs {
   bool causal;
   float scale;              // multiplies q k^T (usually D^-0.5)
   int64_t q_offset;         // absolute position of query row 0 (chunked prefill, decode)
+  int64_t kv_splits = 0;    // decode: key-block ranges per task (split-KV); 0 = chosen by the kernel
 };
 
 // Which implementation runs a kernel. Order matters: a larger value needs more of the CPU.

@@ -11,7 +11,7 @@
 // l = 0 and writes zeros. Work is proportional to the number of selected blocks.
 //
 // With few rows (decode: one token times the GQA group) packing K^T would cost as much
-// as the product itself, so such tasks take dot products against each key row instead.
+// as the product itself, so such tasks take each unit's decode kernel instead.
 #pragma once
 
 #include <algorithm>
@@ -216,26 +216,84 @@ void attention_task_tiled(const AttentionArgs& a, const AttnTask& t, const Block
   }
 }
 
-// ---- Few rows (decode): dot products against each key row ------------------------------
+// ---- Few rows (decode) -----------------------------------------------------------------
 //
-// With one token times the GQA group there is too little to tile; each key row is
-// converted once and dotted with every row, and O is updated row by row.
+// A decode task has one token (or a few) times the GQA group: at most kAttnDotRows rows,
+// too few to tile. Its rows are run over a range of its key blocks by the unit's decode
+// kernel (Isa::decode_rows: attention_task_dot below for AVX2, avx512_attention.h for
+// AVX-512), which leaves each row's flash state: O unnormalized, m, l. With enough tasks
+// for the threads that range is every block and the state is written out at once;
+// otherwise (few batch x kv heads, long contexts) each task's blocks are split into
+// ranges run as separate tasks and their states merged (flash-decoding split-KV).
+
+// The flash state of a task's rows after a range of its key blocks.
+struct DecodeRows {
+  float* o;  // [rows][D]  sum of 2^(s - m) v over the keys seen, natural element order
+  float* m;  // [rows]     running max of the scores (log2 units), -inf before any key
+  float* l;  // [rows]     running sum of 2^(s - m)
+  static size_t floats(int64_t rows, int64_t d) { return size_t(round_up(rows * (d + 2), 16)); }
+  static DecodeRows at(float* base, int64_t rows, int64_t d) {
+    return DecodeRows{base, base + rows * d, base + rows * (d + 1)};
+  }
+};
+
+// out = O / l (zeros for a row that saw no key) and lse = (m + log2 l) ln 2.
+inline void write_decode_rows(const AttentionArgs& a, const AttnTask& t, const DecodeRows& st) {
+  const int64_t D = a.d;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t h = t.row_head(r), i = t.row_query(r);
+    const float l = st.l[r];
+    const __m256 iv = _mm256_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
+    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * dtype_size(a.dtype);
+    for (int64_t d = 0; d < D; d += 8)
+      store8(dst + d * dtype_size(a.dtype), a.dtype, _mm256_mul_ps(_mm256_loadu_ps(st.o + r * D + d), iv));
+    if (a.lse)
+      a.lse[(t.b * a.hq + h) * a.lq + i] =
+          l > 0.0f ? (st.m[r] + std::log2(l)) * kLn2 : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Merges the states of n ranges of the same rows into the first: with M the largest m,
+// O = sum 2^(m_s - M) O_s and l = sum 2^(m_s - M) l_s (a range that saw no key has l = 0
+// and m = -inf, weight 0).
+inline void merge_decode_rows(const DecodeRows* parts, int64_t n, int64_t rows, int64_t d) {
+  const DecodeRows& dst = parts[0];
+  for (int64_t r = 0; r < rows; ++r) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, parts[s].m[r]);
+    if (mx == -std::numeric_limits<float>::infinity()) continue;  // every range is empty: l = 0
+    float* o = dst.o + r * d;
+    const float w0 = std::exp2(dst.m[r] - mx);
+    float l = dst.l[r] * w0;
+    for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), _mm256_set1_ps(w0)));
+    for (int64_t s = 1; s < n; ++s) {
+      const float w = std::exp2(parts[s].m[r] - mx);  // 0 for an empty range
+      if (w == 0.0f) continue;
+      l += parts[s].l[r] * w;
+      const float* os = parts[s].o + r * d;
+      const __m256 wv = _mm256_set1_ps(w);
+      for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(os + i), wv, _mm256_loadu_ps(o + i)));
+    }
+    dst.m[r] = mx;
+    dst.l[r] = l;
+  }
+}
+
+// The AVX2 decode kernel: each key row is converted once and dotted with every row, and O
+// is updated row by row.
 struct DotScratch {
   float* q;    // [rows][D]   pre-scaled queries
-  float* o;    // [rows][D]   output accumulators
   float* s;    // [rows][ld]  scores, then probabilities, of one block
-  float* m;    // [rows]      running max (log2 units)
-  float* l;    // [rows]      running sum
   float* row;  // [D]         one converted key or value row
 
-  static size_t floats(int64_t rows, int64_t d, int64_t ld) { return size_t(rows * (2 * d + ld + 2) + d); }
+  static size_t floats(int64_t rows, int64_t d, int64_t block_k) {
+    return size_t(rows * (d + round_up(block_k, 8)) + d);
+  }
   DotScratch(float* base, int64_t rows, int64_t d, int64_t ld) {
     q = base;
-    o = q + rows * d;
-    s = o + rows * d;
-    m = s + rows * ld;
-    l = m + rows;
-    row = l + rows;
+    s = q + rows * d;
+    row = s + rows * ld;
   }
 };
 
@@ -262,7 +320,9 @@ inline float softmax_row(float* s, int64_t n, float& m, float& l) {
   return alpha;
 }
 
-inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, float* base) {
+// Rows of task t over its key blocks [bi0, bi1) into st.
+inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, int64_t bi0,
+                               int64_t bi1, float* base, const DecodeRows& st) {
   const int64_t D = a.d, ld = round_up(a.block_k, 8);
   const float ninf = -std::numeric_limits<float>::infinity();
   DotScratch w(base, t.rows, D, ld);
@@ -270,11 +330,11 @@ inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const 
   for (int64_t r = 0; r < t.rows; ++r) {
     load_row(a.q, a.dtype, offset(a.q_strides, t.b, t.row_head(r), t.row_query(r)), D, w.q + r * D);
     for (int64_t d = 0; d < D; ++d) w.q[r * D + d] *= qs;
-    for (int64_t d = 0; d < D; ++d) w.o[r * D + d] = 0.0f;
-    w.m[r] = ninf;
-    w.l[r] = 0.0f;
+    for (int64_t d = 0; d < D; ++d) st.o[r * D + d] = 0.0f;
+    st.m[r] = ninf;
+    st.l[r] = 0.0f;
   }
-  for (int64_t bi = 0; bi < blocks.count; ++bi) {
+  for (int64_t bi = bi0; bi < bi1; ++bi) {
     const int64_t j0 = blocks[bi] * a.block_k;
     const int64_t nk = imin(a.block_k, a.lk - j0);
     if (nk <= 0 || j0 >= key_limit(a, t.i0 + t.nq - 1)) continue;
@@ -294,40 +354,128 @@ inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const 
       for (int64_t c = vis; c < ncols; ++c) w.s[r * ld + c] = ninf;
     }
     for (int64_t r = 0; r < t.rows; ++r) {
-      const float alpha = softmax_row(w.s + r * ld, ncols, w.m[r], w.l[r]);
+      const float alpha = softmax_row(w.s + r * ld, ncols, st.m[r], st.l[r]);
       if (alpha == 1.0f) continue;
       const __m256 av = _mm256_set1_ps(alpha);
-      float* o = w.o + r * D;
+      float* o = st.o + r * D;
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), av));
     }
     for (int64_t c = 0; c < nk; ++c) {
       load_row(a.v, a.dtype, offset(a.v_strides, t.b, t.hk, j0 + c), D, w.row);
       for (int64_t r = 0; r < t.rows; ++r) {
         const __m256 p = _mm256_set1_ps(w.s[r * ld + c]);
-        float* o = w.o + r * D;
+        float* o = st.o + r * D;
         for (int64_t d = 0; d < D; d += 8)
           _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(w.row + d), _mm256_loadu_ps(o + d)));
       }
     }
   }
-  for (int64_t r = 0; r < t.rows; ++r) {
-    const int64_t h = t.row_head(r), i = t.row_query(r);
-    const float l = w.l[r];
-    const __m256 iv = _mm256_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
-    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * dtype_size(a.dtype);
-    for (int64_t d = 0; d < D; d += 8)
-      store8(dst + d * dtype_size(a.dtype), a.dtype, _mm256_mul_ps(_mm256_loadu_ps(w.o + r * D + d), iv));
-    if (a.lse) a.lse[(t.b * a.hq + h) * a.lq + i] = l > 0.0f ? (w.m[r] + std::log2(l)) * kLn2 : ninf;
+}
+
+inline AttnTask make_task(const AttentionArgs& a, int64_t task) {
+  const int64_t nqb = ceil_div(a.lq, a.block_q);
+  AttnTask t;
+  t.qb = task % nqb;
+  t.hk = (task / nqb) % a.hkv;
+  t.b = task / (nqb * a.hkv);
+  t.i0 = t.qb * a.block_q;
+  t.nq = imin(a.block_q, a.lq - t.i0);
+  t.group = a.hq / a.hkv;
+  t.rows = t.group * t.nq;
+  return t;
+}
+
+// Split-KV: below this many tasks per thread a decode call splits each task's key blocks
+// into ranges, so that dynamic claiming balances the threads to within a small part of the
+// work (with one range per thread a worker that starts late leaves the caller doing it all:
+// 1 kv head, 2 rows, 2048 keys, 2 threads measured 22 us with 2 ranges in some runs, 13-14
+// with 4 to 8) ...
+constexpr int64_t kDecodeTasksPerThread = 4;
+// ... of at least this many keys (~3 us at 2 rows), so that the merge (reading the rows'
+// D + 2 floats per range) and the extra dispatch stay small next to a range's own work.
+constexpr int64_t kDecodeMinSplitKeys = 256;
+// Upper bound of the ranges per task (the merge keeps their states on the stack).
+constexpr int64_t kDecodeMaxSplits = 64;
+
+// Ranges per decode task: a.kv_splits when set (tests), else as above.
+inline int64_t decode_splits(const AttentionArgs& a, int64_t tasks, int threads) {
+  const int64_t nqb = ceil_div(a.lq, a.block_q);
+  int64_t max_blocks = ceil_div(a.lk, a.block_k);
+  if (a.indptr) {
+    max_blocks = 0;
+    for (int64_t r = 0; r < a.b * a.hkv; ++r)
+      for (int64_t qb = 0; qb < nqb; ++qb)
+        max_blocks = imax(max_blocks, a.indptr[r * (nqb + 1) + qb + 1] - a.indptr[r * (nqb + 1) + qb]);
   }
+  int64_t n = 1;
+  if (a.kv_splits > 0)
+    n = a.kv_splits;
+  else if (threads > 1 && tasks < kDecodeTasksPerThread * threads)
+    n = imin(ceil_div(kDecodeTasksPerThread * threads, tasks), max_blocks * a.block_k / kDecodeMinSplitKeys);
+  return imax(1, imin(imin(n, max_blocks), kDecodeMaxSplits));
+}
+
+// Every task has at most kAttnDotRows rows.
+template <class Isa>
+Status attention_decode_x86(const AttentionArgs& a, ThreadPool& pool) {
+  const int64_t nqb = ceil_div(a.lq, a.block_q), tasks = a.b * a.hkv * nqb;
+  const int64_t max_rows = (a.hq / a.hkv) * imin(a.block_q, a.lq), D = a.d;
+  const size_t work = Isa::decode_floats(max_rows, D, a.block_k);
+  const size_t state = DecodeRows::floats(max_rows, D);
+  const int64_t splits = decode_splits(a, tasks, pool.num_threads());
+  bool oom = false;
+  if (splits == 1) {
+    pool.parallel_for(tasks, [&](int64_t task, int) {
+      float* base = static_cast<float*>(thread_scratch(kScratchAcc, (state + work) * sizeof(float)));
+      if (!base) {
+        oom = true;
+        return;
+      }
+      const AttnTask t = make_task(a, task);
+      const BlockList blocks = key_blocks(a, t.b, t.hk, t.qb);
+      const DecodeRows st = DecodeRows::at(base, t.rows, D);
+      Isa::decode_rows(a, t, blocks, 0, blocks.count, base + state, st);
+      write_decode_rows(a, t, st);
+    });
+    return oom ? Status::kOutOfMemory : Status::kOk;
+  }
+  // The ranges' states, [tasks][splits][state], in the calling thread's scratch (the
+  // tasks below use another slot).
+  float* parts = static_cast<float*>(thread_scratch(kScratchX, tasks * splits * state * sizeof(float)));
+  if (!parts) return Status::kOutOfMemory;
+  pool.parallel_for(tasks * splits, [&](int64_t job, int) {
+    float* base = static_cast<float*>(thread_scratch(kScratchAcc, work * sizeof(float)));
+    if (!base) {
+      oom = true;
+      return;
+    }
+    const int64_t task = job / splits, s = job % splits;
+    const AttnTask t = make_task(a, task);
+    const BlockList blocks = key_blocks(a, t.b, t.hk, t.qb);
+    const DecodeRows st = DecodeRows::at(parts + job * state, t.rows, D);
+    Isa::decode_rows(a, t, blocks, blocks.count * s / splits, blocks.count * (s + 1) / splits, base, st);
+  });
+  if (oom) return Status::kOutOfMemory;
+  pool.parallel_for(tasks, [&](int64_t task, int) {
+    const AttnTask t = make_task(a, task);
+    DecodeRows st[kDecodeMaxSplits];
+    for (int64_t s = 0; s < splits; ++s) st[s] = DecodeRows::at(parts + (task * splits + s) * state, t.rows, D);
+    merge_decode_rows(st, splits, t.rows, D);
+    write_decode_rows(a, t, st[0]);
+  });
+  return Status::kOk;
 }
 
 template <class Isa>
 Status attention_x86(const AttentionArgs& a, ThreadPool& pool) {
   const int64_t nqb = ceil_div(a.lq, a.block_q), group = a.hq / a.hkv;
   const int64_t max_rows = group * imin(a.block_q, a.lq);
-  const size_t floats =
-      std::max(TiledScratch<Isa>::floats(max_rows, a.d, a.block_k),
-               DotScratch::floats(imin(max_rows, kAttnDotRows), a.d, round_up(a.block_k, 8)));
+  if (max_rows <= kAttnDotRows) return attention_decode_x86<Isa>(a, pool);
+  // A last query block may still have few rows: it takes the decode kernel, whole.
+  const int64_t dot_rows = imin(max_rows, kAttnDotRows);
+  const size_t dot_state = DecodeRows::floats(dot_rows, a.d);
+  const size_t floats = std::max(TiledScratch<Isa>::floats(max_rows, a.d, a.block_k),
+                                 dot_state + Isa::decode_floats(dot_rows, a.d, a.block_k));
   bool oom = false;
   pool.parallel_for(a.b * a.hkv * nqb, [&](int64_t task, int) {
     float* base = static_cast<float*>(thread_scratch(kScratchAcc, floats * sizeof(float)));
@@ -335,19 +483,15 @@ Status attention_x86(const AttentionArgs& a, ThreadPool& pool) {
       oom = true;
       return;
     }
-    AttnTask t;
-    t.qb = task % nqb;
-    t.hk = (task / nqb) % a.hkv;
-    t.b = task / (nqb * a.hkv);
-    t.i0 = t.qb * a.block_q;
-    t.nq = imin(a.block_q, a.lq - t.i0);
-    t.group = group;
-    t.rows = group * t.nq;
+    const AttnTask t = make_task(a, task);
     const BlockList blocks = key_blocks(a, t.b, t.hk, t.qb);
-    if (t.rows <= kAttnDotRows)
-      attention_task_dot(a, t, blocks, base);
-    else
+    if (t.rows <= kAttnDotRows) {
+      const DecodeRows st = DecodeRows::at(base, t.rows, a.d);
+      Isa::decode_rows(a, t, blocks, 0, blocks.count, base + dot_state, st);
+      write_decode_rows(a, t, st);
+    } else {
       attention_task_tiled<Isa>(a, t, blocks, base);
+    }
   });
   return oom ? Status::kOutOfMemory : Status::kOk;
 }

@@ -101,14 +101,17 @@ def cast(a: Any, dtype: str) -> Any:
     return a.astype(BFLOAT16 if dtype == "bfloat16" else dtype)
 
 
-def empty(shape: tuple, dtype: str, kind: str, like: Any = None) -> Any:
-    """An uninitialized array for an op's output. MLX arrays are immutable, so MLX
-    outputs are written into numpy and converted afterwards (see finish_output)."""
+def empty(shape: tuple, like: Any, kind: str) -> Any:
+    """An uninitialized array of `like`'s element type (and device, for torch) for an op's
+    output. MLX arrays are immutable, so MLX outputs are written into numpy and converted
+    afterwards (see finish_output)."""
     if kind == TORCH:
-        import torch
-
-        device = like.device if like is not None else "cpu"
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        # like's own dtype object: no name round trip (a decode step's attention and GEMV
+        # calls are each only a few microseconds long).
+        return sys.modules["torch"].empty(shape, dtype=like.dtype, device=like.device)
+    if kind == NUMPY:
+        return np.empty(shape, dtype=like.dtype)
+    dtype = dtype_name(like)
     return np.empty(shape, dtype=BFLOAT16 if dtype == "bfloat16" else dtype)
 
 

@@ -25,7 +25,7 @@ def _output(op: str, out: Any, shape: tuple, like: Any, like_name: str, kind: st
     """The result array: a new one of `like`'s kind and dtype, or the caller's `out`
     (checked to be the same kind; its shape and dtype are checked natively)."""
     if out is None:
-        return A.empty(shape, A.dtype_name(like), kind, like)
+        return A.empty(shape, like, kind)
     if kind == A.MLX:
         raise TypeError(f"{op}: out= is not supported for MLX arrays (they are immutable)")
     if A.framework(out) != kind:
@@ -86,9 +86,9 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
     """
     kind = A.framework(q)
     for name, t in (("k", k), ("v", v)):
-        if A.framework(t) != kind:
+        if type(t) is not type(q) and A.framework(t) != kind:
             raise TypeError(f"attention: {name} is a {A.framework(t)} array but q is {kind}")
-    shape = tuple(int(d) for d in q.shape)
+    shape = tuple(q.shape)
     if len(shape) != 4:
         raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {shape}")
     o = _output("attention", out, shape, q, "q", kind)
