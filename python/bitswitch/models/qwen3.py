@@ -10,6 +10,7 @@ q/k/v biases and without the q/k norms.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -20,6 +21,8 @@ from .. import attention as attn
 from .. import ops
 from .. import torch as bt
 from ..torch import FULL, QLinear
+from .. import precision as P
+from ..precision import SPARSE_DEFAULTS
 from .config import Qwen3Config, rope_inv_freq
 
 __all__ = ["KVCache", "QEmbedding", "Qwen3", "Qwen3Config"]
@@ -93,9 +96,10 @@ class QEmbedding(nn.Module):
 
 class KVCache:
     """Static cache: K (after norm and RoPE) and V per layer, [B, Hkv, capacity, D], plus the
-    per-block key summaries decode page selection reads."""
+    per-block key summaries decode page selection reads, built for a layer when it first
+    attends sparsely and kept up to date while it does."""
 
-    def __init__(self, cfg: Qwen3Config, batch: int, capacity: int, dtype: torch.dtype, summaries: bool = False):
+    def __init__(self, cfg: Qwen3Config, batch: int, capacity: int, dtype: torch.dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
@@ -103,11 +107,22 @@ class KVCache:
         self.length = 0
         # Per-layer views [B, Hkv, capacity, D], so a step indexes no layer dimension.
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
-        self.summaries = [attn.KeyBlockSummary(batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-                          for _ in range(cfg.num_hidden_layers)] if summaries else None
+        self.summaries: list = [None] * cfg.num_hidden_layers
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def summary(self, layer: int, length: int) -> "attn.KeyBlockSummary":
+        """The key summary of a layer covering positions [0, length): rebuilt from the cached
+        keys when the layer has none or it is stale (the layer attended densely meanwhile)."""
+        s = self.summaries[layer]
+        if s is None or s.length != length:
+            k = self.k_layers[layer]
+            s = attn.KeyBlockSummary(k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            if length:
+                s.append(k.narrow(2, 0, length))
+            self.summaries[layer] = s
+        return s
 
 
 class Attention(nn.Module):
@@ -135,8 +150,7 @@ class Attention(nn.Module):
         kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
         mask = None
         if self.sparse is not None:
-            if cache.summaries is not None:
-                cache.summaries[self.layer].append(kc.narrow(2, pos, n))
+            cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
         # The output written as [B, n, Hq, D], so o_proj reads it without a copy.
         o = q.new_empty((b, n, self.hq, self.d))
@@ -208,21 +222,27 @@ class Qwen3(nn.Module):
                 self.get_parameter(name).copy_(t)
         self.cache: Optional[KVCache] = None
         self._rope: Optional[tuple] = None  # (cos, signed sin) [positions, D], see _rope_tables
-        self.prefill_plan: dict = {"method": "select", "tau": 0.9}
+        self.prefill_plan: dict = {"method": "select", "tau": SPARSE_DEFAULTS["tau"]}
+        # Precision switching (set_precision): a switch asked for during a forward waits in
+        # _pending until that forward ends; forward_precision_version numbers the setting
+        # the last forward ran under.
+        self._projections: Optional[dict] = None
+        self._switch_lock = threading.Lock()
+        self._pending: Optional[P.Assignment] = None
+        self._in_forward = False
+        self._precision_version = 0
+        self.forward_precision_version = 0
 
     # -- cache ------------------------------------------------------------------------------
     def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
         """Empties the cache; reallocates it only when the batch or capacity changes."""
         cap = capacity or (self.cache.capacity if self.cache else min(self.config.max_position_embeddings, 4096))
-        sparse = any(l.self_attn.sparse for l in self.layers)
         c = self.cache
-        if c is None or c.k.shape[1] != batch or c.capacity != cap or (c.summaries is not None) != sparse:
-            self.cache = KVCache(self.config, batch, cap, self.dtype, summaries=sparse)
+        if c is None or c.k.shape[1] != batch or c.capacity != cap:
+            self.cache = KVCache(self.config, batch, cap, self.dtype)
         else:
             c.length = 0
-            if c.summaries is not None:
-                self.cache.summaries = [attn.KeyBlockSummary(batch, self.config.num_key_value_heads, cap,
-                                                             self.config.head_dim) for _ in self.layers]
+            c.summaries = [None] * len(self.layers)
 
     def truncate(self, length: int) -> None:
         """Keeps the first `length` cached positions and drops the rest (a chat turn that
@@ -234,11 +254,8 @@ class Qwen3(nn.Module):
                              f"got {length!r}")
         if self.cache is None:
             return
-        c = self.cache
-        c.length = length
-        if c.summaries is not None:
-            c.summaries = [attn.KeyBlockSummary.from_keys(c.k[i, :, :, :length], capacity=c.capacity)
-                           for i in range(len(self.layers))]
+        self.cache.length = length
+        self.cache.summaries = [None] * len(self.layers)
 
     def _rope_tables(self, length: int) -> tuple:
         """cos and signed sin (see torch.rope_reference) [positions, D] for at least `length`
@@ -254,19 +271,30 @@ class Qwen3(nn.Module):
             self._rope = (cos, sin)
         return self._rope
 
+    def _prefill_options(self, sparse: dict) -> dict:
+        """attention.plan options of a sparse layer's prefill: its own "prefill" dict, else a
+        runtime selection with its tau or density, else the model's prefill_plan."""
+        if "prefill" in sparse:
+            return dict(sparse["prefill"])
+        for k in ("density", "tau"):
+            if k in sparse:
+                return {"method": "select", k: sparse[k]}
+        return dict(self.prefill_plan)
+
     def _plan(self):
         """Masks of one forward: built once, reused by every sparse layer (prefill: from the
         first sparse layer's q and k; decode: pages from each layer's own key summaries)."""
         built = {}
 
         def plan(layer: Attention, q, kc, cache: KVCache, pos: int):
-            if q.shape[2] > 1:  # prefill / chunk
-                if "mask" not in built:
-                    opts = dict(layer.sparse.get("prefill", self.prefill_plan))
+            if q.shape[2] > 1:  # prefill / chunk: one mask per distinct selection setting
+                opts = self._prefill_options(layer.sparse)
+                key = repr(sorted(opts.items()))
+                if key not in built:
                     method = opts.pop("method", "select")
-                    built["mask"] = attn.plan(q, kc, method, q_offset=pos, **opts)
-                return built["mask"]
-            pages = layer.sparse.get("pages", 64)
+                    built[key] = attn.plan(q, kc, method, q_offset=pos, **opts)
+                return built[key]
+            pages = layer.sparse.get("pages", SPARSE_DEFAULTS["pages"])
             summary = cache.summaries[layer.layer]
             if -(-summary.length // summary.block_k) <= pages + 2:
                 return None  # the budget covers the cache: dense
@@ -289,53 +317,99 @@ class Qwen3(nn.Module):
         if cache.length + n > cache.capacity:
             raise ValueError(f"Qwen3: {cache.length} cached + {n} new tokens exceed the cache capacity "
                              f"{cache.capacity}; call reset(capacity=...)")
-        rope = self._rope_tables(cache.length + n)
-        ctx = {"plan": self._plan()}
-        h = self.embed_tokens(ids)  # the residual stream [B, n, hidden], updated in place
-        delta = None
-        for layer in self.layers:
-            delta = layer(h, delta, rope, cache, ctx)
-        cache.length += n
-        if 0 < logits_to_keep < n:
-            h, delta = (t[:, n - logits_to_keep:].contiguous() for t in (h, delta))
-        return self.lm_head(self.norm(h, delta))
+        self._forward_begin()
+        try:
+            rope = self._rope_tables(cache.length + n)
+            ctx = {"plan": self._plan()}
+            h = self.embed_tokens(ids)  # the residual stream [B, n, hidden], updated in place
+            delta = None
+            for layer in self.layers:
+                delta = layer(h, delta, rope, cache, ctx)
+            cache.length += n
+            if 0 < logits_to_keep < n:
+                h, delta = (t[:, n - logits_to_keep:].contiguous() for t in (h, delta))
+            return self.lm_head(self.norm(h, delta))
+        finally:
+            self._forward_end()
 
     # -- precision ---------------------------------------------------------------------------
     def linears(self) -> dict:
         return {name: m for name, m in self.named_modules() if isinstance(m, QLinear)}
 
+    def projection_modules(self) -> dict:
+        """Every switchable weight by the path a checkpoint names it ("model.layers.0.mlp.up_proj",
+        ..., "lm_head", "model.embed_tokens"): the addresses of precision policies."""
+        if self._projections is None:
+            out = {}
+            for path in P.projection_paths(len(self.layers)):
+                if path == P.EMBED:
+                    out[path] = self.embed_tokens.lin
+                elif path == P.LM_HEAD:
+                    out[path] = self.lm_head
+                else:
+                    out[path] = self.get_submodule(path[len("model."):])
+            self._projections = out
+        return self._projections
+
+    def set_precision(self, policy) -> "P.PrecisionReport":
+        """Switches the precision of every layer (see bitswitch.precision for the policy forms:
+        a mode, a mapping of module globs / layer indices to settings, a plan file).
+
+        The next forward reads the new views: nothing is reloaded, allocated or re-quantized.
+        The policy is checked here, so an unavailable view raises ValueError (naming the
+        layers) before anything changes. Called while another thread runs a forward, the
+        switch waits for that forward (one token, or one prefill chunk) to finish, so every
+        token is computed under one policy; this call does not block. Returns the report of
+        the new setting."""
+        with self._switch_lock:
+            base = self._pending or P.current(self)
+        a = P.resolve(self, policy, base=base)
+        with self._switch_lock:
+            if self._in_forward:
+                self._pending = a
+            else:
+                P.apply(self, a)
+                self._precision_version += 1
+        return P.report(self, a)
+
+    def precision(self) -> "P.PrecisionReport":
+        """The effective setting of every layer and the weight bytes a decode token reads
+        (print it for a table)."""
+        with self._switch_lock:
+            return P.report(self, pending=self._pending is not None)
+
     def set_bits(self, bits) -> None:
         """Every projection, the lm_head and the embedding read `bits` (4, 8 or "full") from
-        the next call on. Raises ValueError, changing nothing, if some layer does not hold
-        that view (an INT4-only weight has no plane 1; "full" needs a kept float weight)."""
-        if bits not in (4, 8, FULL):
+        the next call on: set_precision({"*": {"bits": bits}}). Raises ValueError, changing
+        nothing, if some layer does not hold that view."""
+        if isinstance(bits, bool) or bits not in (4, 8, FULL):
             raise ValueError(f"Qwen3.set_bits: bits must be 4, 8 or {FULL!r}, got {bits!r}")
-        lacking = [name for name, m in self.linears().items() if bits not in m.bits_available]
-        if lacking:
-            what = "plane 1 (they hold only the INT4 view)" if bits == 8 else "a kept float weight (load with keep_float=True)"
-            raise ValueError(f"Qwen3.set_bits: bits={bits!r} asked, but {len(lacking)} of {len(self.linears())} layers "
-                             f"lack {what}: {', '.join(lacking[:5])}" + (" ..." if len(lacking) > 5 else ""))
-        for m in self.linears().values():
-            m.bits = bits
-        self.embed_tokens.bits = bits
+        self.set_precision({"*": {"bits": bits}})
 
     def weight_bytes(self, bits=None) -> int:
-        """Bytes of weights one decode token reads in the current (or the given) setting: every
-        projection and the lm_head. An untied embedding table is not counted (a token reads
-        one row of it); a tied one is, as the lm_head."""
-        total = 0
-        for name, m in self.linears().items():
-            if m is self.embed_tokens.lin and m is not self.lm_head:
-                continue
-            bb = m.bits if bits is None else bits
-            if bb not in m.bits_available:
-                raise ValueError(f"Qwen3.weight_bytes: {name} has no {bb!r} view (it holds {m.bits_available})")
-            if bb == FULL:
-                total += m.weight_full.numel() * m.weight_full.element_size()
-                continue
-            planes = 1 if bb == 4 else 2
-            total += m.plane0.numel() * 4 * planes + m.scales.numel() * m.scales.element_size() * 2
-        return total
+        """Bytes of weights one decode token reads in the current setting (or with every
+        weight at `bits`): every projection and the lm_head. An untied embedding table is not
+        counted (a token reads one row of it); a tied one is, as the lm_head."""
+        if bits is None:
+            return P.report(self).bytes_per_token
+        return P.report(self, P.resolve(self, {"*": {"bits": bits}})).bytes_per_token
+
+    def _forward_begin(self) -> None:
+        with self._switch_lock:
+            if self._pending is not None:
+                P.apply(self, self._pending)
+                self._pending = None
+                self._precision_version += 1
+            self._in_forward = True
+            self.forward_precision_version = self._precision_version
+
+    def _forward_end(self) -> None:
+        with self._switch_lock:
+            self._in_forward = False
+            if self._pending is not None:
+                P.apply(self, self._pending)
+                self._pending = None
+                self._precision_version += 1
 
 
 def build_linear(w: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, keep_float: bool,
