@@ -224,14 +224,14 @@ class Qwen3(nn.Module):
         self._rope: Optional[tuple] = None  # (cos, signed sin) [positions, D], see _rope_tables
         self.prefill_plan: dict = {"method": "select", "tau": SPARSE_DEFAULTS["tau"]}
         # Precision switching (set_precision): a switch asked for during a forward waits in
-        # _pending until that forward ends; forward_precision_version numbers the setting
-        # the last forward ran under.
+        # _pending until that forward ends. forward_precision is the assignment the last
+        # forward ran under (the last one set_precision applied; None before the first).
         self._projections: Optional[dict] = None
         self._switch_lock = threading.Lock()
         self._pending: Optional[P.Assignment] = None
         self._in_forward = False
-        self._precision_version = 0
-        self.forward_precision_version = 0
+        self._applied: Optional[P.Assignment] = None
+        self.forward_precision: Optional[P.Assignment] = None
 
     # -- cache ------------------------------------------------------------------------------
     def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
@@ -368,8 +368,7 @@ class Qwen3(nn.Module):
             if self._in_forward:
                 self._pending = a
             else:
-                P.apply(self, a)
-                self._precision_version += 1
+                self._apply(a)
         return P.report(self, a)
 
     def precision(self) -> "P.PrecisionReport":
@@ -394,22 +393,23 @@ class Qwen3(nn.Module):
             return P.report(self).bytes_per_token
         return P.report(self, P.resolve(self, {"*": {"bits": bits}})).bytes_per_token
 
+    def _apply(self, a: "P.Assignment") -> None:  # with _switch_lock held
+        P.apply(self, a)
+        self._applied = a
+        self._pending = None
+
     def _forward_begin(self) -> None:
         with self._switch_lock:
             if self._pending is not None:
-                P.apply(self, self._pending)
-                self._pending = None
-                self._precision_version += 1
+                self._apply(self._pending)
             self._in_forward = True
-            self.forward_precision_version = self._precision_version
+            self.forward_precision = self._applied
 
     def _forward_end(self) -> None:
         with self._switch_lock:
             self._in_forward = False
             if self._pending is not None:
-                P.apply(self, self._pending)
-                self._pending = None
-                self._precision_version += 1
+                self._apply(self._pending)
 
 
 def build_linear(w: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, keep_float: bool,
