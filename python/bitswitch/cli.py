@@ -3,6 +3,7 @@
     bitswitch generate [PROMPT]    text from a model (default: the embedded tiny Qwen3)
     bitswitch chat                 interactive multi-turn chat, thinking on or off
     bitswitch quantize SRC DST     a checkpoint saved as nibble planes (no re-quantization at load)
+    bitswitch plan                 INT4/INT8 per layer from measured sensitivity, under a budget
     bitswitch info [MODEL]         version, CPU features, kernel variant, backends; or a model's layout
     bitswitch bench [kernels ...]  qmatmul benchmarks against torch and MLX (see --help)
     bitswitch bench attention      block-sparse attention against torch SDPA
@@ -84,6 +85,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     q.add_argument("dst", help="output folder")
     q.add_argument("--bits", type=int, default=8, choices=(4, 8), help="8: planes 0 and 1 (both views); 4: plane 0")
     q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    pl = sub.add_parser("plan", help="choose INT4/INT8 per layer from measured sensitivity under a budget; "
+                                     "writes a plan file for --precision / set_precision")
+    pl.add_argument("-m", "--model", default=None, help="model folder or repo id (default: the embedded tiny Qwen3)")
+    budget = pl.add_mutually_exclusive_group()
+    budget.add_argument("--bits-per-weight", type=float, default=None,
+                        help="weight bits a decode token reads per weight, scales included (INT4 g64: 4.5, INT8: 8.5)")
+    budget.add_argument("--bytes-per-token", type=float, default=None, help="weight bytes a decode token may read")
+    budget.add_argument("--max-kl", type=float, default=None,
+                        help="the most INT4 whose summed per-unit KL from INT8 stays under this (nats per token)")
+    pl.add_argument("--method", default="knapsack", choices=("greedy", "knapsack"))
+    pl.add_argument("--granularity", default="layer", choices=("layer", "block"),
+                    help="units that drop to INT4 alone: whole layers, or attention and MLP blocks separately")
+    pl.add_argument("--calibration", default=None, help="a text file (default: Python's help() topics)")
+    pl.add_argument("--tokens", type=int, default=512, help="calibration tokens")
+    pl.add_argument("--seq", type=int, default=128, help="tokens per calibration sequence")
+    pl.add_argument("--attention", action="store_true",
+                    help="also measure each layer with block-sparse attention (needs long --seq)")
+    pl.add_argument("--max-attention-kl", type=float, default=None,
+                    help="with --attention: layers whose sparse-attention KL is at most this attend sparsely")
+    pl.add_argument("--frontier", default="4.5,5,5.5,6,7,8.5",
+                    help="bits-per-weight budgets of the frontier table ('' for none)")
+    pl.add_argument("-o", "--output", default="plan.json", help="plan file to write")
+    pl.add_argument("--plot", default=None, help="also draw the frontier to this PNG (needs matplotlib)")
+    pl.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    pl.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    pl.add_argument("--threads", type=int, default=None)
     b = sub.add_parser("bench", help="benchmarks against the best alternatives, measured in the same run; "
                                      "options after the target go to it (bitswitch bench kernels --help)",
                        add_help=False)
@@ -98,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if a.command == "info":
             return cm.info(a) if a.model else _info(a)
-        if a.command in ("generate", "chat", "quantize"):
+        if a.command in ("generate", "chat", "quantize", "plan"):
             return getattr(cm, a.command)(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"bitswitch {a.command}: {e}", file=sys.stderr)

@@ -255,14 +255,17 @@ def _prompt_list(prompt_ids, vocab: int) -> list:
 
 def stream(model: "Qwen3", tokenizer: "Tokenizer", prompt_ids, params: Optional[SamplingParams] = None,
            max_new_tokens: int = 256, eos_ids: Optional[Sequence[int]] = None, chunk_size: int = 512,
-           cached_tokens: int = 0) -> Iterator[TokenEvent]:
+           cached_tokens: int = 0, precision=None, controller=None) -> Iterator[TokenEvent]:
     """Generates up to `max_new_tokens` tokens after `prompt_ids`, one TokenEvent each; stops
     after an id in `eos_ids` (default: the tokenizer's eos ids; [] never stops early).
 
     The prompt is prefilled `chunk_size` tokens at a time. `cached_tokens`: the first that
     many prompt ids are already in the model's KV cache (from an earlier call with the same
-    ids), so only the rest is computed; 0 starts from an empty cache. Arguments and the
-    cache capacity are checked here, before anything runs."""
+    ids), so only the rest is computed; 0 starts from an empty cache. `precision`: a policy
+    (bitswitch.precision) set before the prefill; `controller`: a
+    bitswitch.controller.AutoPrecision that sees the time of every decode step and may
+    switch layers between tokens. Arguments and the cache capacity are checked here,
+    before anything runs."""
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise TypeError(f"stream: params must be a SamplingParams, got {type(params).__name__}")
@@ -284,10 +287,15 @@ def stream(model: "Qwen3", tokenizer: "Tokenizer", prompt_ids, params: Optional[
         raise ValueError(f"stream: the prompt ({len(ids)} tokens) and max_new_tokens={max_new_tokens} need "
                          f"{need} cache positions, the model's cache holds {model.cache.capacity}; call "
                          f"model.reset(capacity=...) or ask for fewer tokens")
-    return _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, min(cached_tokens, len(ids) - 1))
+    if controller is not None and not callable(getattr(controller, "observe", None)):
+        raise TypeError(f"stream: controller must have an observe(seconds) method, got {type(controller).__name__}")
+    if precision is not None:
+        model.set_precision(precision)
+    return _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, min(cached_tokens, len(ids) - 1),
+                controller)
 
 
-def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached) -> Iterator[TokenEvent]:
+def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached, controller) -> Iterator[TokenEvent]:
     generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
     think = tokenizer.think_ids
     in_thinking = False
@@ -326,14 +334,18 @@ def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached)
         t0 = time.perf_counter()
         logits = model(torch.tensor([[tok]], dtype=torch.long))
         tok = sample(logits[0, -1], params, tokens, generator)
-        decode_s += time.perf_counter() - t0
+        step = time.perf_counter() - t0
+        decode_s += step
+        if controller is not None:
+            controller.observe(step)
 
 
 def generate(model: "Qwen3", tokenizer: "Tokenizer", prompt_ids, params: Optional[SamplingParams] = None,
              max_new_tokens: int = 256, eos_ids: Optional[Sequence[int]] = None, chunk_size: int = 512,
-             cached_tokens: int = 0) -> GenerationResult:
+             cached_tokens: int = 0, precision=None, controller=None) -> GenerationResult:
     """stream(...) run to the end: the GenerationResult."""
-    for ev in stream(model, tokenizer, prompt_ids, params, max_new_tokens, eos_ids, chunk_size, cached_tokens):
+    for ev in stream(model, tokenizer, prompt_ids, params, max_new_tokens, eos_ids, chunk_size, cached_tokens,
+                     precision, controller):
         pass
     return ev.result
 
@@ -390,10 +402,11 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": text}]
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=self.enable_thinking)
 
-    def send(self, text: str, params: Optional[SamplingParams] = None,
-             max_new_tokens: Optional[int] = None) -> Iterator[TokenEvent]:
+    def send(self, text: str, params: Optional[SamplingParams] = None, max_new_tokens: Optional[int] = None,
+             precision=None, controller=None) -> Iterator[TokenEvent]:
         """Streams the reply to `text` (TokenEvents; the last carries the result). A reply is
-        cut (stop_reason "length") where the model's cache is full."""
+        cut (stop_reason "length") where the model's cache is full. precision, controller:
+        as for stream (the cached turns keep the K/V computed under earlier settings)."""
         if not isinstance(text, str):
             raise TypeError(f"ChatSession.send: text must be a string, got {type(text).__name__}")
         params = params or self.params or SamplingParams.qwen(self.thinking_for(text))
@@ -413,7 +426,7 @@ class ChatSession:
                              f"({self.model.cache.capacity} positions); reset() the session or call "
                              f"model.reset(capacity=...)")
         events = stream(self.model, self.tokenizer, ids, params, min(max_new_tokens or self.max_new_tokens, room),
-                        chunk_size=self.chunk_size, cached_tokens=common)
+                        chunk_size=self.chunk_size, cached_tokens=common, precision=precision, controller=controller)
         return self._turn(text, ids, events)
 
     def _turn(self, text: str, ids: list, events: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
