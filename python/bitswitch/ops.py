@@ -107,7 +107,7 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
 
 
 def cpu_variant() -> str:
-    """The CPU kernel variant in use: 'scalar', 'avx2' or 'avx512'."""
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512' or 'amx'."""
     return _C.cpu_variant()
 
 
