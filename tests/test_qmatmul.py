@@ -10,9 +10,10 @@ from conftest import QMATMUL_TOL, cast, rel_err, variant_status
 # blocks or 16/32-column panels; K not a multiple of the 128-element steps or 256 blocks.
 # For the AMX GEMM: M = 9 just past the GEMV, M not a multiple of its 16/32-row tiles and
 # 513 past its 512-row tasks; K = 96, 160 (G = 32 only) shorter than one 256-input chunk,
-# 640 and 4224 ending in a partial chunk (4224: 132 groups of 32, bias tiles with a tail).
+# 640 and 4224 ending in a partial chunk (4224: 132 groups of 32, bias tiles with a tail);
+# N = 3 and 17, less than one 16- or 32-output tile.
 SHAPES = [(1, 64, 128), (2, 37, 224), (3, 100, 320), (8, 67, 384), (9, 40, 96), (33, 45, 1056),
-          (100, 72, 160), (128, 130, 512), (17, 33, 4224), (513, 200, 640)]
+          (100, 72, 160), (128, 130, 512), (17, 33, 4224), (513, 200, 640), (20, 3, 64), (300, 17, 32)]
 
 
 def make_case(rng, m, n, k, group_size, sdtype, xdtype):
