@@ -270,7 +270,7 @@ py::dict cpu_info() {
   feats["os_amx"] = f.os_amx;
   d["features"] = feats;
   py::dict variants;
-  for (auto v : {bs::cpu::Variant::kScalar, bs::cpu::Variant::kAvx2, bs::cpu::Variant::kAvx512}) {
+  for (auto v : bs::cpu::kAllVariants) {
     std::string why;
     const bool ok = bs::cpu::variant_supported(v, &why);
     variants[bs::cpu::variant_name(v)] = ok ? py::object(py::str("ok")) : py::object(py::str(why));
@@ -503,7 +503,7 @@ last dimension, rounded as transformers rounds (see bitswitch.ops.rms_norm). out
         if (!bs::cpu::set_variant(name, &why)) throw bs::ValueError("set_cpu_variant: " + why);
       },
       py::arg("name"),
-      "Forces the kernel variant ('scalar', 'avx2', 'avx512'); '' returns to BITSWITCH_CPU or automatic.");
+      "Forces the kernel variant ('scalar', 'avx2', 'avx512', 'amx'); '' returns to BITSWITCH_CPU or automatic.");
   m.def(
       "cpu_variant",
       []() {

@@ -9,7 +9,7 @@ import pytest
 import bitswitch as bs
 from bitswitch import _C
 
-VARIANTS = ("scalar", "avx2", "avx512")
+VARIANTS = ("scalar", "avx2", "avx512", "amx")
 
 
 def variant_status(name: str) -> str:

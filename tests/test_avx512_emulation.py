@@ -40,6 +40,16 @@ def test_avx512_unit_on_emulation(tmp_path):
                             "print(b.__file__, i['avx512_emulated'], i['variants']['avx512'])"],
                            env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert str(pkg) in probe.stdout and "True ok" in probe.stdout
+    # This build has no AMX unit (it is a stub next to an emulated AVX-512 unit): the amx
+    # variant reports why, and forcing it is a clear error, never a crash.
+    amx = subprocess.run([sys.executable, "-c", "import bitswitch as b, numpy as np\n"
+                          "print(b._C.cpu_info()['variants']['amx'])\n"
+                          "qw = b.quantize(np.ones((8, 64), np.float32), 64)\n"
+                          "try:\n    b.qmatmul(np.ones((20, 64), np.float32), qw)\n"
+                          "except ValueError as e:\n    print('ValueError', e)\n"],
+                         env=dict(env, BITSWITCH_CPU="amx"), capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert "emulation" in amx.stdout
+    assert "ValueError qmatmul: BITSWITCH_CPU=amx cannot run here:" in amx.stdout
     tests = ROOT / "tests"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "avx512",
                           str(tests / "test_qmatmul.py"), str(tests / "test_attention.py")],

@@ -37,6 +37,21 @@ def test_bench_smoke(tmp_path, capsys):
                for r in d["rows"])
 
 
+def test_bench_variants_in_one_run(tmp_path, capsys):
+    from conftest import available_variants
+
+    variants = available_variants()[-2:]
+    report = tmp_path / "r.json"
+    rc = cli.main(["bench", "kernels", "--preset", "smoke", "--anchors", "", "--m", "33", "--views", "w4",
+                   "--stream-bytes", "2e6", "--min-time", "0.01", "--variants", ",".join(variants),
+                   "--json", str(report)])
+    assert rc == 0
+    d = json.loads(report.read_text())
+    assert [r["variant"] for r in d["rows"]] == variants
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "kernels", "--preset", "smoke", "--variants", "sse9"])
+
+
 def test_bench_attention_smoke(tmp_path, capsys):
     pytest.importorskip("torch")
     report = tmp_path / "a.json"

@@ -10,7 +10,7 @@ import pytest
 
 import bitswitch as bs
 from bitswitch import _C
-from conftest import rel_err
+from conftest import VARIANTS, rel_err, variant_status
 
 
 def test_thread_count_setting():
@@ -39,6 +39,28 @@ def test_env_variant_that_cannot_run_is_a_clear_error():
     env = dict(os.environ, BITSWITCH_CPU="neon")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "ValueError" in out.stdout and "BITSWITCH_CPU='neon'" in out.stdout
+
+
+def _qmatmul_error_with_env(variant: str) -> str:
+    code = ("import numpy as np, bitswitch as bs\n"
+            "qw = bs.quantize(np.ones((8, 64), np.float32), 64)\n"
+            "try:\n    bs.qmatmul(np.ones((1, 64), np.float32), qw)\n    print('ran')\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    env = dict(os.environ, BITSWITCH_CPU=variant)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_env_variant_runs_or_says_why_not(variant):
+    """BITSWITCH_CPU=<variant> either runs, or fails on first use with the reason cpu_info()
+    reports (e.g. amx on a CPU or build without AMX; tests/test_avx512_emulation.py checks
+    that case on a build without the AMX unit, whatever the CPU)."""
+    status = variant_status(variant)
+    out = _qmatmul_error_with_env(variant)
+    if status == "ok":
+        assert out.strip() == "ran"
+    else:
+        assert f"ValueError qmatmul: BITSWITCH_CPU={variant} cannot run here: {status}" in out
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])

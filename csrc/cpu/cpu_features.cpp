@@ -1,8 +1,11 @@
 #include "cpu_features.h"
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -71,6 +74,34 @@ CpuFeatures detect() {
   return f;
 }
 
+// Linux keeps the 8 KB of AMX tile data out of every thread's saved state until the
+// process asks for it (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile
+// instruction before that raises SIGILL. The permission is per process and inherited
+// by fork(), so one successful request covers every pool thread, now and later.
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool request_amx_permission(std::string* why) {
+  static const int err = [] {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0 ? 0 : errno;
+#else
+    return -1;
+#endif
+  }();
+  if (err != 0 && why)
+    *why = err < 0 ? "AMX tile state needs Linux's arch_prctl permission, which this OS lacks"
+                   : std::string("the OS refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: ") +
+                         std::strerror(err) + ")";
+  return err == 0;
+}
+
+std::string variant_list() {
+  std::string s;
+  for (Variant v : kAllVariants) s += std::string(s.empty() ? "" : ", ") + variant_name(v);
+  return s;
+}
+
 std::mutex g_mu;
 bool g_forced = false;
 Variant g_forced_variant = Variant::kScalar;
@@ -86,12 +117,13 @@ const char* variant_name(Variant v) {
   switch (v) {
     case Variant::kAvx2: return "avx2";
     case Variant::kAvx512: return "avx512";
+    case Variant::kAmx: return "amx";
     default: return "scalar";
   }
 }
 
 bool parse_variant(const std::string& name, Variant* out) {
-  for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512})
+  for (Variant v : kAllVariants)
     if (name == variant_name(v)) {
       *out = v;
       return true;
@@ -124,12 +156,31 @@ bool variant_supported(Variant v, std::string* why) {
       if (!(avx2_ok && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.os_zmm))
         return missing("AVX-512 F/BW/DQ/VL (or the OS does not enable AVX-512 state)");
       return f.avx512vnni ? true : missing("AVX-512 VNNI");
+    case Variant::kAmx:
+      // The AMX unit also runs the AVX-512 GEMV and attention, natively.
+      if (avx512_emulated()) {
+        if (why) *why = "this build runs the AVX-512 unit on emulation (a test build), which AMX cannot use";
+        return false;
+      }
+      if (!variant_supported(Variant::kAvx512, why)) return false;
+      if (!(f.amx_tile && f.amx_bf16)) return missing("AMX (amx-tile, amx-bf16)");
+      if (!f.avx512bf16) return missing("AVX512_BF16");
+      if (!f.os_amx) {
+        if (why) *why = "the OS does not enable AMX tile state (XCR0 bits 17-18)";
+        return false;
+      }
+      if (!amx_built()) {
+        if (why) *why = "this build has no AMX kernels (configured with BITSWITCH_AMX=OFF, or the compiler lacks AMX/AVX512-BF16 flags)";
+        return false;
+      }
+      return request_amx_permission(why);
   }
   return false;
 }
 
 Variant best_variant() {
   // The emulated AVX-512 unit is for tests only: never chosen automatically.
+  if (variant_supported(Variant::kAmx)) return Variant::kAmx;
   if (!avx512_emulated() && variant_supported(Variant::kAvx512)) return Variant::kAvx512;
   if (variant_supported(Variant::kAvx2)) return Variant::kAvx2;
   return Variant::kScalar;
@@ -147,7 +198,7 @@ bool active_variant(Variant* out, std::string* why) {
   if (env && *env) {
     Variant v;
     if (!parse_variant(env, &v)) {
-      if (why) *why = std::string("BITSWITCH_CPU='") + env + "' is not one of scalar, avx2, avx512";
+      if (why) *why = std::string("BITSWITCH_CPU='") + env + "' is not one of " + variant_list();
       return false;
     }
     std::string reason;
@@ -170,7 +221,7 @@ bool set_variant(const std::string& name, std::string* why) {
   }
   Variant v;
   if (!parse_variant(name, &v)) {
-    if (why) *why = "unknown CPU variant '" + name + "': expected one of scalar, avx2, avx512";
+    if (why) *why = "unknown CPU variant '" + name + "': expected one of " + variant_list();
     return false;
   }
   std::string reason;

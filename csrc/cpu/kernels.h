@@ -65,7 +65,9 @@ struct AttentionArgs {
 };
 
 // Which implementation runs a kernel. Order matters: a larger value needs more of the CPU.
-enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+// Every variant, in that order (for messages and listings).
+constexpr Variant kAllVariants[] = {Variant::kScalar, Variant::kAvx2, Variant::kAvx512, Variant::kAmx};
 
 // The always-compiled scalar reference: float32 accumulation of dequantized weights.
 Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
@@ -73,6 +75,12 @@ Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M, 512-bit dequantize + FMA for large M.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
+// AVX-512 + AMX (tiles, bf16): the AVX-512 GEMV for small M, bf16 tile products of the
+// weight codes for large M. Attention has no AMX kernel: the amx variant runs attention_avx512.
+// Returns kUnsupported when the build has no AMX unit (compiler without -mamx-tile).
+Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool);
+// Whether this build compiled the AMX kernels (not whether the CPU can run them).
+bool amx_built();
 
 Status attention_scalar(const AttentionArgs& a, ThreadPool& pool);
 Status attention_avx2(const AttentionArgs& a, ThreadPool& pool);

@@ -73,6 +73,10 @@ PRESETS = {
     "full": dict(
         shapes=[s for m in MODELS for s in layer_shapes(m)] + [SQUARE, LM_HEAD],
         ms=[1, 4, 16, 128, 512], views=["w4", "w4a8", "w8"], mlx_max_m=16, modes=["streamed", "hot"]),
+    # Prefill sizes on the Qwen3 0.6B and 4B layers (v_proj = k_proj, up_proj = gate_proj):
+    # the tile GEMM against the FMA GEMM with --variants amx,avx512.
+    "prefill": dict(shapes=layer_shapes("0.6b") + layer_shapes("4b"), ms=[16, 64, 128, 512], views=["w4", "w8"],
+                    mlx_max_m=0, modes=["streamed"]),
     # Seconds: for tests and CI.
     "smoke": dict(shapes=[Shape("smoke", 256, 512)], ms=[1, 16], views=["w4", "w4a8", "w8"], mlx_max_m=1,
                   modes=["streamed"]),
@@ -131,6 +135,11 @@ class Row:
     gbs: float
     bw_frac: float  # gbs over the read bandwidth measured just before this shape
     anchors_us: Dict[str, float] = dataclasses.field(default_factory=dict)
+    variant: str = ""  # the CPU kernel variant timed
+
+    @property
+    def gflops(self) -> float:  # prefill sizes are compute-bound: the GEMM's rate
+        return 2.0 * self.m * self.n * self.k / self.us / 1e3
 
     def speedup(self, anchor: str) -> Optional[float]:
         t = self.anchors_us.get(anchor)
@@ -193,9 +202,14 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
                 group_size: int = 64, threads: int = 2, modes: Sequence[str] = ("streamed",),
                 anchors: Sequence[str] = ANCHORS, mlx_max_m: int = 16,
                 stream_bytes: int = 1_100_000_000, min_time: float = 0.3, seed: int = 0,
-                log: Callable[[str], None] = print) -> dict:
-    """Times qmatmul and the anchors on every (shape, mode, bits, M); returns a report."""
+                log: Callable[[str], None] = print, variants: Sequence[str] = ()) -> dict:
+    """Times qmatmul and the anchors on every (shape, mode, bits, M); returns a report.
+    `variants`: CPU kernel variants to time one after the other against the same anchors
+    (default: the active one)."""
+    from .ops import use_cpu_variant
+
     anc = _Anchors(anchors, threads, log)
+    timed = list(variants) or [_C.cpu_variant()]
     rng = np.random.default_rng(seed)
     bws = [read_bandwidth(threads)]
     log(f"read bandwidth ({threads} threads, 1 GiB): {bws[0]:.1f} GB/s (measured again before every shape)")
@@ -229,15 +243,17 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
                 for m in ms:
                     x = rng.standard_normal((m, shape.k), dtype=np.float32).astype(A.BFLOAT16)
                     y = np.empty((m, shape.n), dtype=A.BFLOAT16)
-                    t = median_time(lambda i: _C.qmatmul(x, qws[i].plane0, qws[i].plane1 if bits == 8 else None,
-                                                         qws[i].scales, qws[i].biases, group_size, bits, y,
-                                                         act_bits),
-                                    copies, min_time, 5)
-                    row = Row(shape.name, shape.n, shape.k, m, view_name, bits, act_bits, mode, t * 1e6,
-                              nbytes / t / 1e9, nbytes / t / 1e9 / bw,
-                              {a: v[m] * 1e6 for a, v in t_anchor.items() if m in v})
-                    rows.append(row)
-                    log(format_row(row, anc.names))
+                    for variant in timed:
+                        with use_cpu_variant(variant):
+                            t = median_time(lambda i: _C.qmatmul(x, qws[i].plane0,
+                                                                 qws[i].plane1 if bits == 8 else None, qws[i].scales,
+                                                                 qws[i].biases, group_size, bits, y, act_bits),
+                                            copies, min_time, 5)
+                        row = Row(shape.name, shape.n, shape.k, m, view_name, bits, act_bits, mode, t * 1e6,
+                                  nbytes / t / 1e9, nbytes / t / 1e9 / bw,
+                                  {a: v[m] * 1e6 for a, v in t_anchor.items() if m in v}, variant)
+                        rows.append(row)
+                        log(format_row(row, anc.names))
                 del qws
                 gc.collect()
     return {
@@ -261,7 +277,7 @@ _LABEL = {"torch_bf16": "torch bf16", "torch_f32": "torch f32", "mlx": "mlx"}
 
 
 def header(anchors: Sequence[str]) -> str:
-    h = f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5} {'view':<5} {'mode':<9}{'us':>10}{'GB/s':>7}{'%BW':>6}"
+    h = f"{'shape':<16}{'N':>7}{'K':>6}{'M':>5} {'view':<5} {'mode':<9}{'variant':<8}{'us':>10}{'GB/s':>7}{'%BW':>6}{'GFLOP/s':>9}"
     for a in anchors:
         h += f"{_LABEL[a] + ' us':>15}{'x':>7}"
     return h
@@ -272,8 +288,8 @@ def _fmt(v: Optional[float], spec: str) -> str:
 
 
 def format_row(r: Row, anchors: Sequence[str]) -> str:
-    s = (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5} {r.view:<5} {r.mode:<9}{r.us:>10.1f}{r.gbs:>7.1f}"
-         f"{r.bw_frac * 100:>5.0f}%")
+    s = (f"{r.shape:<16}{r.n:>7}{r.k:>6}{r.m:>5} {r.view:<5} {r.mode:<9}{r.variant:<8}{r.us:>10.1f}{r.gbs:>7.1f}"
+         f"{r.bw_frac * 100:>5.0f}%{r.gflops:>9.0f}")
     for a in anchors:
         s += f"{_fmt(r.anchors_us.get(a), '.1f'):>15}{_fmt(r.speedup(a), '.2f'):>7}"
     return s
@@ -281,12 +297,13 @@ def format_row(r: Row, anchors: Sequence[str]) -> str:
 
 def markdown_table(report: dict) -> str:
     anchors = report["anchors"]
-    head = "| shape | N | K | M | view | mode | µs | GB/s | % read BW |" + "".join(
+    head = "| shape | N | K | M | view | mode | variant | µs | GB/s | % read BW | GFLOP/s |" + "".join(
         f" {_LABEL[a]} µs | × {_LABEL[a]} |" for a in anchors)
-    lines = [head, "|" + "---|" * (9 + 2 * len(anchors))]
+    lines = [head, "|" + "---|" * (11 + 2 * len(anchors))]
     for d in report["rows"]:
-        line = (f"| {d['shape']} | {d['n']} | {d['k']} | {d['m']} | {d['view']} | {d['mode']} | {d['us']:.1f} | "
-                f"{d['gbs']:.1f} | {d['bw_frac'] * 100:.0f}% |")
+        line = (f"| {d['shape']} | {d['n']} | {d['k']} | {d['m']} | {d['view']} | {d['mode']} | "
+                f"{d.get('variant', '')} | {d['us']:.1f} | "
+                f"{d['gbs']:.1f} | {d['bw_frac'] * 100:.0f}% | {2 * d['m'] * d['n'] * d['k'] / d['us'] / 1e3:.0f} |")
         for a in anchors:
             line += f" {_fmt(d['anchors_us'].get(a), '.1f')} | {_fmt(d['speedups'].get(a), '.2f')} |"
         lines.append(line)
@@ -306,6 +323,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--anchors", type=str, default=",".join(ANCHORS),
                    help=f"comma-separated subset of {','.join(ANCHORS)} ('' for none)")
     p.add_argument("--mlx-max-m", type=int, help="largest M timed for MLX (default: the preset's)")
+    p.add_argument("--variants", type=str, default="",
+                   help="comma-separated CPU kernel variants to time in the same run, e.g. avx512,amx "
+                        "(default: the active one)")
     p.add_argument("--stream-bytes", type=float, default=1.1e9)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of calls per measurement")
     p.add_argument("--json", type=str, help="write the report here")
@@ -326,9 +346,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"group size {a.group_size}, x bfloat16, median per call")
     print("x: speed-up over the anchor measured in this run (>1: bitswitch is faster); "
           "%BW: weight bytes per second over the measured read bandwidth")
+    variants = [v for v in a.variants.split(",") if v]
+    status = _C.cpu_info()["variants"]
+    bad = [v for v in variants if status.get(v) != "ok"]
+    if bad:
+        p.error("variants that cannot run here: " + ", ".join(f"{v} ({status.get(v, 'unknown')})" for v in bad))
     report = run_kernels(preset["shapes"], ms, views, a.group_size, a.threads,
                          modes, anchors, a.mlx_max_m if a.mlx_max_m is not None else preset["mlx_max_m"],
-                         int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True))
+                         int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True), variants=variants)
     report["command"] = "bitswitch bench kernels " + " ".join(sys.argv[3:] if argv is None else argv)
     report["date"] = time.strftime("%Y-%m-%d")
     if a.json:

@@ -160,7 +160,7 @@ def silu_mul(gate_up: Any, out: Any = None) -> Any:
 
 
 def cpu_variant() -> str:
-    """The CPU kernel variant in use: 'scalar', 'avx2' or 'avx512'."""
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512' or 'amx'."""
     return _C.cpu_variant()
 
 
