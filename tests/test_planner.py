@@ -5,7 +5,6 @@ is exact against brute force; the controller settles without oscillating."""
 import itertools
 import json
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

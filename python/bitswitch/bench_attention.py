@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 
 from . import _C
 from . import attention as attn

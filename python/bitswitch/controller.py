@@ -18,12 +18,12 @@ usually the most sensitive to quantization, and the lm_head last of all.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 from . import precision as P
+from ._json import read_json_object
 
 __all__ = ["AutoPrecision", "default_order"]
 
@@ -37,8 +37,7 @@ def default_order(n_layers: int) -> List[str]:
 
 def _order_from(sensitivity) -> List[str]:
     if isinstance(sensitivity, (str, Path)):
-        data = json.loads(Path(sensitivity).read_text())
-        units = data.get("units") if isinstance(data, dict) else None
+        units = read_json_object(sensitivity, "AutoPrecision: plan file").get("units")
         if not units:
             raise ValueError(f"AutoPrecision: {sensitivity} holds no measured units (write it with `bitswitch plan`)")
         sensitivity = units

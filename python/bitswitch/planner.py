@@ -176,8 +176,15 @@ def choose(units: Sequence[Unit], need_bytes: int = 0, max_kl: Optional[float] =
 
 
 def _steps(units: Sequence[Unit]) -> tuple:
-    step = max(1, sum(u.saved_bytes for u in units) // KNAPSACK_STEPS)
-    return step, [u.saved_bytes // step for u in units]  # rounded down: a cover in steps is a cover in bytes
+    """(bytes per step, each unit's saved bytes in steps). The greatest common divisor of
+    the units' bytes when it keeps the table small (exact: layers' byte counts share large
+    powers of two), else 1/KNAPSACK_STEPS of the total, rounded down (a cover in steps is
+    then a cover in bytes, completed in _knapsack_min_kl if rounding left it short)."""
+    total = sum(u.saved_bytes for u in units)
+    step = math.gcd(*[u.saved_bytes for u in units]) if units else 1
+    if step < 1 or total // step > 20 * KNAPSACK_STEPS:
+        step = max(1, total // KNAPSACK_STEPS)
+    return step, [u.saved_bytes // step for u in units]
 
 
 def _knapsack_min_kl(units: Sequence[Unit], need_bytes: int) -> List[str]:

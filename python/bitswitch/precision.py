@@ -31,11 +31,12 @@ switching while another thread generates).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ._json import read_json_object
 
 __all__ = ["MODES", "ATTENTION", "SPARSE_DEFAULTS", "Assignment", "PrecisionReport", "resolve", "apply", "report",
            "load_plan_policy", "PLAN_FORMAT"]
@@ -154,13 +155,8 @@ def _matches(glob: str, path: str) -> bool:
 def load_plan_policy(path: Union[str, os.PathLike]) -> dict:
     """The policy mapping of a plan file written by `bitswitch plan`."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"set_precision: plan file {p} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"set_precision: plan file {p} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("policy"), dict):
+    data = read_json_object(p, "set_precision: plan file")
+    if data.get("format") != PLAN_FORMAT or not isinstance(data.get("policy"), dict):
         raise ValueError(f"set_precision: {p} is not a bitswitch plan (a JSON object with format "
                          f"{PLAN_FORMAT!r} and a 'policy' mapping)")
     return data["policy"]

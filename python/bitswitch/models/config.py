@@ -7,10 +7,10 @@ Both spellings of RoPE are read: transformers 4.x (``rope_theta`` and ``rope_sca
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, Optional
+
+from .._json import read_json_object
 
 MODEL_TYPES = ("qwen3", "qwen2")
 ROPE_TYPES = ("default", "yarn")
@@ -100,14 +100,7 @@ class Qwen3Config:
 
     @classmethod
     def from_file(cls, path: Any) -> "Qwen3Config":
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config: {p} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"config: {p} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path, "config"))
 
     @property
     def n_rep(self) -> int:

@@ -10,7 +10,6 @@ only: no pickle is ever read and no code from the checkpoint runs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from .._json import read_json_object
 from ..torch import QLinear
 from . import formats as F
 from .config import Qwen3Config
@@ -76,10 +76,9 @@ def resolve_model_path(path_or_repo_id: Any) -> Path:
 def _shards(path: Path) -> list:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"load: {index} is not a valid safetensors index ({e})") from None
+        wm = read_json_object(index, "load").get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ValueError(f"load: {index} is not a valid safetensors index (no 'weight_map' of tensor -> file)")
         files = sorted(set(wm.values()))
         for f in files:
             if "/" in f or "\\" in f or f.startswith("."):
@@ -133,15 +132,7 @@ class _Reader:
 
 def read_config(p: Path) -> dict:
     """The raw config.json of a model folder, as a dict."""
-    try:
-        d = json.loads((p / "config.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config: {p / 'config.json'} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"config: {p / 'config.json'} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-    return d
+    return read_json_object(p / "config.json", "config")
 
 
 def detect_format(raw: dict, have: set):

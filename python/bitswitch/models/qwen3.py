@@ -14,7 +14,6 @@ import threading
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import attention as attn

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .._json import read_json_object
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
@@ -32,15 +34,7 @@ def bundled_template() -> str:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Tokenizer: {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"Tokenizer: {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "Tokenizer", missing_ok=True)
 
 
 def _token_text(value: Any) -> Optional[str]:
