@@ -136,3 +136,17 @@ def test_auto_precision_in_generation(tmp_path, capsys):
     assert "auto:" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--precision", "auto"]) == 1
     assert "needs --target-tps" in capsys.readouterr().err
+
+
+def test_bench_precision_smoke(tmp_path, capsys):
+    """`bitswitch bench precision` runs end to end and reports every setting (no timing asserted)."""
+    report = tmp_path / "p.json"
+    assert cli.main(["bench", "precision", "--preset", "smoke", "--json", str(report), "--markdown"]) == 0
+    assert "| embedded | efficiency |" in capsys.readouterr().out
+    d = json.loads(report.read_text())
+    rows = {r["setting"]: r for r in d["models"][0]["rows"]}
+    assert list(rows) == ["performance", "efficiency", "plan 4.5 bpw", "plan 5 bpw", "plan 6 bpw"]
+    assert rows["performance"]["kl"] == 0 and rows["efficiency"]["bits_per_weight"] == pytest.approx(4.5)
+    assert all(r["decode_tps"] > 0 for r in rows.values())
+    assert rows["plan 6 bpw"]["bits_per_weight"] <= 6.0 < rows["performance"]["bits_per_weight"]
+    assert d["models"][0]["switch"]["apply_ms"] > 0

@@ -8,6 +8,7 @@
     bitswitch bench [kernels ...]  qmatmul benchmarks against torch and MLX (see --help)
     bitswitch bench attention      block-sparse attention against torch SDPA
     bitswitch bench e2e            Qwen3 prefill and decode (INT8, INT4) against transformers bf16
+    bitswitch bench precision      one model's precision settings: speed, bytes, KL, switch time
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_TARGETS = ("kernels", "attention", "e2e")
+BENCH_TARGETS = ("kernels", "attention", "e2e", "precision")
 
 
 def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -61,6 +62,10 @@ def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
         from . import bench_e2e
 
         return bench_e2e.main(list(rest))
+    if a.target == "precision":
+        from . import bench_precision
+
+        return bench_precision.main(list(rest))
     return 2  # unreachable: argparse restricts the choices
 
 

@@ -234,12 +234,14 @@ class QLinear(nn.Module):
                                  "(load with keep_float=True)")
             self._bits = FULL
             return
-        self.qweight.check_bits(value, "QLinear.bits")
+        if isinstance(value, bool) or value not in self.bits_available:
+            self.qweight.check_bits(value, "QLinear.bits")  # raises with the reason
         self._bits = int(value)
 
     @property
     def bits_available(self) -> tuple:
-        return self.qweight.bits_available + ((FULL,) if self.weight_full is not None else ())
+        b = self._buffers  # direct: a precision switch asks this of every layer
+        return ((INT4, INT8) if b["plane1"] is not None else (INT4,)) + ((FULL,) if b["weight_full"] is not None else ())
 
     @property
     def act_bits(self) -> int:
