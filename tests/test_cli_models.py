@@ -63,3 +63,11 @@ def test_model_commands_reject_bad_input(folder, tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["quantize", str(folder), str(tmp_path / "o"), "--bits", "3"])
+
+
+def test_generate_demo_switches_without_reloading(capsys):
+    """The README's main command: the embedded model in INT8, then switched to INT4."""
+    assert cli.main(["generate", "--demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "--- performance: 8.50 bits per weight" in out and "--- efficiency: 4.50 bits per weight" in out
+    assert out.count("The Python language") == 2

@@ -79,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g = sub.add_parser("generate", help="generate text from a prompt (default model: the embedded tiny Qwen3)")
     g.add_argument("prompt", nargs="?", default="The Python language", help="the prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--demo", action="store_true",
+                   help="generate twice from one loaded model: in INT8, then switched to INT4 (and efficiency mode)")
     cm.add_model_args(g)
     cm.add_sampling_args(g)
     c = sub.add_parser("chat", help="interactive chat; the KV cache is kept between turns")

@@ -112,10 +112,29 @@ def _report(res) -> None:
           f"tokens at {res.decode_tps:.1f} tok/s; stop: {res.stop_reason}]", file=sys.stderr)
 
 
+def demo(a: argparse.Namespace, model, tok) -> int:
+    """One model, two precisions: the same prompt and seed in INT8, then after a switch to
+    the efficiency mode (INT4, block-sparse attention), with what each token read."""
+    from .models import generate as run
+
+    ids = tok.encode(a.prompt)
+    base = tok.default_sampling() if a.temperature is None else sampling_params(a, tok, None)
+    params = base.replace(seed=0 if a.seed is None else a.seed)
+    for policy in ("performance", "efficiency"):
+        rep = model.set_precision(policy)
+        res = run(model, tok, ids, params, max_new_tokens=a.max_new_tokens or 48)
+        print(f"--- {policy}: {rep.bits_per_weight:.2f} bits per weight, {rep.bytes_per_token / 2**20:.2f} MiB of "
+              f"weights per token, {res.decode_tps:.0f} tokens/s (no reload between the two)")
+        print(a.prompt + res.text)
+    return 0
+
+
 def generate(a: argparse.Namespace) -> int:
     from .models import stream
 
     model, tok, _, controller = open_model(a)
+    if a.demo:
+        return demo(a, model, tok)
     if a.chat:
         thinking = not a.no_think
         ids = tok.encode_chat([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
