@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _C
 from .. import attention as attn
 from .. import ops
 from .. import torch as bt
@@ -25,6 +26,8 @@ from ..precision import SPARSE_DEFAULTS
 from .config import Qwen3Config, rope_inv_freq
 
 __all__ = ["KVCache", "QEmbedding", "Qwen3", "Qwen3Config"]
+
+_NAN = float("nan")  # attention's "scale = head_dim ** -0.5"
 
 
 class RMSNorm(nn.Module):
@@ -151,13 +154,15 @@ class Attention(nn.Module):
         if self.sparse is not None:
             cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
-        # The output written as [B, n, Hq, D], so o_proj reads it without a copy.
-        o = q.new_empty((b, n, self.hq, self.d))
         if torch.compiler.is_compiling():
             o = bt.attention(q, kc, vc, mask, causal=True, q_offset=pos).transpose(1, 2)
         else:
-            # Eager: the kernel without the dispatcher and without the log-sum-exp output.
-            ops.attention(q, kc, vc, mask, causal=True, q_offset=pos, out=o.transpose(1, 2))
+            # Eager: the kernel itself (no dispatcher, no log-sum-exp output), writing its
+            # output as [B, n, Hq, D] so that o_proj reads it without a copy.
+            o = q.new_empty((b, n, self.hq, self.d))
+            ip, ix, bq, bk = (None, None) + ops._DENSE_TILE if mask is None else (
+                mask.indptr, mask.indices, mask.block_q, mask.block_k)
+            _C.attention(q, kc, vc, ip, ix, bq, bk, True, _NAN, pos, o.transpose(1, 2), None)
         return self.o_proj(o.reshape(b, n, self.hq * self.d))
 
 
