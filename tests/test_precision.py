@@ -159,3 +159,17 @@ def test_switching_while_generating_keeps_each_token_consistent(folder, rng):
         chunk = ids[:8] if i == 0 else [ids[7 + i]]
         assert torch.equal(model(torch.tensor([chunk])), logits), f"step {i} mixed two settings"
     assert switches[0] > len(steps)  # the switcher really ran during generation
+
+
+def test_fused_projections_share_one_copy(folder):
+    """q|k|v and gate|up are fused at load into one buffer each; the model's fused QLinear
+    and the parts (which policies address) are views of it."""
+    model = load(folder, dtype="float32")
+    att = model.layers[1].self_attn
+    fused = att.qkv.qlinear
+    ptr = fused.plane0.untyped_storage().data_ptr()
+    for p in (att.q_proj, att.k_proj, att.v_proj):
+        assert p.plane0.untyped_storage().data_ptr() == ptr and p.plane1.untyped_storage().data_ptr() == \
+            fused.plane1.untyped_storage().data_ptr()
+    assert fused.out_features == sum(p.out_features for p in (att.q_proj, att.k_proj, att.v_proj))
+    assert torch.equal(fused.plane0[att.q_proj.out_features:][:att.k_proj.out_features], att.k_proj.plane0)

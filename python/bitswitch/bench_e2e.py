@@ -101,10 +101,14 @@ def build_bitswitch(name: str, bits: int, group_size: int, seed: int):
     from .models.qwen3 import Qwen3
     from .torch import QLinear
 
+    from .models.qwen3 import fuse_layer
+
     cfg = model_config(name)
     linears = {}
     for idx, (path, shape) in enumerate(weight_names(cfg).items()):
         linears[path] = QLinear(random_qweight(shape, group_size, 2 if bits == 8 else 1, seed * 100003 + idx))
+        if path.endswith(".mlp.down_proj"):
+            fuse_layer(linears, int(path.split(".")[2]))
     linears["lm_head"] = linears["model.embed_tokens"]
     return Qwen3(cfg, linears, {}, torch.bfloat16)
 

@@ -182,6 +182,25 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_up[..., :i]) * gate_up[..., i:]
 
 
+def _concat_rows(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0, or, when the tensors already lie back to back in one storage
+    (contiguous, same dtype and row length), the view spanning them: no copy."""
+    first = ts[0]
+    adjacent = all(t.is_contiguous() and t.dtype == first.dtype and t.shape[1:] == first.shape[1:] for t in ts)
+    if adjacent:
+        st = first.untyped_storage().data_ptr()
+        off = first.storage_offset()
+        for t in ts:
+            if t.untyped_storage().data_ptr() != st or t.storage_offset() != off:
+                adjacent = False
+                break
+            off += t.numel()
+    if not adjacent:
+        return torch.cat(ts)
+    rows = sum(t.shape[0] for t in ts)
+    return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
+
+
 FULL = "full"  # the bits of the kept float weight
 
 
@@ -271,7 +290,9 @@ class QLinear(nn.Module):
         """One QLinear computing the parts' outputs side by side (out_features N1 + N2 + ...)
         from one call, over one copy of their weights: the fused buffers are the parts'
         concatenated along N, and each part's buffers become row views of them (no memory
-        is added once the originals are released). Used for q|k|v and gate|up, which share
+        is added once the originals are released; parts that already are adjacent row views
+        of one storage, such as the parts of an earlier fuse, are fused without a copy).
+        Used for q|k|v and gate|up, which share
         their input: one GEMV streams all three weights with one activation prep and one
         thread-pool dispatch. The fused module reads whatever bits it is set to; callers
         use it only while every part reads the same view (see bitswitch.models.qwen3).
@@ -290,7 +311,7 @@ class QLinear(nn.Module):
                 raise ValueError("QLinear.fuse: parts must share in_features, group_size, the scales' dtype and "
                                  f"which planes / float weights they hold; got {first.extra_repr()} and {p.extra_repr()}")
         names = ("plane0", "plane1", "scales", "biases", "weight_full")
-        cat = {n: None if getattr(first, n) is None else torch.cat([getattr(p, n) for p in parts]) for n in names}
+        cat = {n: None if getattr(first, n) is None else _concat_rows([getattr(p, n) for p in parts]) for n in names}
         bias = None
         if any(p.bias is not None for p in parts):
             bias = torch.cat([p.bias if p.bias is not None else p.scales.new_zeros(p.out_features) for p in parts])

@@ -22,7 +22,7 @@ from .._json import read_json_object
 from ..torch import QLinear
 from . import formats as F
 from .config import Qwen3Config
-from .qwen3 import Qwen3, build_linear
+from .qwen3 import Qwen3, build_linear, fuse_layer
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -227,6 +227,9 @@ def load(path: Any, dtype: Any = "bfloat16", group_size: int = 64, keep_float: b
             linears[mod] = build_linear(w, bias, group_size, keep_float, tdt)
         else:
             linears[mod] = QLinear(w, bias)
+        del w
+        if mod.endswith(".mlp.down_proj"):  # the layer's last projection
+            fuse_layer(linears, int(mod.split(".")[2]))
         if show:
             print(f"\rload: {done}/{len(mods)} weights ({fmt.name})", end="", file=sys.stderr, flush=True)
     if show:

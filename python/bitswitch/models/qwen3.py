@@ -41,6 +41,24 @@ class RMSNorm(nn.Module):
         return bt.rms_norm(x, self.weight, self.eps, delta)
 
 
+# Projections that share their input, fused into one QLinear (see Fused).
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def fuse_layer(linears: dict, layer: int) -> None:
+    """Fuses the weights of one layer's q|k|v and gate|up into one copy each (QLinear.fuse),
+    in place in `linears` (checkpoint paths -> QLinear). Loaders call it as soon as a
+    layer is read: the freed per-projection tensors are then reused by the next layer's,
+    where fusing every layer at the end measured +88 MiB of fragmented heap on the 0.6B
+    model. The model's own fusing then finds adjacent views and copies nothing."""
+    for block, names in FUSED_GROUPS:
+        parts = [linears[f"model.layers.{layer}.{block}.{n}"] for n in names]
+        try:
+            QLinear.fuse(parts)
+        except ValueError:
+            pass  # quantized differently (an MLX mixed recipe): they stay separate
+
+
 class Fused:
     """Projections that share their input (q|k|v, gate|up) computed by one QLinear over one
     copy of their weights (QLinear.fuse), whenever they all read the same view; the parts
@@ -133,7 +151,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (projs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.qkv = Fused([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv = Fused([getattr(self, n) for n in FUSED_GROUPS[0][1]])
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         # None: dense; a dict for block-sparse attention: {"prefill": plan options, "pages": n}
@@ -170,7 +188,7 @@ class MLP(nn.Module):
     def __init__(self, projs: dict):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
-        self.gate_up = Fused([self.gate_proj, self.up_proj])
+        self.gate_up = Fused([getattr(self, n) for n in FUSED_GROUPS[1][1]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(bt.silu_mul(self.gate_up(x)))
