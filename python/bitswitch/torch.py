@@ -341,19 +341,21 @@ class QLinear(nn.Module):
         return self._packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bits == FULL:
+        bits, bias = self._bits, self._parameters.get("bias")
+        if bits == FULL:
             w = self.weight_full
-            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
-        if _is_compiling() or not x.is_cpu or x.requires_grad:
-            y = torch.ops.bitswitch.qmatmul(x, self.plane0, self.plane1, self.scales, self.biases,
-                                            self.group_size, self._bits, self._act_bits)
-        else:
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if x.is_cpu and not x.requires_grad and not _is_compiling():
             # Eager CPU: the same kernel without the dispatcher, and the weight's four tensors
             # resolved once; at decode sizes the per-call cost is most of the call.
             y = x.new_empty(x.shape[:-1] + (self.out_features,))
-            _C.qmatmul_packed(x, self._packed_weight(), self._bits, y, self._act_bits)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            _C.qmatmul_packed(x, self._packed_weight(), bits, y, self._act_bits)
+        else:
+            y = torch.ops.bitswitch.qmatmul(x, self.plane0, self.plane1, self.scales, self.biases,
+                                            self.group_size, bits, self._act_bits)
+        if bias is None:
+            return y
+        return y.add_(bias) if bias.dtype == y.dtype and not y.requires_grad else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self._bits}, "
