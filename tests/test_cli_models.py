@@ -71,3 +71,17 @@ def test_generate_demo_switches_without_reloading(capsys):
     out = capsys.readouterr().out
     assert "--- performance: 8.50 bits per weight" in out and "--- efficiency: 4.50 bits per weight" in out
     assert out.count("The Python language") == 2
+
+
+def test_chat_switches_precision_between_turns(capsys, monkeypatch):
+    """/mode, /precision (a JSON policy, or none: the report) and a bad /mode between turns,
+    on the embedded model: the conversation goes on, nothing is reloaded."""
+    lines = ["hello", "/mode efficiency", "/precision", 'more /no_think', '/precision {"*": 8, "0": 4}',
+             "/mode turbo", "last", "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert cli.main(["chat", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("new tokens at") == 3
+    assert "precision: 4.50 bits per weight" in err      # /mode efficiency
+    assert "sparse" in err and "MiB of weights per token" in err  # the /precision report
+    assert "/mode takes one of performance, efficiency, full" in err
