@@ -110,6 +110,108 @@ def test_amx_threads_and_tails_do_not_change_results(rng):
         np.testing.assert_array_equal(bs.qmatmul(x[:40], qw, 8), ref[:40])
 
 
+# The AMX path for bfloat16 x (act_bits 16, M above the GEMV's 8 rows): M not a multiple of
+# its 16/32-row blocks, 513 past a 512-row boundary; N below one 16-output tile (3), between
+# tiles (17, 40) and past several (200); K shorter than one 256-input chunk (96, 160: G = 32
+# only), ending in a partial chunk (640) and in a partial 128-input dequantization step
+# (4224: 132 groups of 32).
+BF16_M = (9, 17, 33, 100, 513)
+BF16_N = (3, 17, 40, 200)
+BF16_K = (96, 160, 640, 4224)
+
+
+def bf16_weight_product(x, qw, bits):
+    """The oracle of the bf16 AMX path: x times the weights as that path sees them, the
+    float32 dequantization rounded to bf16, in float64."""
+    w = np.asarray(bs.quant.dequantize(qw, bits, dtype="float32")).astype(cast(np.zeros(1), "bfloat16").dtype)
+    return np.asarray(x, np.float64) @ w.astype(np.float64).T
+
+
+def kernel_bf16_weights(qw, bits):
+    """The bf16 weights exactly as the AMX path computes them: the INT8 view's scale and
+    bias in float32 operations as format.h writes them, then s*c + b rounded once to
+    float32 (one FMA; exact in float64 first) and once to bf16. dequantize rounds s*c and
+    the sum separately, which moves ~1 weight in 7000 across a bf16 rounding boundary."""
+    f32 = np.float32
+    s = np.asarray(qw.scales).astype(f32)
+    b = np.asarray(qw.biases).astype(f32)
+    c = bs.quant.unpack_codes(np.asarray(qw.plane0)).astype(np.float64)
+    if bits == 8:
+        inv = f32(1.0 / bs.quant.RESIDUAL_DIVISOR)
+        b = (b - (s * f32(bs.quant.RESIDUAL_CENTER)).astype(f32) * inv).astype(f32)
+        s = (s * inv).astype(f32)
+        c = c * bs.quant.RESIDUAL_DIVISOR + bs.quant.unpack_codes(np.asarray(qw.plane1))
+    rep = lambda a: np.repeat(a.astype(np.float64), qw.group_size, axis=1)  # noqa: E731
+    return cast((rep(s) * c + rep(b)).astype(f32), "bfloat16").astype(np.float64)
+
+
+def check_bf16_amx(y, x, qw, bits, what):
+    ref = bf16_weight_product(x, qw, bits)
+    scale = np.max(np.abs(ref))
+    y = np.asarray(y, np.float64)
+    # y is the bf16 rounding of a float32 sum: within half a bf16 step (2^-9 relative) of
+    # each exact value, so within 2^-8 of the output scale.
+    err = np.max(np.abs(y - ref)) / scale
+    assert err <= 2.0 ** -8, f"{what}: {err:.2e} of the output scale from the bf16-weight oracle"
+    # With the kernel's own weights, nearly all outputs are the exact product rounded to bf16,
+    # bit for bit: the rest differ where a float32 sum (in any order) falls on the other side
+    # of a rounding boundary (a wrong rounding mode or weight would differ in about half).
+    exact = np.asarray(x, np.float64) @ kernel_bf16_weights(qw, bits).T
+    differ = int(np.sum(y != cast(exact.astype(np.float32), "bfloat16").astype(np.float64)))
+    assert differ <= 2 + 0.02 * y.size, f"{what}: {differ} of {y.size} outputs differ from the rounded product"
+    # The quantized weights' own float64 product is within the bfloat16 bound as well.
+    err64 = rel_err(y, bs.qmatmul_f64(x, qw, bits))
+    assert err64 <= QMATMUL_TOL["bfloat16"], f"{what}: {err64:.2e} from the float64 reference"
+
+
+@pytest.mark.parametrize("m", BF16_M)
+@pytest.mark.parametrize("n", BF16_N)
+def test_amx_bf16_matches_the_bf16_weight_oracle(rng, m, n):
+    """bf16 x on the amx variant: the product with the bf16-rounded dequantized weights, for
+    both views, every group size and every scale dtype, outputs poisoned first."""
+    if variant_status("amx") != "ok":
+        pytest.skip(f"amx: {variant_status('amx')}")
+    sdtypes = ["bfloat16", "float16", "float32"]
+    i = 0
+    for k in BF16_K:
+        for g in (32, 64, 128):
+            if k % g or (k < 256 and g != 32):
+                continue
+            for bits in (4, 8):
+                sdtype = sdtypes[i % 3]
+                i += 1
+                qw, x = make_case(rng, m, n, k, g, sdtype, "bfloat16")
+                out = cast(np.full((m, n), np.nan, np.float32), "bfloat16")
+                with bs.ops.use_cpu_variant("amx"):
+                    y = bs.qmatmul(x, qw, bits=bits, out=out)
+                assert y is out
+                check_bf16_amx(y, x, qw, bits, f"M={m} N={n} K={k} G={g} w{bits} {sdtype} scales")
+
+
+def test_amx_bf16_panels_split_along_k(rng):
+    """Wide outputs and long K: the dequantized panel covers only part of K, and the
+    float32 results are carried across panels."""
+    if variant_status("amx") != "ok":
+        pytest.skip(f"amx: {variant_status('amx')}")
+    qw, x = make_case(rng, 513, 1024, 4224, 64, "bfloat16", "bfloat16")
+    with bs.ops.use_cpu_variant("amx"):
+        for bits in (4, 8):
+            check_bf16_amx(bs.qmatmul(x, qw, bits), x, qw, bits, f"w{bits}")
+
+
+def test_amx_float_x_keeps_exact_codes(rng):
+    """Only bf16 x at act_bits 16 uses dequantized weights: float32 and float16 x (and
+    act_bits 8) keep the exact-code path, whose float32 error is far below a bf16 weight's."""
+    if variant_status("amx") != "ok":
+        pytest.skip(f"amx: {variant_status('amx')}")
+    qw, x = make_case(rng, 64, 96, 1024, 64, "float32", "float32")
+    with bs.ops.use_cpu_variant("amx"):
+        for xdtype, tol in (("float32", 3e-5), ("float16", 1.5e-3)):
+            xc = cast(x, xdtype)
+            assert rel_err(bs.qmatmul(xc, qw, 8), bs.qmatmul_f64(xc, qw, 8)) < tol
+        assert rel_err(bs.qmatmul(x, qw, 8, act_bits=8), bs.qmatmul_f64(x, qw, 8, act_bits=8)) < 3e-5
+
+
 def test_leading_dimensions_and_1d(rng):
     qw, x = make_case(rng, 6, 40, 256, 64, "float32", "float32")
     x3 = x.reshape(2, 3, 256)

@@ -1,11 +1,23 @@
-// AMX variant of qmatmul: bf16 tile products of the weight codes for prefill-sized M;
-// the AVX-512 VNNI GEMV (avx512.cpp) below that.
+// AMX variant of qmatmul for prefill-sized M (the AVX-512 VNNI GEMV of avx512.cpp below
+// that), with two tile GEMMs chosen by the activations:
 //
-// Why codes and not dequantized weights: a code q (0..15) or c = 16q + r (0..255) is an
-// integer of at most 8 significant bits, so it is exact in bf16, and so is every x the
-// tiles see (bf16 x as is; float32 and float16 x as hi + lo bf16 halves; int8 activations
-// as integers). tdpbf16ps then sums exact products in float32, and only the per-group
-// affine map is applied in float32 outside the tiles:
+// bf16 x at act_bits 16: dequantized weights (dense_gemm). The contract:
+//     y[m, n] = bf16( sum_k x[m, k] * w[n, k] ),  w[n, k] = bf16( s*c + b )
+// with s*c + b one float32 FMA per element, rounded once to nearest-even bf16 (INT8 view:
+// c = 16q + r with s/16 and b - 7.5*s/16 computed as format.h does), and the sum in float32
+// over the whole of K. This is what a bf16 model multiplies by: the weight's bf16 rounding
+// (2^-9 relative) is of the order of the output's own bf16 rounding, far below the INT4
+// view's quantization error and about the INT8 view's step near the top of a group's range.
+// Each weight is dequantized once per call, straight into the tile layout, and reused by
+// every row of x, so its cost (~0.1 ns per weight for INT4, ~0.13 for INT8, one core) shrinks
+// with M (a third of the call at M = 128, 3% at M = 2048); the tiles then
+// accumulate with no per-group work at all.
+//
+// float32 and float16 x, and act_bits 8: exact codes (the rest of this file), float-grade:
+// a code q (0..15) or c = 16q + r (0..255) is an integer of at most 8 significant bits, so
+// it is exact in bf16, and so is every x the tiles see (float32 and float16 x as hi + lo
+// bf16 halves; int8 activations as integers). tdpbf16ps then sums exact products in
+// float32, and only the per-group affine map is applied in float32 outside the tiles:
 //     y[m, n] = sum_g  s[n, g] * T_g[m, n]  +  b[n, g] * xsum[m, g]
 // with T_g = sum over the group's k of x[m, k] * code[n, k]. Dequantized weights in bf16
 // would round every weight to 8 bits (~2e-3 relative), far from float-grade; an exact
@@ -15,9 +27,11 @@
 // product tile is stored and folded into the float32 result with the group's scales. The
 // bias half is a product of its own (xsum x b^T, see task_affine) done once per block with
 // tiles, not per group with vector FMAs. Measured on this unit's target (Sapphire Rapids,
-// one core, L1-resident data): 32 x 32 x 32 tile steps alone run at 5.5 ns each, 8.4 ns
-// with the 4 tile stores of a G = 64 group, 11.6 ns with the fold; at G = 128 8.1 ns, at
-// G = 32 18 ns.
+// one core, L1-resident data), per 16 x 16 x 32 tile product (one tdpbf16ps; 4.4 ns alone,
+// its 16-cycle throughput): 5.5 ns with its tile loads, 8.4 ns with the 4 tile stores of a
+// G = 64 group, 11.6 ns with the fold; at G = 128 8.1 ns, at G = 32 18 ns. The bf16 path's
+// tile blocks take ~9 ns per product with their accumulator loads and stores (3072 x 1024,
+// M = 512; see dense_task), with no fold at all.
 //
 // Layout (C = x W^T, rows m, columns n): tiles 0, 1 hold x rows (32 rows, one 32-input
 // step), tiles 2, 3 hold the codes of 32 outputs in the VNNI pair layout, tiles 4..7 the
@@ -637,6 +651,420 @@ Status gemm_parts(const QMatmulArgs& a, ThreadPool& pool, Ctx& ctx) {
   return ctx.xt.parts == 1 ? gemm<BITS, 1, false>(a, pool, ctx) : gemm<BITS, 2, false>(a, pool, ctx);
 }
 
+// ---------------------------------------------------------------------------------------
+// bf16 x: dense tile GEMM on dequantized weight panels (see the contract at the top).
+//
+// Data flow per task (outputs n0 .. n0 + nb - 1, x rows m0 .. m0 + mrows - 1):
+//   for each panel of ks inputs (all of K unless the panel would pass kPanelBytes):
+//     dequantize the nb x ks weights once, straight into tile layout (dense_dequant);
+//     for each 32-row block of x:
+//       for each chunk of kKC inputs:          its x (32 rows x kKC: 16 KB) stays in L1
+//         for each 32-output block of the panel: one dense_block, C from / to acc
+//       round the block's 32 x nb results to bf16 into y (last panel only).
+// Tile arithmetic per 32 x 32 x 32 step (4 tdpbf16ps, 4 tile loads), measured on one core:
+// 17.6 ns with no loads (the tdp throughput, 16 cycles each), 19.7-21.7 ns with the 4 KB of
+// operands in L1 (tile loads pipeline at 8 cycles but each 1 KB one must land before its
+// tdp), 26-30 ns with both operands streaming from L2. Storing the 4 accumulator tiles
+// ends the pipeline: ~25-45 ns per block while the operands come from L1 or a short L2
+// stream, but ~300 ns when a block streams more than L1 holds (a whole K = 1024 of both
+// operands): one store per 32-step block then costs a quarter of the time. Hence blocks of
+// kKC = 256 inputs with the x chunk in L1, reused by every output block of the panel, and
+// only the weights streaming from L2; the accumulators go through a float32 row buffer
+// between chunks (tile load + store: ~10% of an 8-step block). At 3072 x 1024, M = 512,
+// one core, blocks of 128 / 256 / 512 / 1024 inputs took 79 / 76 / 92 / 95 Mcycles.
+// (On 2 threads, blocks of 4 / 8 / 12 / 16 steps: 8 fastest by 3-15%.) Software prefetch of
+// the next block's tiles (into L1 or L2) slowed every variant tried by 10-25%: the loads
+// compete with the tile loads for the load ports. Dequantizing the next panel between tile
+// blocks, to overlap vector and tile work, overlapped nothing (256 tiles: 10 us interleaved,
+// 8 us on their own); packing each x chunk within the tasks instead of once per call
+// measured the same as the pass over x below.
+
+// Inputs per tile block (see above).
+constexpr int64_t kKC = 256;
+constexpr int64_t kKCSteps = kKC / kTileK;
+// Dequantized panel bytes (outputs x inputs x 2): 1 MB sits in the 2 MB L2 next to the x
+// chunks and the accumulators. (1024 x 3072, M = 2048: panels of 1 / 2 / 4 MB ran at 1402 /
+// 995 / 785 GFLOP/s on one core.)
+constexpr int64_t kPanelBytes = 1 << 20;
+// Tile pairs: x tiles of rows 0..15 and 16..31 of a block, weight tiles of outputs 0..15
+// and 16..31, interleaved per step so that each operand of a block is one sequential
+// stream (2-5% faster than separate 16-row strips).
+constexpr int64_t kPairElems = 2 * kTileElems;
+
+static_assert(kKC % fmt::kMaxGroupSize == 0 && kPanelBytes % (kKC * 2 * kBlockN) == 0, "whole chunks");
+
+struct DenseCtx {
+  const QMatmulArgs* a;
+  const uint16_t* xt;  // x tiles [m_pad / 32][K / 32][2][16][32] bf16, rows past M zero
+  int64_t steps;       // K / 32
+  int64_t ks;          // inputs per panel: a multiple of kKC, or all of K
+  int64_t nb;          // outputs per task (a multiple of kBlockN)
+  int64_t n_blocks;    // tasks along N
+  int64_t mrows;       // x rows per task (a multiple of kBlockM)
+  int64_t m_splits;    // tasks along M
+};
+
+// Rows 32 * mb .. 32 * mb + 31 of bf16 x into tile pairs.
+void dense_prep_x(const QMatmulArgs& a, uint16_t* xt, int64_t steps, int64_t mb) {
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  uint16_t* block = xt + mb * steps * kPairElems;
+  for (int r = 0; r < kBlockM; ++r) {
+    const int64_t m = mb * kBlockM + r;
+    uint16_t* dst = block + (r / kTileRows) * kTileElems + (r % kTileRows) * kTileK;
+    if (m >= a.m) {
+      for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(dst + s * kPairElems, _mm512_setzero_si512());
+      continue;
+    }
+    const uint16_t* src = x + m * a.k;
+    for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(dst + s * kPairElems, _mm512_loadu_si512(src + s * kTileK));
+  }
+}
+
+// In-place transpose of 16 x 16 floats: v[i] lane j <-> v[j] lane i.
+inline void transpose16x16_ps(__m512 (&v)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c]: lane L holds rows 4i .. 4i+3 of column 4L + c
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of the 128-bit lanes of u[c], u[4 + c], ...
+    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    v[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    v[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    v[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    v[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
+// Effective scale and bias of outputs n0 .. n0 + nb - 1 for groups g0 .. g0 + cg - 1 as
+// float32 rows over the outputs: sb[2g][j] = s, sb[2g + 1][j] = b (zero past N, so the
+// padded outputs dequantize to 0). One output's scales are contiguous, so 16 outputs x 16
+// groups are loaded as rows and transposed (a third of the time of scattering them).
+template <int BITS>
+void dense_affine(const QMatmulArgs& a, int64_t n0, int64_t nb, int64_t g0, int64_t cg, float* sb) {
+  const int64_t groups = fmt::groups_per_row(a.k, a.group_size), es = dtype_size(a.scale_dtype);
+  const char* scales = static_cast<const char*>(a.scales);
+  const char* biases = static_cast<const char*>(a.biases);
+  for (int64_t j0 = 0; j0 < nb; j0 += kTileRows) {
+    for (int64_t g = 0; g < cg; g += 16) {
+      const int64_t ng = imin(16, cg - g);
+      const __mmask16 mask = ng == 16 ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
+      __m512 sc[16], bi[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + j0 + i;
+        if (n >= a.n) {
+          sc[i] = bi[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const int64_t at = (n * groups + g0 + g) * es;
+        sc[i] = load16_masked(scales + at, a.scale_dtype, mask);
+        bi[i] = load16_masked(biases + at, a.scale_dtype, mask);
+        if (BITS == fmt::kInt8Bits) {  // fmt::int8_scale / int8_bias, operation for operation
+          const __m512 inv_div = _mm512_set1_ps(1.0f / fmt::kResidualDivisor);
+          bi[i] = _mm512_sub_ps(bi[i], _mm512_mul_ps(_mm512_mul_ps(sc[i], _mm512_set1_ps(fmt::kResidualCenter)), inv_div));
+          sc[i] = _mm512_mul_ps(sc[i], inv_div);
+        }
+      }
+      transpose16x16_ps(sc);
+      transpose16x16_ps(bi);
+      for (int64_t i = 0; i < ng; ++i) {
+        _mm512_storeu_ps(sb + 2 * (g + i) * nb + j0, sc[i]);
+        _mm512_storeu_ps(sb + (2 * (g + i) + 1) * nb + j0, bi[i]);
+      }
+    }
+  }
+}
+
+// transpose16x16 on four steps at once: each 128-bit lane of rows[i] holds output i's 16
+// bytes of one step, and lane L of out[p] the bytes p of the 16 outputs at step L. A
+// 512-bit shuffle does the work of four 128-bit ones: 20% (INT4) and 32% (INT8) off the
+// dequantization at 3072 x 1024.
+inline void transpose16x16_x4(const __m512i (&rows)[16], __m512i (&out)[16]) {
+  __m512i a[16], b[16], c[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi8(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi8(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h) {
+      b[4 * i + 2 * h] = _mm512_unpacklo_epi16(a[4 * i + h], a[4 * i + 2 + h]);
+      b[4 * i + 2 * h + 1] = _mm512_unpackhi_epi16(a[4 * i + h], a[4 * i + 2 + h]);
+    }
+  for (int i = 0; i < 2; ++i)
+    for (int q = 0; q < 4; ++q) {
+      c[8 * i + 2 * q] = _mm512_unpacklo_epi32(b[8 * i + q], b[8 * i + 4 + q]);
+      c[8 * i + 2 * q + 1] = _mm512_unpackhi_epi32(b[8 * i + q], b[8 * i + 4 + q]);
+    }
+  for (int q = 0; q < 8; ++q) {
+    out[2 * q] = _mm512_unpacklo_epi64(c[q], c[8 + q]);
+    out[2 * q + 1] = _mm512_unpackhi_epi64(c[q], c[8 + q]);
+  }
+}
+
+// One weight tile row: for 16 outputs (lanes) the bf16 pair (w[k], w[k + 1]) from their
+// plane bytes q (and r), w = s*c + b by one float32 FMA, rounded once to bf16.
+template <int BITS>
+inline __m512i dequant_row(__m128i q, __m128i r, __m512 sv, __m512 bv) {
+  // cvtne2ps puts the even inputs' bf16 in words 0..15 and the odd ones' in 16..31.
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,  //
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i vq = _mm512_cvtepu8_epi32(q);
+  __m512i e, o;
+  if (BITS == fmt::kInt4Bits) {
+    e = _mm512_and_si512(vq, _mm512_set1_epi32(0xF));
+    o = _mm512_srli_epi32(vq, 4);
+  } else {  // c = 16q + r: the low nibbles make the even input's code, the high ones the odd's
+    const __m512i vr = _mm512_cvtepu8_epi32(r), hi4 = _mm512_set1_epi32(0xF0);
+    e = _mm512_ternarylogic_epi32(hi4, _mm512_slli_epi32(vq, 4), vr, 0xCA);
+    o = _mm512_ternarylogic_epi32(hi4, vq, _mm512_srli_epi32(vr, 4), 0xCA);
+  }
+  const __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), sv, bv);
+  const __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(o), sv, bv);
+  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(wo, we));
+}
+
+// Where the dequantized tiles of a panel go: [chunk][32-output block][step][2][16][32], so
+// that each tile block reads its weights as one sequential stream and the next block's
+// follow them.
+struct PanelLayout {
+  uint16_t* base;
+  int64_t steps;   // steps of the panel
+  int64_t blocks;  // 32-output blocks of the panel
+  // The tile of 16-output slice sl at step s.
+  uint16_t* tile(int64_t sl, int64_t s) const {
+    const int64_t c = s / kKCSteps, cs = imin(kKCSteps, steps - c * kKCSteps);
+    return base + ((c * blocks * kKCSteps + (sl / 2) * cs + s % kKCSteps) * 2 + sl % 2) * kTileElems;
+  }
+  // The weights of 32-output block j for the chunk starting at step c0.
+  const uint16_t* block(int64_t j, int64_t c0) const {
+    const int64_t cs = imin(kKCSteps, steps - c0);
+    return base + (c0 * blocks + j * cs) * kPairElems;
+  }
+};
+
+// The weight tiles of 16-output slice sl for the panel's steps, from plane word w0 on;
+// rows0[i] (and rows1[i]) point at output i's plane row (rows past N repeat row N - 1; their
+// scales are zero). sb: the slice's column of dense_affine's rows (row stride 2 * nb).
+template <int BITS>
+void dense_dequant(const uint32_t* const (&rows0)[kTileRows], const uint32_t* const (&rows1)[kTileRows], int64_t w0,
+                   int64_t G, const float* sb, int64_t nb, const PanelLayout& out, int64_t sl) {
+  constexpr int kWordsPerStep = kTileK / fmt::kValuesPerWord;
+  const int64_t steps = out.steps;
+  int64_t s = 0;
+  for (; s + 4 <= steps; s += 4) {  // four steps: one 64-byte line of each plane row
+    const int64_t w = w0 + s * kWordsPerStep;
+    __m512i in[kTileRows], q[kTileRows], r[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) in[i] = _mm512_loadu_si512(rows0[i] + w);
+    transpose16x16_x4(in, q);
+    if (BITS == fmt::kInt8Bits) {
+      for (int i = 0; i < kTileRows; ++i) in[i] = _mm512_loadu_si512(rows1[i] + w);
+      transpose16x16_x4(in, r);
+    }
+    // Spilled once so that each step's 16 bytes are a plain 16-byte load.
+    alignas(64) __m128i qb[kTileRows][4], rb[BITS == fmt::kInt8Bits ? kTileRows : 1][4];
+    for (int p = 0; p < kTileRows; ++p) {
+      _mm512_store_si512(qb[p], q[p]);
+      if (BITS == fmt::kInt8Bits) _mm512_store_si512(rb[p], r[p]);
+    }
+    for (int l = 0; l < 4; ++l) {
+      const int64_t g = (s + l) * kTileK / G;
+      const __m512 sv = _mm512_loadu_ps(sb + 2 * g * nb), bv = _mm512_loadu_ps(sb + (2 * g + 1) * nb);
+      uint16_t* tile = out.tile(sl, s + l);
+      for (int p = 0; p < kTileRows; ++p) {
+        const __m128i qp = _mm_load_si128(&qb[p][l]);
+        const __m128i rp = BITS == fmt::kInt8Bits ? _mm_load_si128(&rb[p][l]) : qp;
+        _mm512_store_si512(tile + p * kTileK, dequant_row<BITS>(qp, rp, sv, bv));
+      }
+    }
+  }
+  for (; s < steps; ++s) {  // K % 128 != 0: the last one to three steps
+    const int64_t g = s * kTileK / G;
+    const __m512 sv = _mm512_loadu_ps(sb + 2 * g * nb), bv = _mm512_loadu_ps(sb + (2 * g + 1) * nb);
+    const int64_t w = w0 + s * kWordsPerStep;
+    __m128i in[kTileRows], q[kTileRows], r[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) in[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows0[i] + w));
+    transpose16x16(in, q);
+    if (BITS == fmt::kInt8Bits) {
+      for (int i = 0; i < kTileRows; ++i) in[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows1[i] + w));
+      transpose16x16(in, r);
+    }
+    uint16_t* tile = out.tile(sl, s);
+    for (int p = 0; p < kTileRows; ++p) _mm512_store_si512(tile + p * kTileK, dequant_row<BITS>(q[p], r[p], sv, bv));
+  }
+}
+
+// One block of 16 * MT x rows by 16 * NT outputs over `steps` steps, accumulated in the
+// tiles: c = cin (or 0) + x w^T, stored to cout. x: the block's tile pairs from the first
+// step on; w: the weights' tile pairs; cin, cout: rows of ld floats. Tiles 0, 1 hold x,
+// 2, 3 weights, 4..7 the block.
+template <int MT, int NT>
+__attribute__((noinline)) void dense_block(const uint16_t* x, const uint16_t* w, int64_t steps, const float* cin,
+                                           float* cout, int64_t ld) {
+  static_assert((MT == 1 || MT == 2) && (NT == 1 || NT == 2), "blocks of 16 or 32 rows and outputs");
+  const int ldb = int(ld * 4);
+  if (cin) {
+    _tile_loadd(4, cin, ldb);
+    if (NT == 2) _tile_loadd(5, cin + kTileRows, ldb);
+    if (MT == 2) _tile_loadd(6, cin + kTileRows * ld, ldb);
+    if (MT == 2 && NT == 2) _tile_loadd(7, cin + kTileRows * ld + kTileRows, ldb);
+  } else {
+    _tile_zero(4);
+    if (NT == 2) _tile_zero(5);
+    if (MT == 2) _tile_zero(6);
+    if (MT == 2 && NT == 2) _tile_zero(7);
+  }
+  for (int64_t s = 0; s < steps; ++s, x += kPairElems, w += kPairElems) {
+    _tile_loadd(0, x, kTileBytes);
+    _tile_loadd(2, w, kTileBytes);
+    _tile_dpbf16ps(4, 0, 2);
+    if (NT == 2) {
+      _tile_loadd(3, w + kTileElems, kTileBytes);
+      _tile_dpbf16ps(5, 0, 3);
+    }
+    if (MT == 2) {
+      _tile_loadd(1, x + kTileElems, kTileBytes);
+      _tile_dpbf16ps(6, 1, 2);
+      if (NT == 2) _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, cout, ldb);
+  if (NT == 2) _tile_stored(5, cout + kTileRows, ldb);
+  if (MT == 2) _tile_stored(6, cout + kTileRows * ld, ldb);
+  if (MT == 2 && NT == 2) _tile_stored(7, cout + kTileRows * ld + kTileRows, ldb);
+}
+
+using DenseBlockFn = void (*)(const uint16_t*, const uint16_t*, int64_t, const float*, float*, int64_t);
+// [MT - 1][NT - 1]
+constexpr DenseBlockFn kDenseBlocks[2][2] = {{dense_block<1, 1>, dense_block<1, 2>},
+                                            {dense_block<2, 1>, dense_block<2, 2>}};
+
+// y rows [m, m + rows) x columns [n, n + cols) from float32 c (rows of ldc floats), rounded
+// to nearest even bf16. Whole 64-byte lines of 32 outputs: half the time of masked 32-byte
+// stores at M = 512, and aligned to the lines of memory (a large numpy y is 16-byte aligned;
+// split lines cost 2-5% of the call on 2 threads). Writing y is ~10% of a call at M >= 512
+// on 2 threads, memory-bound: non-temporal stores, deferring each block's stores to the next
+// block, or prefetching the lines for writing were all within 3% of these plain stores.
+void dense_store_y(const QMatmulArgs& a, const float* c, int64_t ldc, int64_t m, int64_t rows, int64_t n,
+                   int64_t cols) {
+  uint16_t* y = static_cast<uint16_t*>(a.y);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* dst = y + (m + r) * a.n + n;
+    const float* src = c + r * ldc;
+    // Up to the first 64-byte boundary of the row, then whole lines.
+    int64_t j = imin(cols, int64_t((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 2);
+    for (int64_t h = 0; h < j; h += 16) {
+      const __mmask16 mask = j - h >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (j - h)) - 1);
+      _mm256_mask_storeu_epi16(dst + h, mask, to_bf16(_mm512_maskz_loadu_ps(mask, src + h)));
+    }
+    for (; j + 32 <= cols; j += 32)
+      _mm512_storeu_si512(dst + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j)));
+    for (; j < cols; j += 16) {
+      const __mmask16 mask = cols - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - j)) - 1);
+      _mm256_mask_storeu_epi16(dst + j, mask, to_bf16(_mm512_maskz_loadu_ps(mask, src + j)));
+    }
+  }
+}
+
+// One task: outputs [n0, n0 + nb) for x rows [m0, m0 + mrows). panel: nb x ks bf16; sb:
+// [2 * ks / 32][nb] floats; acc: the float32 results, [32][nb] when one panel covers K,
+// else [mrows][nb] (kept across panels).
+template <int BITS>
+void dense_task(const DenseCtx& ctx, uint16_t* panel, float* sb, float* acc, int64_t n0, int64_t m0,
+                int64_t mrows) {
+  const QMatmulArgs& a = *ctx.a;
+  const int64_t G = a.group_size, words = fmt::words_per_row(a.k), nb = ctx.nb;
+  const int64_t ncols = imin(nb, a.n - n0), nbv = round_up(ncols, kTileRows);  // outputs with weights
+  const int64_t mend = imin(m0 + mrows, a.m);
+  TileScope tiles;
+  for (int64_t k0 = 0; k0 < a.k; k0 += ctx.ks) {
+    const int64_t kl = imin(ctx.ks, a.k - k0);
+    const bool first = k0 == 0, last = k0 + kl == a.k;
+    PanelLayout layout{panel, kl / kTileK, (nbv + kBlockN - 1) / kBlockN};
+    dense_affine<BITS>(a, n0, nb, k0 / G, kl / G, sb);
+    for (int64_t sl = 0; sl < nbv / kTileRows; ++sl) {
+      const uint32_t* r0[kTileRows];
+      const uint32_t* r1[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) {
+        const int64_t n = imin(n0 + sl * kTileRows + i, a.n - 1);
+        r0[i] = a.plane0 + n * words;
+        r1[i] = BITS == fmt::kInt8Bits ? a.plane1 + n * words : r0[i];
+      }
+      dense_dequant<BITS>(r0, r1, k0 / fmt::kValuesPerWord, G, sb + sl * kTileRows, nb, layout, sl);
+    }
+    for (int64_t m = m0; m < mend; m += kBlockM) {
+      const int mt = mend - m > kTileRows ? 2 : 1;
+      float* arow = ctx.ks == a.k ? acc : acc + (m - m0) * nb;
+      const uint16_t* x = ctx.xt + ((m / kBlockM) * ctx.steps + k0 / kTileK) * kPairElems;
+      for (int64_t c0 = 0; c0 < layout.steps; c0 += kKCSteps) {
+        const int64_t cs = imin(kKCSteps, layout.steps - c0);
+        const bool zero = first && c0 == 0;
+        for (int64_t j = 0; j < nbv; j += kBlockN) {
+          const int nt = nbv - j > kTileRows ? 2 : 1;
+          kDenseBlocks[mt - 1][nt - 1](x + c0 * kPairElems, layout.block(j / kBlockN, c0), cs,
+                                       zero ? nullptr : arow + j, arow + j, nb);
+        }
+      }
+      if (last) dense_store_y(a, arow, nb, m, imin(kBlockM, mend - m), n0, ncols);
+    }
+  }
+}
+
+template <int BITS>
+Status dense_gemm(const QMatmulArgs& a, ThreadPool& pool) {
+  DenseCtx ctx;
+  ctx.a = &a;
+  ctx.steps = a.k / kTileK;
+  const int64_t m_pad = round_up(a.m, kBlockM);
+  uint16_t* xt = static_cast<uint16_t*>(thread_scratch(kScratchX, size_t(m_pad * a.k) * 2));
+  if (!xt) return Status::kOutOfMemory;
+  ctx.xt = xt;
+  pool.parallel_for(m_pad / kBlockM, [&](int64_t mb, int) { dense_prep_x(a, xt, ctx.steps, mb); });
+
+  // Outputs per task: every x chunk is read once per task, so wider panels when x outgrows
+  // L2 (3072 x 1024, M = 2048, one core: 128 / 256 / 512 outputs ran at 1300 / 1446 / 1553
+  // GFLOP/s; at M = 128 the narrower panels were within 5% of each other). Then narrower
+  // ones while the threads would get fewer than two each or unequal shares (over 10% idle).
+  const int64_t T = pool.num_threads(), xbytes = m_pad * a.k * 2;
+  ctx.nb = xbytes <= (512 << 10) ? 128 : xbytes <= (2 << 20) ? 256 : 512;
+  auto uneven = [&](int64_t nb) {
+    const int64_t blocks = (a.n + nb - 1) / nb;
+    return blocks < 2 * T || double((blocks + T - 1) / T * T * nb) > 1.1 * double(a.n);
+  };
+  while (ctx.nb > kBlockN && uneven(ctx.nb)) ctx.nb /= 2;
+  ctx.n_blocks = (a.n + ctx.nb - 1) / ctx.nb;
+  // x rows split across tasks only when there are fewer panels than threads (each piece
+  // dequantizes the panel again).
+  ctx.m_splits = ctx.n_blocks < T ? imin(m_pad / kBlockM, (T + ctx.n_blocks - 1) / ctx.n_blocks) : 1;
+  ctx.mrows = round_up((m_pad + ctx.m_splits - 1) / ctx.m_splits, kBlockM);
+  ctx.m_splits = (m_pad + ctx.mrows - 1) / ctx.mrows;
+  const int64_t ks_max = kPanelBytes / (2 * ctx.nb) / kKC * kKC;
+  ctx.ks = a.k <= ks_max ? a.k : ks_max;
+
+  const size_t panel_bytes = size_t(round_up(ctx.nb, kBlockN) * ctx.ks) * 2;
+  const size_t sb_bytes = size_t(2 * (ctx.ks / fmt::kMinGroupSize) * ctx.nb) * 4;
+  const size_t acc_bytes = size_t((ctx.ks < a.k ? ctx.mrows : kBlockM) * ctx.nb) * 4;
+  bool oom = false;
+  pool.parallel_for(ctx.n_blocks * ctx.m_splits, [&](int64_t task, int) {
+    const int64_t n0 = (task / ctx.m_splits) * ctx.nb, m0 = (task % ctx.m_splits) * ctx.mrows;
+    char* buf = static_cast<char*>(thread_scratch(kScratchPanel, panel_bytes + sb_bytes));
+    float* acc = static_cast<float*>(thread_scratch(kScratchAcc, acc_bytes));
+    if (!buf || !acc) {
+      oom = true;
+      return;
+    }
+    dense_task<BITS>(ctx, reinterpret_cast<uint16_t*>(buf), reinterpret_cast<float*>(buf + panel_bytes), acc, n0,
+                     m0, imin(ctx.mrows, m_pad - m0));
+  });
+  return oom ? Status::kOutOfMemory : Status::kOk;
+}
+
 }  // namespace
 
 bool amx_built() { return true; }
@@ -645,6 +1073,8 @@ Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool) {
   if (a.m <= kAmxGemvMaxM) return qmatmul_avx512(a, pool);
   if (!fmt::is_supported_group_size(a.group_size) || !(a.bits == fmt::kInt4Bits || a.bits == fmt::kInt8Bits))
     return Status::kInvalidArgument;
+  if (a.x_dtype == DType::kBFloat16 && a.act_bits != kActBitsInt8)
+    return a.bits == fmt::kInt8Bits ? dense_gemm<fmt::kInt8Bits>(a, pool) : dense_gemm<fmt::kInt4Bits>(a, pool);
 
   Ctx ctx;
   ctx.a = &a;
@@ -666,7 +1096,13 @@ Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool) {
   // threads (every piece of a panel expands its codes again, so only then).
   const int64_t T = pool.num_threads();
   ctx.nb = kPanelN;
-  while (ctx.nb > kBlockN && (a.n + ctx.nb - 1) / ctx.nb < 2 * T) ctx.nb /= 2;
+  // Narrower panels while the threads would get unequal shares (at most 10% idle) or fewer than
+  // two panels each.
+  auto uneven = [&](int64_t nb) {
+    const int64_t blocks = (a.n + nb - 1) / nb;
+    return blocks < 2 * T || double((blocks + T - 1) / T * T) * nb > 1.1 * double(a.n);
+  };
+  while (ctx.nb > kBlockN && uneven(ctx.nb)) ctx.nb /= 2;
   ctx.n_blocks = (a.n + ctx.nb - 1) / ctx.nb;
   ctx.m_splits = (xt.m_pad + kTaskRows - 1) / kTaskRows;
   if (ctx.n_blocks * ctx.m_splits < T)

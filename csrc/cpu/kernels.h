@@ -75,8 +75,10 @@ Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M, 512-bit dequantize + FMA for large M.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
-// AVX-512 + AMX (tiles, bf16): the AVX-512 GEMV for small M, bf16 tile products of the
-// weight codes for large M. Attention has no AMX kernel: the amx variant runs attention_avx512.
+// AVX-512 + AMX (tiles, bf16): the AVX-512 GEMV for small M; for large M, bf16 x at
+// act_bits 16 runs a dense bf16 tile GEMM on the weights dequantized to bf16 (s*c + b in
+// float32, rounded once), other x bf16 tile products of the exact weight codes
+// (float-grade). Attention has no AMX kernel: the amx variant runs attention_avx512.
 // Returns kUnsupported when the build has no AMX unit (compiler without -mamx-tile).
 Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool);
 // Whether this build compiled the AMX kernels (not whether the CPU can run them).
