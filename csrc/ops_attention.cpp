@@ -179,7 +179,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   auto pool = cpu::pool();
   Status s;
   switch (variant) {
-    case cpu::Variant::kAmx:  // no attention kernel of its own: the AVX-512 one
+    case cpu::Variant::kAmx: s = cpu::attention_amx(a, *pool); break;
     case cpu::Variant::kAvx512: s = cpu::attention_avx512(a, *pool); break;
     case cpu::Variant::kAvx2: s = cpu::attention_avx2(a, *pool); break;
     default: s = cpu::attention_scalar(a, *pool); break;

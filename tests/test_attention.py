@@ -88,6 +88,61 @@ def test_variants_agree_with_scalar(rng):
         assert np.max(np.abs(y - ref)) <= 1e-5, var
 
 
+# Prefill shapes for the tile kernels (amx: 32-key units, 32-row groups, chunks of 256 keys,
+# query blocks merged without a mask): Lq from 9 to 300, Lk not a multiple of any block,
+# GQA groups 1, 2 and 4, both head dims, every block size, chunked prefill offsets.
+# (GQA group, Lq, Lk, D, q_offset, block_q, block_k)
+TILE_SHAPES = [
+    (1, 9, 9, 64, 0, 32, 32),
+    (2, 17, 300, 128, 283, 32, 64),
+    (4, 33, 77, 64, 44, 64, 128),
+    (1, 100, 371, 128, 271, 128, 32),
+    (2, 129, 129, 64, 0, 64, 64),
+    (4, 300, 300, 128, 0, 128, 128),
+    (1, 255, 600, 128, 345, 32, 128),
+]
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_prefill_tile_shapes(rng, variant, shape):
+    """Every mask kind and dtype on awkward prefill shapes, into a poisoned out= view of a
+    larger buffer, with lse; the float64 oracle decides."""
+    group, lq, lk, d, qo, bq, bk = shape
+    hkv = 2
+    for i, kind in enumerate(["none", "causal", "random", "streaming"]):
+        dtype = ["bfloat16", "float16", "float32", "bfloat16"][i]
+        q, k, v = make_qkv(rng, 1, group * hkv, hkv, lq, lk, d, dtype)
+        mask = make_mask(kind, rng, q, k, qo, bq, bk)
+        big = cast(np.full((1, group * hkv, lq + 5, d), np.nan, np.float32), dtype)
+        out = big[:, :, 3:3 + lq]  # strided: row stride d, head stride (lq + 5) d
+        for causal in (True, False):
+            y, lse = bs.ops.attention(q, k, v, mask=mask, causal=causal, q_offset=qo, out=out, return_lse=True)
+            ref, ref_lse = A.attention_reference(q, k, v, mask, causal=causal, q_offset=qo)
+            what = f"{variant} {kind} {dtype} causal {causal}"
+            assert not np.isnan(np.asarray(y, np.float32)).any(), what
+            assert rel_err(y, ref) <= ATTN_TOL[dtype], f"{what}: {rel_err(y, ref):.2e}"
+            assert np.array_equal(np.isinf(lse), np.isinf(ref_lse)), what
+            fin = np.isfinite(ref_lse)
+            assert np.max(np.abs(lse[fin] - ref_lse[fin]), initial=0.0) <= 1e-4, what
+        assert np.isnan(np.asarray(big[:, :, :3], np.float32)).all(), "wrote outside out"
+
+
+def test_running_max_moves(rng, variant):
+    """Scores that grow along the keys by more than the tile kernel's excess bound (16 in
+    log2 units) several times within one 256-key chunk: the running max moves and the O,
+    l and probabilities already accumulated are rescaled."""
+    lq, lk, d = 40, 600, 64
+    u = rng.standard_normal(d).astype(np.float32)
+    q = cast(u + 0.1 * rng.standard_normal((1, 4, lq, d)).astype(np.float32), "bfloat16")
+    grow = np.linspace(0.2, 6.0, lk, dtype=np.float32)[:, None]  # q . k_j ~ 64 grow_j
+    k = cast(grow * u + rng.standard_normal((1, 2, lk, d)).astype(np.float32), "bfloat16")
+    v = cast(rng.standard_normal((1, 2, lk, d)).astype(np.float32), "bfloat16")
+    y, lse = bs.ops.attention(q, k, v, causal=False, scale=0.5, return_lse=True)
+    ref, ref_lse = A.attention_reference(q, k, v, None, causal=False, scale=0.5)
+    assert rel_err(y, ref) <= ATTN_TOL["bfloat16"]
+    assert np.max(np.abs(lse - ref_lse)) <= 1e-4 * max(1.0, np.max(np.abs(ref_lse)))
+
+
 def test_rows_without_keys_are_zero(variant, rng):
     """Query blocks with no key block, and causal rows before every selected key: zeros and
     lse -inf, never NaN."""

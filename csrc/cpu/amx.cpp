@@ -59,10 +59,33 @@ namespace cpu {
 
 bool amx_built() { return false; }
 Status qmatmul_amx(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
+Status attention_amx(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
 
 #else
 
 namespace {
+
+// Tile instructions on registers given as template arguments (gcc's _tile_* macros paste
+// their register numbers into the asm text, so they take only literals). Loads carry a
+// memory clobber too, unlike gcc 12's _tile_loadd: stores that fill a buffer (the GEMM's
+// dequantized codes, attention's P) must not sink past the tile loads that read it.
+template <int T>
+inline void tile_load(const void* base, int64_t stride) {
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "i"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* base, int64_t stride) {
+  __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "i"(T) : "memory");
+}
+template <int T>
+inline void tile_zero() {
+  __asm__ volatile("tilezero %%tmm%c0" ::"i"(T));
+}
+template <int C, int A, int B>
+inline void tile_dp() {  // C += A B
+  __asm__ volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+}
+
 
 // Largest M served by the AVX-512 GEMV. The tile path costs about the same for any M up to
 // 16 (one 16-row block; code expansion dominates), the GEMV grows per row. Measured on one
@@ -422,31 +445,31 @@ __attribute__((noinline)) void batch_products(const uint16_t* xa, const uint16_t
   static_assert(MT == 1 || MT == 2, "blocks of 16 or 32 x rows");
   constexpr int ld = kBlockN * 4;  // bytes per row of a block
   for (int g = 0; g < ng; ++g, prod += kBlockFloats) {
-    _tile_zero(4);
-    _tile_zero(5);
+    tile_zero<4>();
+    tile_zero<5>();
     if (MT == 2) {
-      _tile_zero(6);
-      _tile_zero(7);
+      tile_zero<6>();
+      tile_zero<7>();
     }
     for (int64_t j = 0; j < steps; ++j, codes += 2 * kTileElems, xa += P * kTileElems, xb += P * kTileElems) {
-      _tile_loadd(2, codes, kTileBytes);
-      _tile_loadd(3, codes + kTileElems, kTileBytes);
+      tile_load<2>(codes, kTileBytes);
+      tile_load<3>(codes + kTileElems, kTileBytes);
       for (int p = 0; p < P; ++p) {
-        _tile_loadd(0, xa + p * kTileElems, kTileBytes);
-        if (MT == 2) _tile_loadd(1, xb + p * kTileElems, kTileBytes);
-        _tile_dpbf16ps(4, 0, 2);
-        _tile_dpbf16ps(5, 0, 3);
+        tile_load<0>(xa + p * kTileElems, kTileBytes);
+        if (MT == 2) tile_load<1>(xb + p * kTileElems, kTileBytes);
+        tile_dp<4, 0, 2>();
+        tile_dp<5, 0, 3>();
         if (MT == 2) {
-          _tile_dpbf16ps(6, 1, 2);
-          _tile_dpbf16ps(7, 1, 3);
+          tile_dp<6, 1, 2>();
+          tile_dp<7, 1, 3>();
         }
       }
     }
-    _tile_stored(4, prod, ld);
-    _tile_stored(5, prod + kTileRows, ld);
+    tile_store<4>(prod, ld);
+    tile_store<5>(prod + kTileRows, ld);
     if (MT == 2) {
-      _tile_stored(6, prod + kTileRows * kBlockN, ld);
-      _tile_stored(7, prod + kTileRows * kBlockN + kTileRows, ld);
+      tile_store<6>(prod + kTileRows * kBlockN, ld);
+      tile_store<7>(prod + kTileRows * kBlockN + kTileRows, ld);
     }
   }
 }
@@ -456,30 +479,30 @@ __attribute__((noinline)) void batch_products(const uint16_t* xa, const uint16_t
 template <int MT>
 void bias_block(const uint16_t* xa, const uint16_t* xb, const uint16_t* b0, const uint16_t* b1, int64_t steps,
                 float* acc, int64_t ld) {
-  _tile_zero(4);
-  _tile_zero(5);
+  tile_zero<4>();
+  tile_zero<5>();
   if (MT == 2) {
-    _tile_zero(6);
-    _tile_zero(7);
+    tile_zero<6>();
+    tile_zero<7>();
   }
   for (int64_t j = 0; j < steps; ++j) {
-    _tile_loadd(0, xa + j * kTileElems, kTileBytes);
-    _tile_loadd(2, b0 + j * kTileElems, kTileBytes);
-    _tile_loadd(3, b1 + j * kTileElems, kTileBytes);
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(5, 0, 3);
+    tile_load<0>(xa + j * kTileElems, kTileBytes);
+    tile_load<2>(b0 + j * kTileElems, kTileBytes);
+    tile_load<3>(b1 + j * kTileElems, kTileBytes);
+    tile_dp<4, 0, 2>();
+    tile_dp<5, 0, 3>();
     if (MT == 2) {
-      _tile_loadd(1, xb + j * kTileElems, kTileBytes);
-      _tile_dpbf16ps(6, 1, 2);
-      _tile_dpbf16ps(7, 1, 3);
+      tile_load<1>(xb + j * kTileElems, kTileBytes);
+      tile_dp<6, 1, 2>();
+      tile_dp<7, 1, 3>();
     }
   }
   const int ldb = int(ld * 4);
-  _tile_stored(4, acc, ldb);
-  _tile_stored(5, acc + kTileRows, ldb);
+  tile_store<4>(acc, ldb);
+  tile_store<5>(acc + kTileRows, ldb);
   if (MT == 2) {
-    _tile_stored(6, acc + kTileRows * ld, ldb);
-    _tile_stored(7, acc + kTileRows * ld + kTileRows, ldb);
+    tile_store<6>(acc + kTileRows * ld, ldb);
+    tile_store<7>(acc + kTileRows * ld + kTileRows, ldb);
   }
 }
 
@@ -910,34 +933,34 @@ __attribute__((noinline)) void dense_block(const uint16_t* x, const uint16_t* w,
   static_assert((MT == 1 || MT == 2) && (NT == 1 || NT == 2), "blocks of 16 or 32 rows and outputs");
   const int ldb = int(ld * 4);
   if (cin) {
-    _tile_loadd(4, cin, ldb);
-    if (NT == 2) _tile_loadd(5, cin + kTileRows, ldb);
-    if (MT == 2) _tile_loadd(6, cin + kTileRows * ld, ldb);
-    if (MT == 2 && NT == 2) _tile_loadd(7, cin + kTileRows * ld + kTileRows, ldb);
+    tile_load<4>(cin, ldb);
+    if (NT == 2) tile_load<5>(cin + kTileRows, ldb);
+    if (MT == 2) tile_load<6>(cin + kTileRows * ld, ldb);
+    if (MT == 2 && NT == 2) tile_load<7>(cin + kTileRows * ld + kTileRows, ldb);
   } else {
-    _tile_zero(4);
-    if (NT == 2) _tile_zero(5);
-    if (MT == 2) _tile_zero(6);
-    if (MT == 2 && NT == 2) _tile_zero(7);
+    tile_zero<4>();
+    if (NT == 2) tile_zero<5>();
+    if (MT == 2) tile_zero<6>();
+    if (MT == 2 && NT == 2) tile_zero<7>();
   }
   for (int64_t s = 0; s < steps; ++s, x += kPairElems, w += kPairElems) {
-    _tile_loadd(0, x, kTileBytes);
-    _tile_loadd(2, w, kTileBytes);
-    _tile_dpbf16ps(4, 0, 2);
+    tile_load<0>(x, kTileBytes);
+    tile_load<2>(w, kTileBytes);
+    tile_dp<4, 0, 2>();
     if (NT == 2) {
-      _tile_loadd(3, w + kTileElems, kTileBytes);
-      _tile_dpbf16ps(5, 0, 3);
+      tile_load<3>(w + kTileElems, kTileBytes);
+      tile_dp<5, 0, 3>();
     }
     if (MT == 2) {
-      _tile_loadd(1, x + kTileElems, kTileBytes);
-      _tile_dpbf16ps(6, 1, 2);
-      if (NT == 2) _tile_dpbf16ps(7, 1, 3);
+      tile_load<1>(x + kTileElems, kTileBytes);
+      tile_dp<6, 1, 2>();
+      if (NT == 2) tile_dp<7, 1, 3>();
     }
   }
-  _tile_stored(4, cout, ldb);
-  if (NT == 2) _tile_stored(5, cout + kTileRows, ldb);
-  if (MT == 2) _tile_stored(6, cout + kTileRows * ld, ldb);
-  if (MT == 2 && NT == 2) _tile_stored(7, cout + kTileRows * ld + kTileRows, ldb);
+  tile_store<4>(cout, ldb);
+  if (NT == 2) tile_store<5>(cout + kTileRows, ldb);
+  if (MT == 2) tile_store<6>(cout + kTileRows * ld, ldb);
+  if (MT == 2 && NT == 2) tile_store<7>(cout + kTileRows * ld + kTileRows, ldb);
 }
 
 using DenseBlockFn = void (*)(const uint16_t*, const uint16_t*, int64_t, const float*, float*, int64_t);
@@ -1117,3 +1140,14 @@ Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool) {
 
 }  // namespace cpu
 }  // namespace bitswitch
+
+#if defined(BITSWITCH_HAVE_AMX)
+// Attention: prefill on the tiles (sharing TileScope above), decode on the AVX-512 kernel.
+#include "amx_attention.h"
+
+namespace bitswitch {
+namespace cpu {
+Status attention_amx(const AttentionArgs& a, ThreadPool& pool) { return attention_prefill_amx(a, pool); }
+}  // namespace cpu
+}  // namespace bitswitch
+#endif

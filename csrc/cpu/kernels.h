@@ -78,8 +78,9 @@ Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 + AMX (tiles, bf16): the AVX-512 GEMV for small M; for large M, bf16 x at
 // act_bits 16 runs a dense bf16 tile GEMM on the weights dequantized to bf16 (s*c + b in
 // float32, rounded once), other x bf16 tile products of the exact weight codes
-// (float-grade). Attention has no AMX kernel: the amx variant runs attention_avx512.
-// Returns kUnsupported when the build has no AMX unit (compiler without -mamx-tile).
+// (float-grade). Prefill attention on tiles (amx_attention.h), decode and float32 on the
+// AVX-512 kernels. Returns kUnsupported when the build has no AMX unit (compiler without
+// -mamx-tile), as does attention_amx.
 Status qmatmul_amx(const QMatmulArgs& a, ThreadPool& pool);
 // Whether this build compiled the AMX kernels (not whether the CPU can run them).
 bool amx_built();
@@ -87,6 +88,9 @@ bool amx_built();
 Status attention_scalar(const AttentionArgs& a, ThreadPool& pool);
 Status attention_avx2(const AttentionArgs& a, ThreadPool& pool);
 Status attention_avx512(const AttentionArgs& a, ThreadPool& pool);
+// Flash attention on bf16 tiles for tasks of many rows, bf16 and float16 inputs
+// (amx_attention.h); attention_avx512 for decode (every task at most 8 rows) and float32.
+Status attention_amx(const AttentionArgs& a, ThreadPool& pool);
 
 // Read `bytes` bytes from `data` on every pool thread (disjoint slices) and return a
 // checksum so the reads cannot be elided; the benchmark's read-bandwidth anchor.
