@@ -180,6 +180,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   Status s;
   switch (variant) {
     case cpu::Variant::kAmx: s = cpu::attention_amx(a, *pool); break;
+    case cpu::Variant::kAvx512Bf16:  // no attention kernel of its own
     case cpu::Variant::kAvx512: s = cpu::attention_avx512(a, *pool); break;
     case cpu::Variant::kAvx2: s = cpu::attention_avx2(a, *pool); break;
     default: s = cpu::attention_scalar(a, *pool); break;

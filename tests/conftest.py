@@ -9,7 +9,7 @@ import pytest
 import bitswitch as bs
 from bitswitch import _C
 
-VARIANTS = ("scalar", "avx2", "avx512", "amx")
+VARIANTS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def variant_status(name: str) -> str:
@@ -43,7 +43,7 @@ def variant(request):
     name = request.param
     status = variant_status(name)
     if status != "ok":
-        # avx512 runs emulated in tests/test_avx512_emulation.py; amx needs AMX hardware
+        # avx512 runs emulated in tests/test_avx512_emulation.py; avx512bf16 and amx need the hardware
         where = "tests/test_avx512_emulation.py runs it emulated" if name == "avx512" else "needs a CPU with it"
         pytest.skip(f"{name}: {status} ({where})")
     with bs.ops.use_cpu_variant(name):

@@ -93,12 +93,22 @@ def test_amx_gemm_is_float_grade(rng):
                     assert err < 3e-5, (g, bits, act_bits, err)
 
 
-def test_amx_threads_and_tails_do_not_change_results(rng):
+# The variants that multiply bf16 x (act_bits 16, M > 8) by the weights dequantized to bf16:
+# AMX tiles and AVX512-BF16 vdpbf16ps, one contract (csrc/cpu/bf16_panels.h).
+BF16_DENSE = ("avx512bf16", "amx")
+
+
+def needs(variant):
+    if variant_status(variant) != "ok":
+        pytest.skip(f"{variant}: {variant_status(variant)}")
+
+
+@pytest.mark.parametrize("variant", BF16_DENSE)
+def test_bf16_dense_threads_and_tails_do_not_change_results(rng, variant):
     """Every output is computed by one block in a fixed order, whatever the task split."""
-    if variant_status("amx") != "ok":
-        pytest.skip(f"amx: {variant_status('amx')}")
+    needs(variant)
     qw, x = make_case(rng, 77, 230, 640, 64, "bfloat16", "bfloat16")
-    with bs.ops.use_cpu_variant("amx"):
+    with bs.ops.use_cpu_variant(variant):
         ref = bs.qmatmul(x, qw, 8)
         try:
             for threads in (1, 3):
@@ -110,8 +120,8 @@ def test_amx_threads_and_tails_do_not_change_results(rng):
         np.testing.assert_array_equal(bs.qmatmul(x[:40], qw, 8), ref[:40])
 
 
-# The AMX path for bfloat16 x (act_bits 16, M above the GEMV's 8 rows): M not a multiple of
-# its 16/32-row blocks, 513 past a 512-row boundary; N below one 16-output tile (3), between
+# The bf16 dense paths (act_bits 16, M above the GEMV's 8 rows): M not a multiple of the
+# AMX path's 16/32-row blocks or the vdpbf16ps path's 12-row blocks, 513 past a 512-row boundary; N below one 16-output tile (3), between
 # tiles (17, 40) and past several (200); K shorter than one 256-input chunk (96, 160: G = 32
 # only), ending in a partial chunk (640) and in a partial 128-input dequantization step
 # (4224: 132 groups of 32).
@@ -121,14 +131,14 @@ BF16_K = (96, 160, 640, 4224)
 
 
 def bf16_weight_product(x, qw, bits):
-    """The oracle of the bf16 AMX path: x times the weights as that path sees them, the
+    """The oracle of the bf16 dense paths: x times the weights as that path sees them, the
     float32 dequantization rounded to bf16, in float64."""
     w = np.asarray(bs.quant.dequantize(qw, bits, dtype="float32")).astype(cast(np.zeros(1), "bfloat16").dtype)
     return np.asarray(x, np.float64) @ w.astype(np.float64).T
 
 
 def kernel_bf16_weights(qw, bits):
-    """The bf16 weights exactly as the AMX path computes them: the INT8 view's scale and
+    """The bf16 weights exactly as the bf16 dense paths compute them: the INT8 view's scale and
     bias in float32 operations as format.h writes them, then s*c + b rounded once to
     float32 (one FMA; exact in float64 first) and once to bf16. dequantize rounds s*c and
     the sum separately, which moves ~1 weight in 7000 across a bf16 rounding boundary."""
@@ -145,7 +155,7 @@ def kernel_bf16_weights(qw, bits):
     return cast((rep(s) * c + rep(b)).astype(f32), "bfloat16").astype(np.float64)
 
 
-def check_bf16_amx(y, x, qw, bits, what):
+def check_bf16_dense(y, x, qw, bits, what):
     ref = bf16_weight_product(x, qw, bits)
     scale = np.max(np.abs(ref))
     y = np.asarray(y, np.float64)
@@ -166,11 +176,11 @@ def check_bf16_amx(y, x, qw, bits, what):
 
 @pytest.mark.parametrize("m", BF16_M)
 @pytest.mark.parametrize("n", BF16_N)
-def test_amx_bf16_matches_the_bf16_weight_oracle(rng, m, n):
-    """bf16 x on the amx variant: the product with the bf16-rounded dequantized weights, for
-    both views, every group size and every scale dtype, outputs poisoned first."""
-    if variant_status("amx") != "ok":
-        pytest.skip(f"amx: {variant_status('amx')}")
+@pytest.mark.parametrize("variant", BF16_DENSE)
+def test_bf16_dense_matches_the_bf16_weight_oracle(rng, variant, m, n):
+    """bf16 x on the bf16 dense variants: the product with the bf16-rounded dequantized
+    weights, for both views, every group size and every scale dtype, outputs poisoned first."""
+    needs(variant)
     sdtypes = ["bfloat16", "float16", "float32"]
     i = 0
     for k in BF16_K:
@@ -182,30 +192,31 @@ def test_amx_bf16_matches_the_bf16_weight_oracle(rng, m, n):
                 i += 1
                 qw, x = make_case(rng, m, n, k, g, sdtype, "bfloat16")
                 out = cast(np.full((m, n), np.nan, np.float32), "bfloat16")
-                with bs.ops.use_cpu_variant("amx"):
+                with bs.ops.use_cpu_variant(variant):
                     y = bs.qmatmul(x, qw, bits=bits, out=out)
                 assert y is out
-                check_bf16_amx(y, x, qw, bits, f"M={m} N={n} K={k} G={g} w{bits} {sdtype} scales")
+                check_bf16_dense(y, x, qw, bits, f"M={m} N={n} K={k} G={g} w{bits} {sdtype} scales")
 
 
-def test_amx_bf16_panels_split_along_k(rng):
+@pytest.mark.parametrize("variant", BF16_DENSE)
+def test_bf16_dense_panels_split_along_k(rng, variant):
     """Wide outputs and long K: the dequantized panel covers only part of K, and the
     float32 results are carried across panels."""
-    if variant_status("amx") != "ok":
-        pytest.skip(f"amx: {variant_status('amx')}")
+    needs(variant)
     qw, x = make_case(rng, 513, 1024, 4224, 64, "bfloat16", "bfloat16")
-    with bs.ops.use_cpu_variant("amx"):
+    with bs.ops.use_cpu_variant(variant):
         for bits in (4, 8):
-            check_bf16_amx(bs.qmatmul(x, qw, bits), x, qw, bits, f"w{bits}")
+            check_bf16_dense(bs.qmatmul(x, qw, bits), x, qw, bits, f"w{bits}")
 
 
-def test_amx_float_x_keeps_exact_codes(rng):
+@pytest.mark.parametrize("variant", BF16_DENSE)
+def test_bf16_dense_float_x_keeps_exact_codes(rng, variant):
     """Only bf16 x at act_bits 16 uses dequantized weights: float32 and float16 x (and
-    act_bits 8) keep the exact-code path, whose float32 error is far below a bf16 weight's."""
-    if variant_status("amx") != "ok":
-        pytest.skip(f"amx: {variant_status('amx')}")
+    act_bits 8) keep an exact-code path (AMX tiles, or avx512's float32 GEMM), whose float32
+    error is far below a bf16 weight's."""
+    needs(variant)
     qw, x = make_case(rng, 64, 96, 1024, 64, "float32", "float32")
-    with bs.ops.use_cpu_variant("amx"):
+    with bs.ops.use_cpu_variant(variant):
         for xdtype, tol in (("float32", 3e-5), ("float16", 1.5e-3)):
             xc = cast(x, xdtype)
             assert rel_err(bs.qmatmul(xc, qw, 8), bs.qmatmul_f64(xc, qw, 8)) < tol

@@ -117,6 +117,7 @@ const char* variant_name(Variant v) {
   switch (v) {
     case Variant::kAvx2: return "avx2";
     case Variant::kAvx512: return "avx512";
+    case Variant::kAvx512Bf16: return "avx512bf16";
     case Variant::kAmx: return "amx";
     default: return "scalar";
   }
@@ -156,6 +157,18 @@ bool variant_supported(Variant v, std::string* why) {
       if (!(avx2_ok && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.os_zmm))
         return missing("AVX-512 F/BW/DQ/VL (or the OS does not enable AVX-512 state)");
       return f.avx512vnni ? true : missing("AVX-512 VNNI");
+    case Variant::kAvx512Bf16:
+      if (avx512_emulated()) {
+        if (why) *why = "this build runs the AVX-512 unit on emulation (a test build), which AVX512-BF16 cannot use";
+        return false;
+      }
+      if (!variant_supported(Variant::kAvx512, why)) return false;
+      if (!f.avx512bf16) return missing("AVX512_BF16");
+      if (!avx512bf16_built()) {
+        if (why) *why = "this build has no AVX512-BF16 kernels (the compiler lacks -mavx512bf16)";
+        return false;
+      }
+      return true;
     case Variant::kAmx:
       // The AMX unit also runs the AVX-512 GEMV and attention, natively.
       if (avx512_emulated()) {
@@ -181,6 +194,7 @@ bool variant_supported(Variant v, std::string* why) {
 Variant best_variant() {
   // The emulated AVX-512 unit is for tests only: never chosen automatically.
   if (variant_supported(Variant::kAmx)) return Variant::kAmx;
+  if (variant_supported(Variant::kAvx512Bf16)) return Variant::kAvx512Bf16;
   if (!avx512_emulated() && variant_supported(Variant::kAvx512)) return Variant::kAvx512;
   if (variant_supported(Variant::kAvx2)) return Variant::kAvx2;
   return Variant::kScalar;

@@ -64,10 +64,11 @@ struct AttentionArgs {
   int64_t kv_splits = 0;    // decode: key-block ranges per task (split-KV); 0 = chosen by the kernel
 };
 
-// Which implementation runs a kernel. Order matters: a larger value needs more of the CPU.
-enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
-// Every variant, in that order (for messages and listings).
-constexpr Variant kAllVariants[] = {Variant::kScalar, Variant::kAvx2, Variant::kAvx512, Variant::kAmx};
+// Which implementation runs a kernel (values are stable; kAvx512Bf16 came last).
+enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAvx512Bf16 = 4 };
+// Every variant, each needing more of the CPU than the one before (for messages and listings).
+constexpr Variant kAllVariants[] = {Variant::kScalar, Variant::kAvx2, Variant::kAvx512, Variant::kAvx512Bf16,
+                                    Variant::kAmx};
 
 // The always-compiled scalar reference: float32 accumulation of dequantized weights.
 Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
@@ -75,6 +76,12 @@ Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M, 512-bit dequantize + FMA for large M.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
+// AVX-512 + AVX512-BF16: the AVX-512 kernels, except bf16 x at act_bits 16 with M > 8,
+// which multiplies by the weights dequantized to bf16 (the AMX bf16 contract below) with
+// vdpbf16ps. Returns kUnsupported when the build has no such unit.
+Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool);
+// Whether this build compiled the AVX512-BF16 GEMM (not whether the CPU can run it).
+bool avx512bf16_built();
 // AVX-512 + AMX (tiles, bf16): the AVX-512 GEMV for small M; for large M, bf16 x at
 // act_bits 16 runs a dense bf16 tile GEMM on the weights dequantized to bf16 (s*c + b in
 // float32, rounded once), other x bf16 tile products of the exact weight codes

@@ -74,7 +74,8 @@ PRESETS = {
         shapes=[s for m in MODELS for s in layer_shapes(m)] + [SQUARE, LM_HEAD],
         ms=[1, 4, 16, 128, 512], views=["w4", "w4a8", "w8"], mlx_max_m=16, modes=["streamed", "hot"]),
     # Prefill sizes on the Qwen3 0.6B and 4B layers (v_proj = k_proj, up_proj = gate_proj):
-    # the tile GEMM against the FMA GEMM with --variants amx,avx512, up to a 2048-token prompt.
+    # the bf16 GEMMs against the FMA GEMM with --variants avx512,avx512bf16 (or amx), up to a
+    # 2048-token prompt.
     "prefill": dict(shapes=layer_shapes("0.6b") + layer_shapes("4b"), ms=[16, 64, 128, 512, 2048],
                     views=["w4", "w8"], mlx_max_m=0, modes=["streamed"]),
     # Seconds: for tests and CI.

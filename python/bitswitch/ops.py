@@ -45,12 +45,13 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     is small next to the weights' own quantization error.
     Returns y with x's dtype and framework; accumulation is float32.
 
-    On the 'amx' CPU variant, bfloat16 x at act_bits 16 with more than 8 rows multiplies by
+    On the 'amx' and 'avx512bf16' CPU variants, bfloat16 x at act_bits 16 with more than 8 rows multiplies by
     the weights dequantized to bfloat16 (s*code + b in float32, rounded once per weight),
     as a bf16 model's linear layer does: y is within 2^-8 of the output scale of x @
     bf16(W)^T in float64, the weights' bf16 rounding (2^-9 relative) being of the order of
     y's own. float32 and float16 x, and act_bits 8, keep their contracts there (float-grade
-    products of the exact codes; exact int8 products).
+    products of the exact codes; exact int8 products). BITSWITCH_CPU=avx512 keeps the
+    float32 GEMM on any CPU.
     """
     if not isinstance(qw, QWeight):
         raise TypeError(f"qmatmul: qw must be a QWeight, got {type(qw).__name__}")
@@ -167,7 +168,7 @@ def silu_mul(gate_up: Any, out: Any = None) -> Any:
 
 
 def cpu_variant() -> str:
-    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512' or 'amx'."""
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx'."""
     return _C.cpu_variant()
 
 
