@@ -1,6 +1,6 @@
-"""The AVX-512 unit's logic, on any x86 CPU: build _C with the AVX-512 intrinsics mapped
-onto portable code (csrc/cpu/avx512_emulation.h) and run the qmatmul and attention variant
-tests on it.
+"""The AVX-512 and AVX512-BF16 units' logic, on any x86 CPU: build _C with their
+intrinsics mapped onto portable code (csrc/cpu/avx512_emulation.h) and run the qmatmul and
+attention variant tests on it.
 
 On CPUs with AVX-512 the same tests also run natively (the `variant` fixture); this one
 makes sure the unit is exercised on every machine, CI included.
@@ -37,9 +37,11 @@ def test_avx512_unit_on_emulation(tmp_path):
 
     env["PYTHONPATH"] = str(pkg)
     probe = subprocess.run([sys.executable, "-c", "import bitswitch as b; i = b._C.cpu_info(); "
-                            "print(b.__file__, i['avx512_emulated'], i['variants']['avx512'])"],
+                            "print(b.__file__, i['avx512_emulated'], i['variants']['avx512'], i['variants']['avx512bf16'], i['best'])"],
                            env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert str(pkg) in probe.stdout and "True ok" in probe.stdout
+    assert str(pkg) in probe.stdout and "True ok ok" in probe.stdout
+    # An emulated unit is never chosen by default.
+    assert probe.stdout.split()[-1] in ("avx2", "scalar"), probe.stdout
     # This build has no AMX unit (it is a stub next to an emulated AVX-512 unit): the amx
     # variant reports why, and forcing it is a clear error, never a crash.
     amx = subprocess.run([sys.executable, "-c", "import bitswitch as b, numpy as np\n"
@@ -51,7 +53,7 @@ def test_avx512_unit_on_emulation(tmp_path):
     assert "emulation" in amx.stdout
     assert "ValueError qmatmul: BITSWITCH_CPU=amx cannot run here:" in amx.stdout
     tests = ROOT / "tests"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "avx512 and not avx512bf16",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "avx512",
                           str(tests / "test_qmatmul.py"), str(tests / "test_attention.py")],
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr

@@ -18,11 +18,15 @@
 //       round the block's results to bf16 into y (last panel only).
 // x is read in place: a pair of bf16 inputs is one dword, broadcast to the 16 lanes.
 //
-// Built without compiler support for AVX512-BF16 (or with BITSWITCH_EMULATE_AVX512) this
-// unit is a stub and the variant reports itself unsupported.
+// Built without compiler support for AVX512-BF16 this unit is a stub and the variant
+// reports itself unsupported. Built with BITSWITCH_EMULATE_AVX512 (a test build) its
+// intrinsics map onto portable code (avx512_emulation.h), as the AVX-512 unit's do.
 #include "kernels.h"
 
 #if defined(BITSWITCH_HAVE_AVX512BF16)
+#if defined(BITSWITCH_EMULATE_AVX512)
+#include "avx512_emulation.h"
+#endif
 #include <immintrin.h>
 
 #include <array>

@@ -2,8 +2,10 @@
 // unit's logic on CPUs without AVX-512 (configure with -DBITSWITCH_EMULATE_AVX512=ON;
 // never used in a release build). Each intrinsic becomes a macro for a lane loop over
 // GCC's 64-byte vector types, following the instruction's definition in Intel's SDM.
-// Only what csrc/cpu/avx512.cpp calls is here: a missing one fails to compile
-// ("target specific option mismatch"), never silently runs the real instruction.
+// Only what csrc/cpu/avx512.cpp and csrc/cpu/avx512_bf16.cpp (with bf16_panels.h) call is
+// here: a missing one fails to compile ("target specific option mismatch"), never silently
+// runs the real instruction. Masked loads and stores touch only the lanes of their mask,
+// as the real ones do, so AddressSanitizer sees what the hardware would.
 #pragma once
 
 #include <immintrin.h>
@@ -21,7 +23,9 @@ union V {
   float f32[16];
   double f64[8];
   int32_t i32[16];
+  uint32_t u32[16];
   uint16_t u16[32];
+  int64_t i64[8];
   int8_t i8[64];
   uint8_t u8[64];
 };
@@ -301,6 +305,160 @@ inline __m512 insertf32x8(__m512 a, __m256 b, int half) {
   return a;
 }
 
+inline __m512i set1_epi32(int x) {
+  V v;
+  for (int32_t& e : v.i32) e = x;
+  return v.i;
+}
+// _mm512_set_epi16 takes its 32 words highest first.
+inline __m512i set_epi16(const int (&hi_first)[32]) {
+  V v;
+  for (int i = 0; i < 32; ++i) v.u16[i] = uint16_t(hi_first[31 - i]);
+  return v.i;
+}
+inline void storeu_si512(void* p, __m512i a) { std::memcpy(p, &a, 64); }
+inline void store_si512(void* p, __m512i a) {
+  if (reinterpret_cast<uintptr_t>(p) % 64) __builtin_trap();
+  storeu_si512(p, a);
+}
+inline __m512 maskz_loadu_ps(__mmask16 k, const void* p) {
+  V v;
+  for (int i = 0; i < 16; ++i) {
+    v.f32[i] = 0.0f;
+    if ((k >> i) & 1) std::memcpy(&v.f32[i], static_cast<const char*>(p) + 4 * i, 4);
+  }
+  return v.f;
+}
+inline __m256i maskz_loadu_epi16_256(__mmask16 k, const void* p) {
+  uint16_t w[16];
+  for (int i = 0; i < 16; ++i) {
+    w[i] = 0;
+    if ((k >> i) & 1) std::memcpy(&w[i], static_cast<const char*>(p) + 2 * i, 2);
+  }
+  __m256i r;
+  std::memcpy(&r, w, 32);
+  return r;
+}
+inline void mask_storeu_epi16_256(void* p, __mmask16 k, __m256i a) {
+  uint16_t w[16];
+  std::memcpy(w, &a, 32);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<char*>(p) + 2 * i, &w[i], 2);
+}
+inline __m512i cvtepu16_epi32(__m256i a) {
+  uint16_t w[16];
+  std::memcpy(w, &a, 32);
+  V r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = w[i];
+  return r.i;
+}
+inline __m512i cvtepu8_epi32(__m128i a) {
+  uint8_t b[16];
+  std::memcpy(b, &a, 16);
+  V r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = b[i];
+  return r.i;
+}
+inline __m512i srli_epi32(__m512i a, unsigned n) {
+  V x = vi(a);
+  for (uint32_t& e : x.u32) e = n > 31 ? 0 : e >> n;
+  return x.i;
+}
+// VPTERNLOGD: bit j of each result = imm bit (a_j << 2 | b_j << 1 | c_j).
+inline __m512i ternarylogic_epi32(__m512i a, __m512i b, __m512i c, int imm) {
+  V x = vi(a), y = vi(b), z = vi(c), r;
+  for (int i = 0; i < 16; ++i) {
+    uint32_t out = 0;
+    for (int j = 0; j < 32; ++j) {
+      const unsigned sel = ((x.u32[i] >> j) & 1) << 2 | ((y.u32[i] >> j) & 1) << 1 | ((z.u32[i] >> j) & 1);
+      out |= uint32_t((imm >> sel) & 1) << j;
+    }
+    r.u32[i] = out;
+  }
+  return r.i;
+}
+// VPERMW: word i = a[idx_i & 31].
+inline __m512i permutexvar_epi16(__m512i idx, __m512i a) {
+  V ix = vi(idx), x = vi(a), r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = x.u16[ix.u16[i] & 31];
+  return r.i;
+}
+// Within each 128-bit lane, elements of `bytes` bytes from the low (hi = 0) or high half
+// of a and b, interleaved: [a0 b0 a1 b1 ...] (VPUNPCKL* / VPUNPCKH*).
+inline __m512i unpack_epi(__m512i a, __m512i b, int bytes, int hi) {
+  V x = vi(a), y = vi(b), r;
+  const int n = 16 / bytes;  // elements per lane
+  for (int l = 0; l < 64; l += 16)
+    for (int j = 0; j < n / 2; ++j) {
+      std::memcpy(r.u8 + l + 2 * j * bytes, x.u8 + l + (j + hi * n / 2) * bytes, bytes);
+      std::memcpy(r.u8 + l + (2 * j + 1) * bytes, y.u8 + l + (j + hi * n / 2) * bytes, bytes);
+    }
+  return r.i;
+}
+// VSHUFPS: within each 128-bit lane [a[imm0] a[imm1] b[imm2] b[imm3]] (2-bit fields).
+inline __m512 shuffle_ps(__m512 a, __m512 b, int imm) {
+  V x = vf(a), y = vf(b), r;
+  for (int l = 0; l < 16; l += 4) {
+    r.f32[l] = x.f32[l + (imm & 3)];
+    r.f32[l + 1] = x.f32[l + ((imm >> 2) & 3)];
+    r.f32[l + 2] = y.f32[l + ((imm >> 4) & 3)];
+    r.f32[l + 3] = y.f32[l + ((imm >> 6) & 3)];
+  }
+  return r.f;
+}
+
+// AVX512-BF16, by the SDM's pseudo-code. float32 -> bf16: zeros and denormals to a signed
+// zero, NaNs quieted, infinities kept, the rest rounded to nearest even.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7F800000u) == 0) return uint16_t((u >> 16) & 0x8000u);
+  if ((u & 0x7FFFFFFFu) == 0x7F800000u) return uint16_t(u >> 16);
+  if ((u & 0x7F800000u) == 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+// bf16 -> float32 with denormals as zero (DAZ), and float32 results flushed to zero (FTZ).
+inline float from_bf16_daz(uint16_t h) {
+  const uint32_t u = (h & 0x7F80u) == 0 ? uint32_t(h & 0x8000u) << 16 : uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float ftz(float f) { return std::fpclassify(f) == FP_SUBNORMAL ? std::copysign(0.0f, f) : f; }
+inline __m256bh cvtneps_pbh(__m512 a) {
+  V x = vf(a);
+  uint16_t w[16];
+  for (int i = 0; i < 16; ++i) w[i] = to_bf16(x.f32[i]);
+  __m256bh r;
+  std::memcpy(&r, w, 32);
+  return r;
+}
+// VCVTNE2PS2BF16: words 0..15 from b, 16..31 from a.
+inline __m512bh cvtne2ps_pbh(__m512 a, __m512 b) {
+  V x = vf(a), y = vf(b), r;
+  for (int i = 0; i < 16; ++i) {
+    r.u16[i] = to_bf16(y.f32[i]);
+    r.u16[16 + i] = to_bf16(x.f32[i]);
+  }
+  __m512bh out;
+  std::memcpy(&out, &r, 64);
+  return out;
+}
+// VDPBF16PS: lane i += a.odd * b.odd, then += a.even * b.even (each product exact in
+// float32; each sum rounded to nearest even; DAZ and FTZ).
+inline __m512 dpbf16_ps(__m512 src, __m512bh a, __m512bh b) {
+  V s = vf(src), x, y;
+  std::memcpy(&x, &a, 64);
+  std::memcpy(&y, &b, 64);
+  for (int i = 0; i < 16; ++i) {
+    float acc = ftz(s.f32[i]);
+    acc = ftz(acc + ftz(from_bf16_daz(x.u16[2 * i + 1]) * from_bf16_daz(y.u16[2 * i + 1])));
+    acc = ftz(acc + ftz(from_bf16_daz(x.u16[2 * i]) * from_bf16_daz(y.u16[2 * i])));
+    s.f32[i] = acc;
+  }
+  return s.f;
+}
+
 }  // namespace bitswitch_avx512_emulation
 
 #define BSEMU ::bitswitch_avx512_emulation
@@ -369,3 +527,49 @@ inline __m512 insertf32x8(__m512 a, __m256 b, int half) {
 #define _mm512_shuffle_f32x4(a, b, imm) BSEMU::shuffle_f32x4(a, b, imm)
 #undef _mm512_permutex2var_ps
 #define _mm512_permutex2var_ps(a, i, b) BSEMU::permutex2var_ps(a, i, b)
+#undef _mm512_set1_epi32
+#define _mm512_set1_epi32(x) BSEMU::set1_epi32(x)
+#undef _mm512_set_epi16
+#define _mm512_set_epi16(...) BSEMU::set_epi16({__VA_ARGS__})
+#define _mm512_storeu_si512(p, a) BSEMU::storeu_si512(p, a)
+#define _mm512_store_si512(p, a) BSEMU::store_si512(p, a)
+#undef _mm512_maskz_loadu_ps
+#define _mm512_maskz_loadu_ps(k, p) BSEMU::maskz_loadu_ps(k, p)
+#undef _mm256_maskz_loadu_epi16
+#define _mm256_maskz_loadu_epi16(k, p) BSEMU::maskz_loadu_epi16_256(k, p)
+#undef _mm256_mask_storeu_epi16
+#define _mm256_mask_storeu_epi16(p, k, a) BSEMU::mask_storeu_epi16_256(p, k, a)
+#undef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32(a) BSEMU::cvtepu16_epi32(a)
+#undef _mm512_cvtepu8_epi32
+#define _mm512_cvtepu8_epi32(a) BSEMU::cvtepu8_epi32(a)
+#undef _mm512_srli_epi32
+#define _mm512_srli_epi32(a, n) BSEMU::srli_epi32(a, n)
+#undef _mm512_ternarylogic_epi32
+#define _mm512_ternarylogic_epi32(a, b, c, imm) BSEMU::ternarylogic_epi32(a, b, c, imm)
+#undef _mm512_permutexvar_epi16
+#define _mm512_permutexvar_epi16(i, a) BSEMU::permutexvar_epi16(i, a)
+#undef _mm512_unpacklo_epi8
+#define _mm512_unpacklo_epi8(a, b) BSEMU::unpack_epi(a, b, 1, 0)
+#undef _mm512_unpackhi_epi8
+#define _mm512_unpackhi_epi8(a, b) BSEMU::unpack_epi(a, b, 1, 1)
+#undef _mm512_unpacklo_epi16
+#define _mm512_unpacklo_epi16(a, b) BSEMU::unpack_epi(a, b, 2, 0)
+#undef _mm512_unpackhi_epi16
+#define _mm512_unpackhi_epi16(a, b) BSEMU::unpack_epi(a, b, 2, 1)
+#undef _mm512_unpacklo_epi32
+#define _mm512_unpacklo_epi32(a, b) BSEMU::unpack_epi(a, b, 4, 0)
+#undef _mm512_unpackhi_epi32
+#define _mm512_unpackhi_epi32(a, b) BSEMU::unpack_epi(a, b, 4, 1)
+#undef _mm512_unpacklo_epi64
+#define _mm512_unpacklo_epi64(a, b) BSEMU::unpack_epi(a, b, 8, 0)
+#undef _mm512_unpackhi_epi64
+#define _mm512_unpackhi_epi64(a, b) BSEMU::unpack_epi(a, b, 8, 1)
+#undef _mm512_shuffle_ps
+#define _mm512_shuffle_ps(a, b, imm) BSEMU::shuffle_ps(a, b, imm)
+#undef _mm512_cvtneps_pbh
+#define _mm512_cvtneps_pbh(a) BSEMU::cvtneps_pbh(a)
+#undef _mm512_cvtne2ps_pbh
+#define _mm512_cvtne2ps_pbh(a, b) BSEMU::cvtne2ps_pbh(a, b)
+#undef _mm512_dpbf16_ps
+#define _mm512_dpbf16_ps(s, a, b) BSEMU::dpbf16_ps(s, a, b)

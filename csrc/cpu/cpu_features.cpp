@@ -158,12 +158,8 @@ bool variant_supported(Variant v, std::string* why) {
         return missing("AVX-512 F/BW/DQ/VL (or the OS does not enable AVX-512 state)");
       return f.avx512vnni ? true : missing("AVX-512 VNNI");
     case Variant::kAvx512Bf16:
-      if (avx512_emulated()) {
-        if (why) *why = "this build runs the AVX-512 unit on emulation (a test build), which AVX512-BF16 cannot use";
-        return false;
-      }
       if (!variant_supported(Variant::kAvx512, why)) return false;
-      if (!f.avx512bf16) return missing("AVX512_BF16");
+      if (!avx512_emulated() && !f.avx512bf16) return missing("AVX512_BF16");
       if (!avx512bf16_built()) {
         if (why) *why = "this build has no AVX512-BF16 kernels (the compiler lacks -mavx512bf16)";
         return false;
@@ -194,8 +190,10 @@ bool variant_supported(Variant v, std::string* why) {
 Variant best_variant() {
   // The emulated AVX-512 unit is for tests only: never chosen automatically.
   if (variant_supported(Variant::kAmx)) return Variant::kAmx;
-  if (variant_supported(Variant::kAvx512Bf16)) return Variant::kAvx512Bf16;
-  if (!avx512_emulated() && variant_supported(Variant::kAvx512)) return Variant::kAvx512;
+  if (!avx512_emulated()) {
+    if (variant_supported(Variant::kAvx512Bf16)) return Variant::kAvx512Bf16;
+    if (variant_supported(Variant::kAvx512)) return Variant::kAvx512;
+  }
   if (variant_supported(Variant::kAvx2)) return Variant::kAvx2;
   return Variant::kScalar;
 }
