@@ -280,20 +280,29 @@ inline void merge_decode_rows(const DecodeRows* parts, int64_t n, int64_t rows, 
   }
 }
 
-// The AVX2 decode kernel: each key row is converted once and dotted with every row, and O
-// is updated row by row.
+// The AVX2 decode kernel: key and value rows are converted kDotKeys at a time and used by
+// every row. Scores: one accumulator per key, so the kDotKeys dot products of a row are
+// independent FMA chains (one chain per key left each key waiting D/8 FMA latencies), then
+// one transpose-add per kDotKeys keys. P V: each 8-float slice of a row's O is loaded once
+// per kDotKeys keys instead of once per key. One token over 640 keys (16 / 8 heads, D 128,
+// bf16, 2 threads, AVX2 EPYC): 0.30 ms with one key at a time, 0.24 ms with 8; over 32768
+// keys both read the cache at about the DRAM bandwidth (`bitswitch bench attention`).
+constexpr int64_t kDotKeys = 8;
+
 struct DotScratch {
-  float* q;    // [rows][D]   pre-scaled queries
-  float* s;    // [rows][ld]  scores, then probabilities, of one block
-  float* row;  // [D]         one converted key or value row
+  float* q;     // [rows][D]         pre-scaled queries
+  float* s;     // [rows][ld]        scores, then probabilities, of one block
+  float* rows;  // [kDotKeys][D]     converted key or value rows
+  float* zero;  // [D]               zeros: the value rows past the block's end
 
   static size_t floats(int64_t rows, int64_t d, int64_t block_k) {
-    return size_t(rows * (d + round_up(block_k, 8)) + d);
+    return size_t(rows * (d + round_up(block_k, 8)) + (kDotKeys + 1) * d);
   }
-  DotScratch(float* base, int64_t rows, int64_t d, int64_t ld) {
+  DotScratch(float* base, int64_t nrows, int64_t d, int64_t ld) {
     q = base;
-    s = q + rows * d;
-    row = s + rows * ld;
+    s = q + nrows * d;
+    rows = s + nrows * ld;
+    zero = rows + kDotKeys * d;
   }
 };
 
@@ -334,18 +343,38 @@ inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const 
     st.m[r] = ninf;
     st.l[r] = 0.0f;
   }
+  for (int64_t d = 0; d < D; ++d) w.zero[d] = 0.0f;
+  // Key or value rows [j, j + n) of the block into w.rows; the slots past n point at
+  // `pad` (scores of such keys are overwritten with -inf; values are zeros).
+  const float* kv[kDotKeys];
+  auto convert = [&](const void* base_ptr, const int64_t* strides, int64_t j, int64_t n, const float* pad) {
+    for (int64_t i = 0; i < kDotKeys; ++i) {
+      if (i < n) {
+        load_row(base_ptr, a.dtype, offset(strides, t.b, t.hk, j + i), D, w.rows + i * D);
+        kv[i] = w.rows + i * D;
+      } else {
+        kv[i] = pad;
+      }
+    }
+  };
   for (int64_t bi = bi0; bi < bi1; ++bi) {
     const int64_t j0 = blocks[bi] * a.block_k;
     const int64_t nk = imin(a.block_k, a.lk - j0);
     if (nk <= 0 || j0 >= key_limit(a, t.i0 + t.nq - 1)) continue;
-    const int64_t ncols = round_up(nk, 8);
-    for (int64_t c = 0; c < nk; ++c) {
-      load_row(a.k, a.dtype, offset(a.k_strides, t.b, t.hk, j0 + c), D, w.row);
+    const int64_t ncols = round_up(nk, 8);  // kDotKeys == 8: the score columns written
+    for (int64_t c = 0; c < nk; c += kDotKeys) {
+      convert(a.k, a.k_strides, j0 + c, imin(kDotKeys, nk - c), w.zero);
       for (int64_t r = 0; r < t.rows; ++r) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(w.q + r * D + d), _mm256_loadu_ps(w.row + d), acc);
-        w.s[r * ld + c] = hsum(acc);
+        const float* q = w.q + r * D;
+        __m256 acc[kDotKeys];
+        for (auto& v : acc) v = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+          for (int i = 0; i < kDotKeys; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kv[i] + d), acc[i]);
+        }
+        _mm_storeu_ps(w.s + r * ld + c, hsum4(acc[0], acc[1], acc[2], acc[3]));
+        _mm_storeu_ps(w.s + r * ld + c + 4, hsum4(acc[4], acc[5], acc[6], acc[7]));
       }
     }
     // Columns past nk, and keys past each row's causal limit, are -inf.
@@ -360,13 +389,20 @@ inline void attention_task_dot(const AttentionArgs& a, const AttnTask& t, const 
       float* o = st.o + r * D;
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), av));
     }
-    for (int64_t c = 0; c < nk; ++c) {
-      load_row(a.v, a.dtype, offset(a.v_strides, t.b, t.hk, j0 + c), D, w.row);
+    for (int64_t c = 0; c < nk; c += kDotKeys) {
+      convert(a.v, a.v_strides, j0 + c, imin(kDotKeys, nk - c), w.zero);
       for (int64_t r = 0; r < t.rows; ++r) {
-        const __m256 p = _mm256_set1_ps(w.s[r * ld + c]);
+        const float* pr = w.s + r * ld + c;  // probabilities: 0 past nk (and past the causal limit)
+        __m256 p[kDotKeys];
+#pragma GCC unroll 8
+        for (int i = 0; i < kDotKeys; ++i) p[i] = _mm256_set1_ps(pr[i]);
         float* o = st.o + r * D;
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(w.row + d), _mm256_loadu_ps(o + d)));
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 ov = _mm256_loadu_ps(o + d);
+#pragma GCC unroll 8
+          for (int i = 0; i < kDotKeys; ++i) ov = _mm256_fmadd_ps(p[i], _mm256_loadu_ps(kv[i] + d), ov);
+          _mm256_storeu_ps(o + d, ov);
+        }
       }
     }
   }

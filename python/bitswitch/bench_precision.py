@@ -37,8 +37,6 @@ PLAN_BITS = (4.5, 5.0, 6.0)
 
 
 def _build(name: str, group_size: int, seed: int):
-    import torch
-
     from .models import Tokenizer, default_model_path, load
 
     if name == "embedded":
