@@ -732,7 +732,7 @@ template <int BITS>
 void dense_task(const DenseCtx& ctx, uint16_t* panel, float* sb, float* acc, int64_t n0, int64_t m0,
                 int64_t mrows) {
   const QMatmulArgs& a = *ctx.a;
-  const int64_t G = a.group_size, words = fmt::words_per_row(a.k), nb = ctx.nb;
+  const int64_t nb = ctx.nb;
   const int64_t ncols = imin(nb, a.n - n0), nbv = round_up(ncols, kTileRows);  // outputs with weights
   const int64_t mend = imin(m0 + mrows, a.m);
   TileScope tiles;
@@ -740,17 +740,7 @@ void dense_task(const DenseCtx& ctx, uint16_t* panel, float* sb, float* acc, int
     const int64_t kl = imin(ctx.ks, a.k - k0);
     const bool first = k0 == 0, last = k0 + kl == a.k;
     PanelLayout layout{panel, kl / kTileK, (nbv + kBlockN - 1) / kBlockN};
-    dense_affine<BITS>(a, n0, nb, k0 / G, kl / G, sb);
-    for (int64_t sl = 0; sl < nbv / kTileRows; ++sl) {
-      const uint32_t* r0[kTileRows];
-      const uint32_t* r1[kTileRows];
-      for (int i = 0; i < kTileRows; ++i) {
-        const int64_t n = imin(n0 + sl * kTileRows + i, a.n - 1);
-        r0[i] = a.plane0 + n * words;
-        r1[i] = BITS == fmt::kInt8Bits ? a.plane1 + n * words : r0[i];
-      }
-      dense_dequant<BITS>(r0, r1, k0 / fmt::kValuesPerWord, G, sb + sl * kTileRows, nb, layout, sl);
-    }
+    dequant_panel<BITS>(a, n0, nb, nbv, k0, kl, sb, layout);
     for (int64_t m = m0; m < mend; m += kBlockM) {
       const int mt = mend - m > kTileRows ? 2 : 1;
       float* arow = ctx.ks == a.k ? acc : acc + (m - m0) * nb;

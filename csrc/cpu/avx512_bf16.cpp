@@ -119,7 +119,7 @@ struct Ctx {
 template <int BITS>
 void task(const Ctx& ctx, uint16_t* panel, float* sb, float* acc, int64_t n0, int64_t m0, int64_t mrows) {
   const QMatmulArgs& a = *ctx.a;
-  const int64_t G = a.group_size, words = fmt::words_per_row(a.k), nb = ctx.nb;
+  const int64_t nb = ctx.nb;
   const int64_t ncols = imin(nb, a.n - n0), nbv = round_up(ncols, kBlockN);  // whole blocks
   const int64_t mend = imin(m0 + mrows, a.m);
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
@@ -127,17 +127,7 @@ void task(const Ctx& ctx, uint16_t* panel, float* sb, float* acc, int64_t n0, in
     const int64_t kl = imin(ctx.ks, a.k - k0);
     const bool first = k0 == 0, last = k0 + kl == a.k;
     PanelLayout layout{panel, kl / kTileK, nbv / kBlockN};
-    dense_affine<BITS>(a, n0, nb, k0 / G, kl / G, sb);
-    for (int64_t sl = 0; sl < nbv / kTileRows; ++sl) {
-      const uint32_t* r0[kTileRows];
-      const uint32_t* r1[kTileRows];
-      for (int i = 0; i < kTileRows; ++i) {
-        const int64_t n = imin(n0 + sl * kTileRows + i, a.n - 1);
-        r0[i] = a.plane0 + n * words;
-        r1[i] = BITS == fmt::kInt8Bits ? a.plane1 + n * words : r0[i];
-      }
-      dense_dequant<BITS>(r0, r1, k0 / fmt::kValuesPerWord, G, sb + sl * kTileRows, nb, layout, sl);
-    }
+    dequant_panel<BITS>(a, n0, nb, nbv, k0, kl, sb, layout);
     for (int64_t m = m0; m < mend; m += kMR) {
       const int64_t rows = imin(kMR, mend - m);
       float* arow = ctx.ks == a.k ? acc : acc + (m - m0) * nb;

@@ -274,6 +274,26 @@ void dense_dequant(const uint32_t* const (&rows0)[kTileRows], const uint32_t* co
   }
 }
 
+// Dequantizes the nbv (a multiple of kTileRows) outputs from n0 on, inputs [k0, k0 + kl),
+// into `out`: their scales and biases first (dense_affine into sb), then each 16-output
+// slice's tiles. Rows past N repeat row N - 1 (their scales are zero).
+template <int BITS>
+void dequant_panel(const QMatmulArgs& a, int64_t n0, int64_t nb, int64_t nbv, int64_t k0, int64_t kl, float* sb,
+                   const PanelLayout& out) {
+  const int64_t G = a.group_size, words = fmt::words_per_row(a.k);
+  dense_affine<BITS>(a, n0, nb, k0 / G, kl / G, sb);
+  for (int64_t sl = 0; sl < nbv / kTileRows; ++sl) {
+    const uint32_t* r0[kTileRows];
+    const uint32_t* r1[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) {
+      const int64_t n = imin(n0 + sl * kTileRows + i, a.n - 1);
+      r0[i] = a.plane0 + n * words;
+      r1[i] = BITS == fmt::kInt8Bits ? a.plane1 + n * words : r0[i];
+    }
+    dense_dequant<BITS>(r0, r1, k0 / fmt::kValuesPerWord, G, sb + sl * kTileRows, nb, out, sl);
+  }
+}
+
 // y rows [m, m + rows) x columns [n, n + cols) from float32 c (rows of ldc floats), rounded
 // to nearest even bf16. Whole 64-byte lines of 32 outputs: half the time of masked 32-byte
 // stores at M = 512, and aligned to the lines of memory (a large numpy y is 16-byte aligned;
