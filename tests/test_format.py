@@ -49,8 +49,10 @@ def test_quantize_error_bounds(rng, group_size, wdtype):
     s, b = rep(qw.scales), rep(qw.biases)
     d4, d8 = bs.dequantize_f64(qw, 4), bs.dequantize_f64(qw, 8)
     _bound_check(wf, d4, s * 15, b, np.abs(s) / 2, 1e-6)
-    # INT8 view: 16q + r in steps of s/16 from b - 7.5*s/16.
+    # INT8 view: 16q + r in steps of s/16 from b - 7.5*s/16, and the grid covers the group,
+    # so every element is within half a step (no element is outside the range).
     _bound_check(wf, d8, s / 16 * 255, b - 7.5 * s / 16, np.abs(s) / 32, 1e-6)
+    assert np.all(np.abs(d8 - wf) <= np.abs(s) / 32 * (1 + 1e-6) + 1e-12)
     assert np.abs(d8 - wf).mean() < np.abs(d4 - wf).mean() / 8
 
     # bits=4 follows MLX: codes against the unrounded grid, so 16-bit scales move the stored

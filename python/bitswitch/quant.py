@@ -276,10 +276,11 @@ def quantize(w: Any, group_size: int = 64, bits: int = 8, scales_dtype: Optional
     Scales and biases are min-max per group, computed exactly as MLX's affine quantizer
     does (float32 arithmetic; 0.0 is made exactly representable, so scales may be
     negative). With bits=4 the codes are MLX's too: the result equals
-    ``mx.quantize(w, bits=4)``. With bits=8 both planes are rounded against the stored
-    scale and bias (which are rounded to `scales_dtype`): plane 0 is the nearest INT4 code
-    and plane 1 the residual w - (s*q + b) in steps of s/16 around 7.5, so the INT8 view is
-    round-to-nearest with step s/16. Scales and biases have w's dtype (float32 for
+    ``mx.quantize(w, bits=4)``. With bits=8 the 15 INT4 steps span each group's
+    [min, max] exactly (no zero-exact adjustment) and both planes are rounded against the
+    stored scale and bias (which are rounded to `scales_dtype`): plane 0 is the nearest INT4
+    code and plane 1 the residual w - (s*q + b) in steps of s/16 around 7.5, so the INT8
+    view is round-to-nearest with step s/16 and |error| <= |s|/32 for every element. Scales and biases have w's dtype (float32 for
     float64 input) unless `scales_dtype` is given.
     """
     where = "quantize"
@@ -308,10 +309,21 @@ def quantize(w: Any, group_size: int = 64, bits: int = 8, scales_dtype: Optional
     scale = np.maximum((w_max - w_min) / np.float32(CODE_MAX), np.float32(1e-7))
     scale = np.where(neg, scale, -scale)
     edge = np.where(neg, w_min, w_max)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q0 = np.rint(edge / scale)
-        scale = np.where(q0 != 0, edge / q0, scale).astype(np.float32)
-    bias = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+    if bits == INT4:
+        # MLX's grid: the larger-magnitude endpoint stays exact and so does 0.0, which can
+        # leave the other endpoint up to half a step outside the 15 steps.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q0 = np.rint(edge / scale)
+            scale = np.where(q0 != 0, edge / q0, scale).astype(np.float32)
+        bias = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+    else:
+        # Both planes: the 15 steps span the group exactly (from the same endpoint, with the
+        # same sign convention), so the INT8 view's 255 steps of s/16, which reach 7.5/16 of
+        # a step past either end, cover every element: |error| <= |s|/32 everywhere. With
+        # MLX's zero-exact grid the elements beyond a shrunk range would keep an INT4-sized
+        # error in the INT8 view.
+        scale = scale.astype(np.float32)
+        bias = edge.astype(np.float32)
     s_st, b_st = _np_cast(scale, sdtype), _np_cast(bias, sdtype)
     p1 = None
     if bits == INT4:

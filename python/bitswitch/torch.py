@@ -92,6 +92,117 @@ def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, sca
             q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
+# -- Apple GPUs: the same ops on MPS tensors, through bitswitch's Metal kernels -------------
+#
+# torch.mps.compile_shader builds each kernel instance once per process (the .metal sources
+# plus its generated entry point, bitswitch.metal.entry_source); bitswitch.metal plans the
+# launches, which run on torch's MPS stream in order, with outputs from torch's allocator.
+_MPS_LIBS: dict = {}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _mps_launch(launch, tensors: Sequence[torch.Tensor]) -> None:
+    fn = _MPS_LIBS.get(launch.name)
+    if fn is None:
+        from . import metal as M
+
+        src = "#include <metal_stdlib>\nusing namespace metal;\n" + M.library_source() + "\n" + \
+            M.entry_source(launch.kernel, launch.template)
+        fn = getattr(torch.mps.compile_shader(src), launch.name)
+        _MPS_LIBS[launch.name] = fn
+    fn(*tensors, threads=launch.groups * launch.threads, group_size=launch.threads)
+
+
+# The launcher the MPS ops use; tests swap in the MSL emulator to run this marshalling on CPUs.
+_METAL_LAUNCH = _mps_launch
+
+
+def _metal_run(plan, arrays: dict, device: torch.device) -> tuple:
+    from . import metal as M
+
+    env = dict(arrays)
+    env.update({n: torch.from_numpy(a).to(device) for n, a in plan.aux.items()})
+    for name, (shape, dt) in plan.alloc.items():
+        env[name] = torch.empty(shape, dtype=_TORCH_DTYPES[dt], device=device)
+    for launch in plan.launches:
+        _METAL_LAUNCH(launch, [env[a.name] for a in M.KERNELS[launch.kernel].args])
+    return tuple(env[n] for n in plan.result)
+
+
+def _same_device(op: str, device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x/q is on {device}; move the weight or cache "
+                             f"(e.g. QLinear.to('{device.type}'))")
+
+
+def _qmatmul_metal(x, plane0, plane1, scales, biases, group_size, bits, act_bits=16):
+    from . import metal as M
+
+    op = "qmatmul"
+    _same_device(op, x.device, plane0=plane0, plane1=plane1, scales=scales, biases=biases)
+    if act_bits != 16:
+        raise ValueError(f"{op}: act_bits must be 16 on Apple GPUs (int8 activations are a CPU path), got {act_bits}")
+    if bits == INT8 and plane1 is None:
+        raise ValueError(f"{op}: bits is 8 but the weight has no plane 1; use bits=4")
+    for name, t in (("x", x), ("plane0", plane0), ("plane1", plane1), ("scales", scales), ("biases", biases)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous on Apple GPUs")
+    for name, t in (("plane0", plane0), ("plane1", plane1)):
+        if t is not None and t.dtype not in (torch.uint32, torch.int32):
+            raise TypeError(f"{op}: {name} must be uint32 (or its int32 view), got {t.dtype}")
+    if scales.dtype != biases.dtype:
+        raise TypeError(f"{op}: scales ({scales.dtype}) and biases ({biases.dtype}) must share a dtype")
+    out_shape = _out_shape(x, plane0)
+    n, k = plane0.shape[0], x.shape[-1]
+    if tuple(scales.shape) != (n, k // group_size) or tuple(biases.shape) != (n, k // group_size):
+        raise ValueError(f"{op}: scales and biases must be [N, K/group_size] = {(n, k // group_size)}, got "
+                         f"{tuple(scales.shape)} and {tuple(biases.shape)}")
+    m = x.numel() // k if k else 0
+    plan = M.plan_qmatmul(m, n, k, bits, group_size, str(x.dtype).rsplit(".", 1)[-1],
+                          str(scales.dtype).rsplit(".", 1)[-1])
+    (y,) = _metal_run(plan, {"x": x.reshape(m, k), "p0": plane0, "p1": plane1 if bits == INT8 else plane0,
+                             "scales": scales, "biases": biases}, x.device)
+    return y.reshape(out_shape)
+
+
+class _MaskView:
+    """The BlockMask fields bitswitch.metal needs, from the op's tensors."""
+
+    def __init__(self, indptr, indices, block_q, block_k):
+        self.indptr = indptr.detach().cpu().numpy()
+        self.indices = indices.detach().cpu().numpy()
+        self.block_q, self.block_k = block_q, block_k
+
+
+def _attention_metal(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+    from . import metal as M
+
+    op = "attention"
+    _same_device(op, q.device, k=k, v=v)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention: q, k and v must be 4-D [batch, heads, length, head_dim]")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if (indptr is None) != (indices is None):
+        raise ValueError("attention: mask needs both indptr and indices, or neither")
+    b, hq, lq, d = q.shape
+    _, hkv, lk, _ = k.shape
+    if tuple(v.shape) != tuple(k.shape) or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"attention: k and v must be [B={b}, Hkv, Lk, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            raise ValueError(f"attention: {name} must have a unit stride along head_dim")
+    mask = None if indptr is None else _MaskView(indptr, indices, block_q, block_k)
+    plan = M.plan_attention(b, hq, hkv, lq, lk, d, str(q.dtype).rsplit(".", 1)[-1], q.stride()[:3], k.stride()[:3],
+                            v.stride()[:3], mask=mask, causal=causal, scale=scale, q_offset=q_offset)
+    return _metal_run(plan, {"q": q, "k": k, "v": v}, q.device)
+
+
+_lib.impl("qmatmul", _qmatmul_metal, "MPS")
+_lib.impl("attention", _attention_metal, "MPS")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal: bool = True,
               scale: Optional[float] = None, q_offset: int = 0, return_lse: bool = False):
     """torch.ops.bitswitch.attention with a bitswitch.attention.BlockMask (None: dense);
