@@ -31,6 +31,10 @@
 // fp (float32): fp[0] = scale * log2(e) (scores are kept in base 2).
 
 #define BS_LN2 0.69314718055994530942f
+// The running max of a row that has seen no key: below any real score, and finite, so no
+// arithmetic here meets an infinity (Metal may compile with fast math, which assumes none).
+// exp2(BS_NO_SCORE - m) is 0 for every real m.
+#define BS_NO_SCORE (-1.0e30f)
 
 // -- forward --------------------------------------------------------------------------------
 // 16 query rows x chunks of 32 keys, four simdgroups. Per chunk: S = Q K^T by simdgroup
@@ -72,7 +76,7 @@ void bs_attention(const device T* q, const device T* k, const device T* v, const
   // eight threads of the row (they compute the same reductions).
   const int sr = int(lid) / 8, sub = int(lid) % 8;
   const int sr_pos = q_offset + q0 + sr;
-  float m_i = -INFINITY, l_i = 0.0f;
+  float m_i = BS_NO_SCORE, l_i = 0.0f;
 
   simdgroup_float8x8 o[2][D / 32];
   for (int i = 0; i < 2; ++i)
@@ -118,23 +122,24 @@ void bs_attention(const device T* q, const device T* k, const device T* v, const
 
       // Online softmax over the chunk; P replaces S.
       float t[4];
-      float cmax = -INFINITY;
+      bool seen[4];
+      float cmax = BS_NO_SCORE;
       for (int jj = 0; jj < 4; ++jj) {
         const int j = sub * 4 + jj;
         const int pos = c0 + j;
-        const bool seen = pos < kend && (!causal || pos <= sr_pos);
-        t[jj] = seen ? ss[sr * BS_ATT_BC + j] * scale : -INFINITY;
-        cmax = max(cmax, t[jj]);
+        seen[jj] = pos < kend && (!causal || pos <= sr_pos);
+        t[jj] = ss[sr * BS_ATT_BC + j] * scale;
+        if (seen[jj]) cmax = max(cmax, t[jj]);
       }
       cmax = max(cmax, simd_shuffle_xor(cmax, ushort(1)));
       cmax = max(cmax, simd_shuffle_xor(cmax, ushort(2)));
       cmax = max(cmax, simd_shuffle_xor(cmax, ushort(4)));
       const float m_new = max(m_i, cmax);
-      const bool none = m_new == -INFINITY;  // no key of this row seen yet
+      const bool none = m_new == BS_NO_SCORE;  // no key of this row seen yet
       const float alpha = none ? 1.0f : exp2(m_i - m_new);
       float psum = 0.0f;
       for (int jj = 0; jj < 4; ++jj) {
-        const float p = none ? 0.0f : exp2(t[jj] - m_new);
+        const float p = seen[jj] ? exp2(t[jj] - m_new) : 0.0f;
         psum += p;
         ss[sr * BS_ATT_BC + sub * 4 + jj] = p;
       }
@@ -222,7 +227,7 @@ void bs_attention_decode(const device T* q, const device T* k, const device T* v
 
   float qv[BS_DEC_MAXR][E], ov[BS_DEC_MAXR][E], m[BS_DEC_MAXR], l[BS_DEC_MAXR];
   for (int r = 0; r < BS_DEC_MAXR; ++r) {
-    m[r] = -INFINITY;
+    m[r] = BS_NO_SCORE;
     l[r] = 0.0f;
     const int h = kvh * G + min(r, R - 1) / Lq, i = min(r, R - 1) % Lq;
     const device T* qr = q + long(b) * ip[BS_IP_QS] + long(h) * ip[BS_IP_QS + 1] + long(i) * ip[BS_IP_QS + 2];
@@ -265,7 +270,7 @@ void bs_attention_decode(const device T* q, const device T* k, const device T* v
         const float s = simd_sum(dot);
         if (causal && j > q_offset + r % Lq) continue;
         const float m_new = max(m[r], s);
-        const float alpha = exp2(m[r] - m_new);  // 0 while m is -inf
+        const float alpha = exp2(m[r] - m_new);  // 0 while no key was seen
         const float p = exp2(s - m_new);
         l[r] = l[r] * alpha + p;
         for (int e = 0; e < E; ++e) ov[r][e] = ov[r][e] * alpha + p * vv[e];
@@ -286,10 +291,10 @@ void bs_attention_decode(const device T* q, const device T* k, const device T* v
   const long part = (long(b) * Hkv + kvh) * splits + split;
   for (int e = int(lid); e < R * D; e += BS_DEC_THREADS) {
     const int r = e / D, d = e % D;
-    float mx = -INFINITY;
+    float mx = BS_NO_SCORE;
     for (int g = 0; g < BS_DEC_THREADS / 32; ++g) mx = max(mx, red_ml[(g * BS_DEC_MAXR + r) * 2]);
     float acc = 0.0f, lsum = 0.0f;
-    if (mx != -INFINITY) {
+    if (mx != BS_NO_SCORE) {
       for (int g = 0; g < BS_DEC_THREADS / 32; ++g) {
         const float w = exp2(red_ml[(g * BS_DEC_MAXR + r) * 2] - mx);
         acc += w * red_o[(g * BS_DEC_MAXR + r) * D + d];
@@ -314,10 +319,10 @@ void bs_attention_combine(const device float* part_o, const device float* part_m
   const int r = int(tg) % R;
   const long bh = int(tg) / R;  // b * Hkv + kvh
   const int d = int(lid);
-  float mx = -INFINITY;
+  float mx = BS_NO_SCORE;
   for (int s = 0; s < splits; ++s) mx = max(mx, part_ml[((bh * splits + s) * R + r) * 2]);
   float acc = 0.0f, lsum = 0.0f;
-  if (mx != -INFINITY) {
+  if (mx != BS_NO_SCORE) {
     for (int s = 0; s < splits; ++s) {
       const long p = (bh * splits + s) * R + r;
       const float w = exp2(part_ml[p * 2] - mx);

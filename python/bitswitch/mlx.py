@@ -52,6 +52,9 @@ def _kernel(name: str):
     template instance the first time it is launched and caches the pipeline."""
     k = _KERNELS.get(name)
     if k is None:
+        if not metal_available() or not hasattr(mx.fast, "metal_kernel"):
+            raise RuntimeError(f"bitswitch.mlx: the Metal kernels need MLX with a Metal GPU (an Apple-silicon Mac); "
+                               f"this MLX {mx.__version__} reports none")
         spec = M.KERNELS[name]
         k = mx.fast.metal_kernel(name=f"bs_{name}", input_names=[a.name for a in spec.inputs],
                                  output_names=[a.name for a in spec.outputs], source=M.mlx_body(name),

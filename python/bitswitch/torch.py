@@ -106,6 +106,13 @@ def _mps_launch(launch, tensors: Sequence[torch.Tensor]) -> None:
     if fn is None:
         from . import metal as M
 
+        if not hasattr(torch, "mps") or not hasattr(torch.mps, "compile_shader"):
+            raise RuntimeError(f"bitswitch: MPS tensors need torch.mps.compile_shader (torch >= 2.6 on macOS); "
+                               f"this torch {torch.__version__} has none")
+        if not torch.backends.mps.is_available():
+            raise RuntimeError("bitswitch: no Metal GPU is available to torch (torch.backends.mps.is_available() "
+                               "is False)")
+
         src = "#include <metal_stdlib>\nusing namespace metal;\n" + M.library_source() + "\n" + \
             M.entry_source(launch.kernel, launch.template)
         fn = getattr(torch.mps.compile_shader(src), launch.name)

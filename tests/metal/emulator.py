@@ -56,7 +56,9 @@ def _thunk(kernel: str, template: Dict[str, object]) -> Tuple[str, str, int]:
 
 
 def harness_source(instances: Sequence[Tuple[str, Dict[str, object]]]) -> str:
-    parts = ['#include "msl_emulation.h"', "using namespace metal;", "#line 1 \"bitswitch_metal_library\"",
+    # __METAL_VERSION__ (Metal 3.1) makes format.h take its MSL branch, as the GPU compilers do.
+    parts = ['#include "msl_emulation.h"', "using namespace metal;", "#define __METAL_VERSION__ 310",
+             "#line 1 \"bitswitch_metal_library\"",
              filter_msl(M.library_source()), "#line 1 \"bitswitch_metal_entries\""]
     parts += [filter_msl(M.entry_source(k, t)) for k, t in instances]
     table = []
@@ -99,7 +101,7 @@ def build(instances: Sequence[Tuple[str, Dict[str, object]]], out_dir: Path, san
         return lib
     cpp.write_text(src)
     cmd = [gxx, "-std=c++17", opt, "-g0", "-fno-strict-aliasing", "-Wno-attributes", "-fPIC", "-shared",
-           f"-I{HERE}", f"-I{M.source_dir().parent / 'csrc' / 'include'}", str(cpp), "-o", str(lib), "-lpthread"]
+           f"-I{HERE}", str(cpp), "-o", str(lib), "-lpthread"]
     if sanitize:
         cmd[1:1] = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -91,6 +91,24 @@ def test_torch_attention_marshalling(rng, emu, torch_on_emulator):
         assert np.max(np.abs(lse.numpy() - ref_lse)) <= 1e-4
 
 
+def test_clear_errors_without_metal():
+    """Asking for a Metal kernel where there is none names what is missing."""
+    torch = pytest.importorskip("torch")
+    import bitswitch.torch as bt
+
+    launch = M.Launch("qmv", {"T": "float32", "S": "float32", "BITS": 4, "GS": 64}, 1, 64)
+    if not (hasattr(torch.mps, "compile_shader") and torch.backends.mps.is_available()):
+        with pytest.raises(RuntimeError, match="compile_shader|no Metal GPU"):
+            bt._mps_launch(launch, [])
+    mx = pytest.importorskip("mlx.core")
+    import bitswitch.mlx as bsm
+
+    if not bsm.metal_available():
+        with pytest.raises(RuntimeError, match="need MLX with a Metal GPU"):
+            bsm._kernel("qmv")
+    assert mx is not None
+
+
 def test_torch_metal_ops_reject_bad_input(rng, torch_on_emulator):
     import torch
 

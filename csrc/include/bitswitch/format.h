@@ -29,30 +29,37 @@
 #define BITSWITCH_HD inline
 #endif
 
+// MSL keeps program-scope variables in the constant address space.
+#if defined(__METAL_VERSION__)
+#define BITSWITCH_CONSTEXPR constant constexpr
+#else
+#define BITSWITCH_CONSTEXPR constexpr
+#endif
+
 namespace bitswitch {
 namespace format {
 
 // Bits per stored code in one plane.
-constexpr int kPlaneBits = 4;
+BITSWITCH_CONSTEXPR int kPlaneBits = 4;
 // Codes per 32-bit word of a plane.
-constexpr int kValuesPerWord = 32 / kPlaneBits;
+BITSWITCH_CONSTEXPR int kValuesPerWord = 32 / kPlaneBits;
 // Largest code in a plane.
-constexpr int kCodeMax = (1 << kPlaneBits) - 1;
+BITSWITCH_CONSTEXPR int kCodeMax = (1 << kPlaneBits) - 1;
 // Planes a weight can hold: plane 0 (INT4 code) and plane 1 (residual).
-constexpr int kMaxPlanes = 2;
+BITSWITCH_CONSTEXPR int kMaxPlanes = 2;
 // Supported group sizes along K. Every kernel instantiates exactly these.
-constexpr int kGroupSize32 = 32;
-constexpr int kGroupSize64 = 64;
-constexpr int kGroupSize128 = 128;
-constexpr int kMinGroupSize = kGroupSize32;
-constexpr int kMaxGroupSize = kGroupSize128;
+BITSWITCH_CONSTEXPR int kGroupSize32 = 32;
+BITSWITCH_CONSTEXPR int kGroupSize64 = 64;
+BITSWITCH_CONSTEXPR int kGroupSize128 = 128;
+BITSWITCH_CONSTEXPR int kMinGroupSize = kGroupSize32;
+BITSWITCH_CONSTEXPR int kMaxGroupSize = kGroupSize128;
 // The INT8 view: plane 1 refines plane 0 in steps of s / kResidualDivisor around
 // kResidualCenter, so 16q + r is an 8-bit code.
-constexpr int kResidualDivisor = 1 << kPlaneBits;
-constexpr float kResidualCenter = 7.5f;
+BITSWITCH_CONSTEXPR int kResidualDivisor = 1 << kPlaneBits;
+BITSWITCH_CONSTEXPR float kResidualCenter = 7.5f;
 // Bits per weight element each view reads.
-constexpr int kInt4Bits = kPlaneBits;
-constexpr int kInt8Bits = 2 * kPlaneBits;
+BITSWITCH_CONSTEXPR int kInt4Bits = kPlaneBits;
+BITSWITCH_CONSTEXPR int kInt8Bits = 2 * kPlaneBits;
 
 static_assert(kValuesPerWord * kPlaneBits == 32, "a plane word holds a whole number of codes");
 static_assert(kValuesPerWord == 8, "MLX 4-bit order packs 8 codes per uint32");

@@ -119,10 +119,11 @@ class KVCache:
     per-block key summaries decode page selection reads, built for a layer when it first
     attends sparsely and kept up to date while it does."""
 
-    def __init__(self, cfg: Qwen3Config, batch: int, capacity: int, dtype: torch.dtype):
+    def __init__(self, cfg: Qwen3Config, batch: int, capacity: int, dtype: torch.dtype,
+                 device: Optional[torch.device] = None):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
         # Per-layer views [B, Hkv, capacity, D], so a step indexes no layer dimension.
@@ -172,7 +173,7 @@ class Attention(nn.Module):
         if self.sparse is not None:
             cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not q.is_cpu:  # traced, or on a GPU (MPS): the op
             o = bt.attention(q, kc, vc, mask, causal=True, q_offset=pos).transpose(1, 2)
         else:
             # Eager: the kernel itself (no dispatcher, no log-sum-exp output), writing its
@@ -260,8 +261,9 @@ class Qwen3(nn.Module):
         """Empties the cache; reallocates it only when the batch or capacity changes."""
         cap = capacity or (self.cache.capacity if self.cache else min(self.config.max_position_embeddings, 4096))
         c = self.cache
-        if c is None or c.k.shape[1] != batch or c.capacity != cap:
-            self.cache = KVCache(self.config, batch, cap, self.dtype)
+        device = self.inv_freq.device  # the model's device (it follows .to())
+        if c is None or c.k.shape[1] != batch or c.capacity != cap or c.k.device != device:
+            self.cache = KVCache(self.config, batch, cap, self.dtype, device)
         else:
             c.length = 0
             c.summaries = [None] * len(self.layers)
@@ -283,8 +285,9 @@ class Qwen3(nn.Module):
         """cos and signed sin (see torch.rope_reference) [positions, D] for at least `length`
         positions: computed once for the cache's capacity in float32 and rounded to the
         model's dtype, the values transformers computes per call."""
-        if self._rope is None or self._rope[0].shape[0] < length:
-            t = torch.arange(max(length, self.cache.capacity), dtype=torch.float32)
+        device = self.inv_freq.device
+        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+            t = torch.arange(max(length, self.cache.capacity), dtype=torch.float32, device=device)
             freqs = t[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = (emb.cos() * self.attention_scaling).to(self.dtype)
@@ -333,7 +336,8 @@ class Qwen3(nn.Module):
         if ids.dim() == 1:
             ids = ids[None]
         b, n = ids.shape
-        if self.cache is None or self.cache.k.shape[1] != b:
+        ids = ids.to(self.inv_freq.device)
+        if self.cache is None or self.cache.k.shape[1] != b or self.cache.k.device != ids.device:
             self.reset(b)
         cache = self.cache
         if cache.length + n > cache.capacity:
