@@ -9,6 +9,8 @@ Arrays may be numpy, torch (CPU) or MLX; results come back as the same kind.
 ``bitswitch.torch`` registers ``torch.ops.bitswitch.*`` and provides ``QLinear``.
 """
 
+import sys
+
 from . import _C
 from . import attention  # the module: masks, selection, plan (the op is ops.attention)
 from . import ops
@@ -60,7 +62,29 @@ def cuda_info() -> dict:
 
 
 def metal_info() -> dict:
-    return {"built": False, "why": "the Metal kernels are not part of this release yet"}
+    """Whether this installation has the Metal kernel sources, and whether MLX or torch can
+    run them here (an Apple-silicon GPU)."""
+    import importlib.util
+
+    from . import metal
+
+    try:
+        where = str(metal.source_dir())
+    except FileNotFoundError as e:
+        return {"built": False, "why": str(e)}
+    out = {"built": True, "sources": where}
+    if importlib.util.find_spec("mlx") is None:
+        out["mlx"] = "MLX is not installed"
+    else:
+        from .mlx import metal_available
+
+        out["mlx"] = "Metal GPU available" if metal_available() else "MLX reports no Metal GPU"
+    torch = sys.modules.get("torch")
+    if torch is None:
+        out["torch_mps"] = "torch is not imported"
+    else:
+        out["torch_mps"] = "MPS available" if torch.backends.mps.is_available() else "torch reports no MPS device"
+    return out
 
 
 def info() -> dict:

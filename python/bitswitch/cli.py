@@ -42,7 +42,9 @@ def _info(_: argparse.Namespace) -> int:
               f"{cuda['device_count']} device(s) visible ({cuda['driver_status']})")
     else:
         print(f"cuda: {cuda['why']}")
-    print(f"metal: {'built' if d['metal']['built'] else d['metal']['why']}")
+    m = d["metal"]
+    print(f"metal: kernel sources in {m['sources']}; MLX: {m['mlx']}; torch: {m['torch_mps']}" if m["built"]
+          else f"metal: {m['why']}")
     return 0
 
 
