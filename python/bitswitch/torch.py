@@ -117,7 +117,7 @@ def _mps_launch(launch, tensors: Sequence[torch.Tensor]) -> None:
             M.entry_source(launch.kernel, launch.template)
         fn = getattr(torch.mps.compile_shader(src), launch.name)
         _MPS_LIBS[launch.name] = fn
-    fn(*tensors, threads=launch.groups * launch.threads, group_size=launch.threads)
+    fn(*tensors, threads=[launch.groups * launch.threads, 1, 1], group_size=[launch.threads, 1, 1])
 
 
 # The launcher the MPS ops use; tests swap in the MSL emulator to run this marshalling on CPUs.
