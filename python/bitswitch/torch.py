@@ -18,7 +18,7 @@ from . import _arrays as A
 from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["FULL", "QLinear", "attention", "qmatmul", "rms_norm", "rope_qkv", "silu_mul"]
+__all__ = ["FULL", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv", "set_precision", "silu_mul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -480,3 +480,87 @@ class QLinear(nn.Module):
                 f"act_bits={self._act_bits}, "
                 f"available={self.bits_available}, group_size={self.group_size}, "
                 f"scales={A.dtype_name(self.scales)}, bias={self.bias is not None}")
+
+
+# -- any torch model: quantize its nn.Linear layers, switch their precision -----------------
+def quantize_model(model: nn.Module, bits=INT8, group_size: int = 64, policy=None, keep_float: bool = False,
+                   lm_head: bool = False, skip: Sequence[str] = (), scales_dtype: Optional[str] = None) -> nn.Module:
+    """Replaces, in place, the nn.Linear layers of any torch model (Hugging Face causal LMs
+    included: ``model.generate()`` keeps working) with QLinear and returns the model.
+
+    bits: the view read first, 8 or 4; with 8 (or keep_float) both planes are stored and
+    every layer can later switch to 4 (and to "full" with keep_float, which also keeps the
+    float weight). group_size: 32, 64 or 128; a layer whose in_features is not a multiple
+    of it stays nn.Linear. lm_head: also quantize the output projection
+    (``model.get_output_embeddings()``, or a module named lm_head), left float by default.
+    skip: globs of module paths to leave alone. policy: a precision policy applied at the end
+    (see set_precision). Scales have the weight's dtype unless scales_dtype says otherwise.
+    """
+    if bits not in (INT4, INT8, FULL):
+        raise ValueError(f"quantize_model: bits must be 4, 8 or 'full', got {bits!r}")
+    if bits == FULL and not keep_float:
+        raise ValueError("quantize_model: bits='full' reads the kept float weights: pass keep_float=True")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"quantize_model: group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    from .precision import _matches
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    store = INT4 if bits == INT4 and not keep_float else INT8
+    for parent_path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            path = f"{parent_path}.{name}" if parent_path else name
+            if type(child) is not nn.Linear or any(_matches(g, path) for g in skip):
+                continue
+            if not lm_head and (child is head or name == "lm_head"):
+                continue
+            if child.in_features % group_size:
+                continue
+            w = child.weight.detach()
+            qw = quantize(w, group_size=group_size, bits=store, scales_dtype=scales_dtype)
+            q = QLinear(qw, child.bias, bits=store, weight=w.clone() if keep_float else None)
+            q.bits = bits
+            setattr(parent, name, q)
+    if policy is not None:
+        set_precision(model, policy)
+    return model
+
+
+def set_precision(model: nn.Module, policy) -> int:
+    """Switches the QLinear layers of any torch model: `policy` is bits for every layer
+    (4, 8 or "full"), a mode ("performance": 8, or "full" where kept; "efficiency": 4),
+    or a mapping / list of pairs from module-path globs or layer indices to bits or modes
+    (later entries override earlier ones; a glob covers a module's descendants, as in
+    bitswitch.precision), or a plan file. Every requested view is checked first: one
+    ValueError names the layers that lack it, and nothing changes. No tensor is touched.
+    Returns the number of layers whose view changed."""
+    from . import precision as P
+
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, QLinear)}
+    if not layers:
+        raise ValueError("set_precision: the model has no QLinear layers (run quantize_model first)")
+    if policy in BITS or policy == FULL:
+        policy = {"*": policy}
+    cfg = getattr(model, "config", None)
+    n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    entries = P._entries(policy, n_layers)
+    want = {p: m.bits for p, m in layers.items()}
+    for glob, setting in entries:
+        extra = sorted(set(setting) - {"bits", "mode"})
+        if extra:
+            raise ValueError(f"set_precision: {extra} settings apply to bitswitch's Qwen3 model only; "
+                             "a torch model's layers take bits or a mode")
+        for p, m in layers.items():
+            if P._matches(glob, p):
+                want[p] = setting["bits"] if "bits" in setting else P._mode_setting(setting["mode"], m.bits_available)["bits"]
+    missing = [f"{p} ({b})" for p, b in want.items() if b not in layers[p].bits_available]
+    if missing:
+        raise ValueError(f"set_precision: {len(missing)} layer(s) lack the requested view: "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    changed = 0
+    for p, b in want.items():
+        if layers[p].bits != b:
+            layers[p].bits = b
+            changed += 1
+    return changed
