@@ -59,7 +59,8 @@ class Qwen3Config:
         hidden, heads = req("hidden_size"), req("num_attention_heads")
         kv = req("num_key_value_heads") if "num_key_value_heads" in d else heads
         head_dim = d.get("head_dim") or hidden // heads
-        if not isinstance(head_dim, int) or not 0 < head_dim <= _LIMITS["head_dim"] or head_dim % 2:
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or not 0 < head_dim <= _LIMITS["head_dim"] \
+                or head_dim % 2:
             raise ValueError(f"config: head_dim must be a positive even integer, got {head_dim!r}")
         if heads % kv:
             raise ValueError(f"config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
@@ -88,12 +89,17 @@ class Qwen3Config:
         if not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ValueError(f"config: rms_norm_eps must be in (0, 1), got {eps!r}")
         eos = d.get("eos_token_id", ())
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+            raise ValueError(f"config: eos_token_id must be a token id or a list of them, got {d.get('eos_token_id')!r}")
+        max_pos = d.get("max_position_embeddings", 40960)
+        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or not 0 < max_pos <= 1 << 24:
+            raise ValueError(f"config: max_position_embeddings must be an integer in 1..{1 << 24}, got {max_pos!r}")
         return cls(
             vocab_size=req("vocab_size"), hidden_size=hidden, intermediate_size=req("intermediate_size"),
             num_hidden_layers=req("num_hidden_layers"), num_attention_heads=heads, num_key_value_heads=kv,
             head_dim=head_dim, rms_norm_eps=float(eps), rope_theta=float(theta), rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), model_type=mt,
             attention_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
             qk_norm=mt == "qwen3", eos_token_id=eos, quantization=d.get("quantization"))
