@@ -205,6 +205,17 @@ def test_ten_thousand_calls_keep_rss_steady(rng):
         "rms_norm": lambda: bs.ops.rms_norm(x, w),
         "silu_mul": lambda: bs.ops.silu_mul(x),
     }
+    try:
+        import torch
+
+        from bitswitch.torch import QLinear
+    except ImportError:
+        pass
+    else:
+        layer, xt = QLinear(qw), torch.from_numpy(x)
+        ops["QLinear"] = lambda: layer(xt)
+        ops["torch.ops.bitswitch.qmatmul"] = lambda: torch.ops.bitswitch.qmatmul(
+            xt, layer.plane0, layer.plane1, layer.scales, layer.biases, 32, 8)
     for name, op in ops.items():
         for _ in range(500):
             op()
