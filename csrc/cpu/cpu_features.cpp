@@ -1,6 +1,10 @@
 #include "cpu_features.h"
 
+// BITSWITCH_NO_X86 (the BITSWITCH_PORTABLE test build) takes the non-x86 path on x86 too.
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(BITSWITCH_NO_X86)
+#define BITSWITCH_X86 1
 #include <cpuid.h>
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -14,6 +18,7 @@ namespace bitswitch {
 namespace cpu {
 namespace {
 
+#if defined(BITSWITCH_X86)
 uint64_t read_xcr0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -73,6 +78,18 @@ CpuFeatures detect() {
   }
   return f;
 }
+#else
+// Not x86: no ISA variant is built (only the scalar kernels), so there is nothing to detect.
+CpuFeatures detect() {
+  CpuFeatures f;
+#if defined(__aarch64__)
+  f.vendor = "arm64";
+#else
+  f.vendor = "unknown";
+#endif
+  return f;
+}
+#endif
 
 // Linux keeps the 8 KB of AMX tile data out of every thread's saved state until the
 // process asks for it (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile
@@ -147,6 +164,12 @@ bool variant_supported(Variant v, std::string* why) {
     return false;
   };
   const bool avx2_ok = f.avx2 && f.fma && f.f16c && f.os_ymm;
+#if !defined(BITSWITCH_X86)
+  if (v != Variant::kScalar) {
+    if (why) *why = "not an x86 CPU: this build has the scalar kernels only";
+    return false;
+  }
+#endif
   switch (v) {
     case Variant::kScalar:
       return true;
