@@ -129,11 +129,13 @@ int default_threads() {
     int n = std::atoi(env);
     if (n > 0) return n;
   }
-  cpu_set_t set;
+#if defined(__linux__)
+  cpu_set_t set;  // the CPUs this process may run on (taskset, cgroups)
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
     int n = CPU_COUNT(&set);
     if (n > 0) return n;
   }
+#endif
   unsigned hw = std::thread::hardware_concurrency();
   return hw > 0 ? int(hw) : 1;
 }
