@@ -6,36 +6,14 @@ On CPUs with AVX-512 the same tests also run natively (the `variant` fixture); t
 makes sure the unit is exercised on every machine, CI included.
 """
 
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from native_build import ROOT, build_package
 
 
 def test_avx512_unit_on_emulation(tmp_path):
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    pybind11 = pytest.importorskip("pybind11")
-    build = tmp_path / "build"
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DBITSWITCH_EMULATE_AVX512=ON", "-DBITSWITCH_CUDA=OFF",
-                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("BITSWITCH_CUDA", "BITSWITCH_EMULATE_AVX512")}
-    subprocess.run(configure, check=True, capture_output=True, env=env)
-    subprocess.run([cmake, "--build", str(build), "--target", "_C", "-j", str(os.cpu_count() or 2)],
-                   check=True, capture_output=True, env=env)
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "python" / "bitswitch", pkg / "bitswitch")
-    (so,) = build.glob("_C*.so")
-    shutil.copy(so, pkg / "bitswitch")
-
-    env["PYTHONPATH"] = str(pkg)
+    pkg, env = build_package(tmp_path, "-DBITSWITCH_EMULATE_AVX512=ON")
     probe = subprocess.run([sys.executable, "-c", "import bitswitch as b; i = b._C.cpu_info(); "
                             "print(b.__file__, i['avx512_emulated'], i['variants']['avx512'], i['variants']['avx512bf16'], i['best'])"],
                            env=env, capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -4,35 +4,14 @@ Graviton): the scalar kernels only, x86_stubs.cpp in place of the ISA units, no 
 import, report every ISA variant unsupported with the reason, and pass the kernel tests on
 the scalar variant."""
 
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from native_build import ROOT, build_package
 
 
 def test_scalar_only_build(tmp_path):
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    pybind11 = pytest.importorskip("pybind11")
-    build = tmp_path / "build"
-    env = {k: v for k, v in os.environ.items() if k not in ("BITSWITCH_CUDA", "BITSWITCH_EMULATE_AVX512", "BITSWITCH_CPU")}
-    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBITSWITCH_CUDA=OFF",
-                    "-DBITSWITCH_PORTABLE=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True, env=env)
-    subprocess.run([cmake, "--build", str(build), "--target", "_C", "-j", str(os.cpu_count() or 2)],
-                   check=True, capture_output=True, env=env)
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "python" / "bitswitch", pkg / "bitswitch",
-                    ignore=shutil.ignore_patterns("_C*.so", "_cuda*.so", "__pycache__"))
-    (so,) = build.glob("_C*.so")
-    shutil.copy(so, pkg / "bitswitch")
-    env["PYTHONPATH"] = str(pkg)
+    pkg, env = build_package(tmp_path, "-DBITSWITCH_PORTABLE=ON")
     probe = subprocess.run([sys.executable, "-c", "import bitswitch as b; i = b._C.cpu_info(); "
                             "print(b.__file__); print(i['best']); print(i['variants'])"],
                            env=env, capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -15,11 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from native_build import ROOT, build_package
 
-ROOT = Path(__file__).resolve().parents[1]
 NATIVE_TESTS = ["test_qmatmul.py", "test_attention.py", "test_layer_ops.py", "test_errors.py", "test_threads.py"]
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "UndefinedBehaviorSanitizer", "AddressSanitizer: CHECK failed")
 
@@ -31,27 +30,11 @@ def _runtime(name: str) -> str:
 
 
 def test_native_tests_under_asan_and_ubsan(tmp_path):
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
     asan, stdcxx = _runtime("libasan.so"), _runtime("libstdc++.so")
     if not asan or not stdcxx:
         pytest.skip("g++'s libasan / libstdc++ are not installed")
-    pybind11 = pytest.importorskip("pybind11")
-    build = tmp_path / "build"
-    env = {k: v for k, v in os.environ.items() if k not in ("BITSWITCH_CUDA", "BITSWITCH_EMULATE_AVX512")}
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CXX_FLAGS_RELEASE=-O1",
-                 "-DBITSWITCH_CUDA=OFF", "-DBITSWITCH_SANITIZE=address,undefined",
-                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"]
-    subprocess.run(configure, check=True, capture_output=True, env=env)
-    subprocess.run([cmake, "--build", str(build), "--target", "_C", "-j", str(os.cpu_count() or 2)],
-                   check=True, capture_output=True, env=env)
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "python" / "bitswitch", pkg / "bitswitch",
-                    ignore=shutil.ignore_patterns("_C*.so", "_cuda*.so", "__pycache__"))
-    (so,) = build.glob("_C*.so")
-    shutil.copy(so, pkg / "bitswitch")
-    env.update(PYTHONPATH=str(pkg), LD_PRELOAD=f"{asan} {stdcxx}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
+    pkg, env = build_package(tmp_path, "-DCMAKE_CXX_FLAGS_RELEASE=-O1", "-DBITSWITCH_SANITIZE=address,undefined")
+    env.update(LD_PRELOAD=f"{asan} {stdcxx}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                UBSAN_OPTIONS="print_stacktrace=1")
     probe = subprocess.run([sys.executable, "-c", "import bitswitch; print(bitswitch.__file__)"], env=env,
                            capture_output=True, text=True, cwd=tmp_path)
