@@ -86,14 +86,15 @@ TorchTypes& torch_types() {
 // py::object::attr(const char*) saves building a string per access: ~1 us per attention call
 // (four tensors), a sizable part of a decode step's call.
 struct TorchNames {
-  PyObject *dtype, *is_cpu, *is_cuda, *shape, *stride, *data_ptr;
+  PyObject *dtype, *is_cpu, *is_cuda, *shape, *stride, *data_ptr, *get_device;
 };
 
 const TorchNames& torch_names() {
   static const TorchNames* n = new TorchNames{
       PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("is_cpu"),
       PyUnicode_InternFromString("is_cuda"), PyUnicode_InternFromString("shape"),
-      PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr")};
+      PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr"),
+      PyUnicode_InternFromString("get_device")};
   return *n;
 }
 
@@ -128,6 +129,7 @@ bool from_torch(py::handle obj, Arg& a, const char* op, const char* name) {
   v.device = get_attr(obj, n.is_cpu).ptr() == Py_True    ? bs::Device::kCPU
              : get_attr(obj, n.is_cuda).ptr() == Py_True ? bs::Device::kCUDA
                                                          : bs::Device::kOther;
+  if (v.device == bs::Device::kCUDA) v.device_index = int32_t(PyLong_AsLong(call_method(obj, n.get_device).ptr()));
   py::tuple sh = get_attr(obj, n.shape);
   if (sh.size() > size_t(bs::TensorView::kMaxDims))
     throw bs::ValueError(arg_prefix(op, name) + "has too many dimensions");
@@ -234,6 +236,7 @@ bool from_dlpack(py::handle obj, Arg& a, const char* op, const char* name) {
   v.device = t.device.device_type == bs::dlpack::kDLCPU ? bs::Device::kCPU
              : t.device.device_type == bs::dlpack::kDLCUDA ? bs::Device::kCUDA
                                                             : bs::Device::kOther;
+  v.device_index = t.device.device_id;
   a.keep = std::move(cap);
   return true;
 }
@@ -244,6 +247,16 @@ void to_arg(py::handle obj, Arg& a, const char* op, const char* name) {
   throw bs::TypeError(arg_prefix(op, name) +
                       "must be a numpy array, a torch tensor or an array exporting DLPack (MLX), got " +
                       type_name(obj));
+}
+
+bs::CudaLaunch cuda_launch(uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
+  if (workspace_bytes < 0 || (workspace == 0 && workspace_bytes != 0))
+    throw bs::ValueError("workspace_bytes must be >= 0, and 0 when there is no workspace");
+  bs::CudaLaunch l;
+  l.stream = reinterpret_cast<void*>(stream);
+  l.workspace = reinterpret_cast<void*>(workspace);
+  l.workspace_bytes = workspace_bytes;
+  return l;
 }
 
 py::dict cpu_info() {
@@ -346,7 +359,8 @@ it is in use (build a new one if they are replaced).)doc")
   m.def(
       "qmatmul",
       [](py::handle x, py::handle plane0, py::handle plane1, py::handle scales, py::handle biases,
-         int64_t group_size, int64_t bits, py::handle out, int64_t act_bits) {
+         int64_t group_size, int64_t bits, py::handle out, int64_t act_bits, uintptr_t stream,
+         uintptr_t workspace, int64_t workspace_bytes) {
         const char* op = "qmatmul";
         Arg ax, ap0, ap1, as, ab, ao;
         to_arg(x, ax, op, "x");
@@ -362,19 +376,24 @@ it is in use (build a new one if they are replaced).)doc")
         w.scales = as.v;
         w.biases = ab.v;
         w.group_size = group_size;
+        const bs::CudaLaunch launch = cuda_launch(stream, workspace, workspace_bytes);
         py::gil_scoped_release nogil;
-        bs::qmatmul(ax.v, w, bits, ao.v, act_bits);
+        bs::qmatmul(ax.v, w, bits, ao.v, act_bits, &launch);
       },
       py::arg("x"), py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"),
-      py::arg("group_size"), py::arg("bits"), py::arg("out"), py::arg("act_bits") = 16,
+      py::arg("group_size"), py::arg("bits"), py::arg("out"), py::arg("act_bits") = 16, py::arg("stream") = 0,
+      py::arg("workspace") = 0, py::arg("workspace_bytes") = 0,
       R"doc(out[M, N] = x[M, K] @ W[N, K]^T for a nibble-plane weight W.
 
 x: float32/bfloat16/float16 [M, K]; plane0, plane1: uint32 [N, K/8] (plane1 may be None,
 then only bits=4 is possible); scales, biases: [N, K/group_size], one float dtype; out:
 [M, N] of x's dtype, written in place. bits 4 reads plane 0 (w = s*q + b), bits 8 reads
 both planes (w = s*q + b + s/16*(r - 7.5)). act_bits 16 quantizes x per group to 15 bits
-(float-grade), 8 to int8 per group (faster, ~0.4% relative error). All arrays C-contiguous
-and in CPU memory.)doc");
+(float-grade), 8 to int8 per group (faster, ~0.4% relative error). All arrays C-contiguous,
+all in CPU memory or all on one CUDA device. For CUDA arrays (act_bits 16 only) the kernel
+is queued on `stream` (a cudaStream_t as an integer, 0: the default stream) with
+`workspace_bytes` of scratch at device address `workspace` (see
+bitswitch._cuda.qmatmul_workspace_bytes); nothing waits for it to finish.)doc");
 
   m.def(
       "qmatmul_packed",
@@ -392,9 +411,10 @@ and in CPU memory.)doc");
   m.def(
       "attention",
       [](py::handle q, py::handle k, py::handle v, py::handle indptr, py::handle indices, int64_t block_q,
-         int64_t block_k, bool causal, double scale, int64_t q_offset, py::handle out, py::handle lse) {
+         int64_t block_k, bool causal, double scale, int64_t q_offset, py::handle out, py::handle lse,
+         uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes, py::handle q_offsets) {
         const char* op = "attention";
-        Arg aq, ak, av, ap, ai, ao, al;
+        Arg aq, ak, av, ap, ai, ao, al, aqo;
         to_arg(q, aq, op, "q");
         to_arg(k, ak, op, "k");
         to_arg(v, av, op, "v");
@@ -413,11 +433,17 @@ and in CPU memory.)doc");
         }
         const bool has_lse = !lse.is_none();
         if (has_lse) to_arg(lse, al, op, "lse");
+        const bool has_offsets = !q_offsets.is_none();
+        if (has_offsets) to_arg(q_offsets, aqo, op, "q_offsets");
+        const bs::CudaLaunch launch = cuda_launch(stream, workspace, workspace_bytes);
         py::gil_scoped_release nogil;
-        bs::attention(aq.v, ak.v, av.v, mask, causal, scale, q_offset, ao.v, has_lse ? &al.v : nullptr);
+        bs::attention(aq.v, ak.v, av.v, mask, causal, scale, q_offset, ao.v, has_lse ? &al.v : nullptr, &launch,
+                      has_offsets ? &aqo.v : nullptr);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indptr"), py::arg("indices"), py::arg("block_q"),
       py::arg("block_k"), py::arg("causal"), py::arg("scale"), py::arg("q_offset"), py::arg("out"), py::arg("lse"),
+      py::arg("stream") = 0, py::arg("workspace") = 0, py::arg("workspace_bytes") = 0,
+      py::arg("q_offsets") = py::none(),
       R"doc(Block-sparse flash attention: out = softmax(scale q k^T) v over the visible keys.
 
 q: [B, Hq, Lq, D], k and v: [B, Hkv, Lk, D] (Hq a multiple of Hkv, D 64 or 128, one float
@@ -425,7 +451,26 @@ dtype, unit stride on D). indptr int32 [B, Hkv, ceil(Lq/block_q)+1] and indices 
 [B, Hkv, n] select key blocks per query block (None, None: all). causal hides keys after
 q_offset + i from query row i. scale NaN means D^-0.5. out: like q, written in place; lse:
 None or float32 [B, Hq, Lq], the natural-log log-sum-exp of each row (-inf for a row that
-sees no key, whose output is 0).)doc");
+sees no key, whose output is 0). CUDA arrays: as for qmatmul (stream, workspace from
+bitswitch._cuda.attention_workspace_bytes); the mask's contents are not validated there.
+q_offsets: None or int32 [B] on q's device, each batch row's q_offset (replacing q_offset):
+a decode step captured in a CUDA graph reads its position from there.)doc");
+
+  m.def(
+      "_set_cuda_backend",
+      [](py::handle capsule) {
+        if (capsule.is_none()) return bs::set_cuda_backend(nullptr);
+        if (!PyCapsule_IsValid(capsule.ptr(), "bitswitch.cuda_backend"))
+          throw bs::TypeError("_set_cuda_backend: expected bitswitch._cuda.backend(), a 'bitswitch.cuda_backend' capsule");
+        // The table is a static object of _cuda, which is never unloaded; keep the capsule anyway
+        // (leaked: it must outlive interpreter teardown).
+        static py::object* keep = new py::object();
+        *keep = py::reinterpret_borrow<py::object>(capsule);
+        bs::set_cuda_backend(static_cast<const bs::CudaBackend*>(PyCapsule_GetPointer(capsule.ptr(), "bitswitch.cuda_backend")));
+      },
+      py::arg("capsule"), "Installs the CUDA kernels' entry points (bitswitch._cuda.backend()); None removes them.");
+  m.def("_has_cuda_backend", [] { return bs::cuda_backend() != nullptr; },
+        "Whether CUDA arrays reach CUDA kernels (bitswitch._cuda is built and loaded).");
 
   m.def("_set_attention_kv_splits", &bs::set_attention_kv_splits, py::arg("n"),
         "Test hook: forces n key-block ranges per decode attention task (split-KV); 0 = automatic.");

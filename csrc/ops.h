@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cuda_backend.h"
 
 namespace bitswitch {
 
@@ -34,6 +35,7 @@ struct TensorView {
   int64_t strides[kMaxDims] = {};  // in elements
   bool writable = true;
   Device device = Device::kCPU;
+  int32_t device_index = -1;     // the CUDA device's number when device is kCUDA
 
   // The element type's name for messages.
   std::string type_str() const;
@@ -43,7 +45,26 @@ struct TensorView {
   bool is_float() const;  // float32, bfloat16 or float16
   // Whether the byte ranges the two arrays' elements span intersect (strides included).
   bool overlaps(const TensorView& other) const;
+  // Where the array lives, for messages: "CPU memory", "cuda:1", "another device".
+  std::string where() const;
+  bool same_device(const TensorView& other) const {
+    return device == other.device && (device != Device::kCUDA || device_index == other.device_index);
+  }
 };
+
+// The CUDA backend's entry points (cuda_backend.h); null (the default) when bitswitch._cuda
+// is not built or not loaded. Throws ValueError for a table of another ABI version.
+void set_cuda_backend(const CudaBackend* backend);
+const CudaBackend* cuda_backend();
+// The table, or ValueError(op: `arg` is a CUDA array but ...) when there is none.
+const CudaBackend& cuda_backend_or_throw(const char* op, const char* arg);
+// Runs one backend entry: call(err, errlen) returns 0 or a cudaError_t code; a failure
+// becomes a RuntimeError naming the op and CUDA's message.
+template <class Call> void run_cuda(const char* op, Call call) {
+  char err[512] = {0};
+  const int32_t rc = call(err, int32_t(sizeof(err)));
+  if (rc != 0) throw std::runtime_error(std::string(op) + ": CUDA error " + std::to_string(rc) + ": " + err);
+}
 
 std::string dtype_str(DType t);
 
@@ -62,13 +83,16 @@ struct WeightViews {
   int64_t group_size = 0;
 };
 
-// Checks a weight on its own: dtypes, shapes, group size. Throws like qmatmul.
+// Checks a weight on its own: dtypes, shapes, group size, every array on plane0's device
+// (CPU or CUDA). Throws like qmatmul.
 void validate_weight(const char* op, const WeightViews& w);
 
 // out[..., N] = x[..., K] @ W^T with W read as `bits` (4: plane 0, 8: planes 0 and 1) and x
 // quantized per group at `act_bits` (16: float-grade, 8: int8; see cpu/act_quant.h).
+// Every array on one device: CPU memory, or one CUDA device (then the CUDA kernels run on
+// cuda->stream; act_bits must be 16 there).
 void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out,
-             int64_t act_bits = 16);
+             int64_t act_bits = 16, const CudaLaunch* cuda = nullptr);
 
 // A block mask in BSR form per (batch, kv head); has_mask false means dense.
 struct BlockMaskViews {
@@ -81,9 +105,14 @@ struct BlockMaskViews {
 
 // out = softmax(scale q k^T [+ block mask] [+ causal]) v for q [B, Hq, Lq, D], k and v
 // [B, Hkv, Lk, D] (unit stride on D, any other strides); lse, if given, float32 [B, Hq, Lq].
-// scale NaN means D^-0.5.
+// scale NaN means D^-0.5. On CUDA the mask's shape and dtype are checked but not its
+// contents (reading them would synchronize with the GPU): the kernels skip block numbers
+// out of range instead.
+// q_offsets, if given: int32 [B] on q's device, the q_offset of each batch row (replacing
+// q_offset), so that a step captured in a CUDA graph reads its position from memory.
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
-               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse);
+               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse,
+               const CudaLaunch* cuda = nullptr, const TensorView* q_offsets = nullptr);
 // Test hook: key-block ranges per decode task (split-KV) for every later call; 0 lets the
 // kernel choose (it splits only when there are too few tasks for the threads).
 void set_attention_kv_splits(int64_t n);

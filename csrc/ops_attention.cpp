@@ -4,6 +4,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "cpu/convert.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
 #include "ops.h"
@@ -36,8 +37,16 @@ bool non_overlapping(const TensorView& t) {
   return true;
 }
 
+// Every array of a call lives where q does: CPU memory or one CUDA device.
+void check_with_q(const char* arg, const TensorView& t, const TensorView& q) {
+  if (q.device == Device::kOther)
+    throw ValueError(pre("q") + "must be in CPU memory or on a CUDA device (this op has no kernel for its device)");
+  if (!t.same_device(q))
+    throw ValueError(pre(arg) + "is in " + t.where() + " but q is in " + q.where() +
+                     "; put q, the KV cache and the mask on one device");
+}
+
 void check_4d(const char* arg, const TensorView& t) {
-  if (t.device != Device::kCPU) throw ValueError(pre(arg) + "must be in CPU memory");
   if (t.ndim != 4)
     throw ValueError(pre(arg) + "must be 4-D [batch, heads, length, head_dim], got shape " + t.shape_str());
   for (int i = 0; i < 4; ++i)
@@ -52,7 +61,6 @@ void check_4d(const char* arg, const TensorView& t) {
 }
 
 void check_index_array(const char* arg, const TensorView& t, int64_t b, int64_t h) {
-  if (t.device != Device::kCPU) throw ValueError(pre(arg) + "must be in CPU memory");
   if (!t.dtype_known || t.dtype != DType::kInt32) throw TypeError(pre(arg) + "must be int32, got " + t.type_str());
   if (t.ndim != 3 || t.shape[0] != b || t.shape[1] != h) {
     std::ostringstream s;
@@ -63,11 +71,13 @@ void check_index_array(const char* arg, const TensorView& t, int64_t b, int64_t 
   if (!t.row_contiguous()) throw ValueError(pre(arg) + "must be C-contiguous");
 }
 
-void validate_mask(const BlockMaskViews& m, int64_t b, int64_t hkv, int64_t lq, int64_t lk) {
+void validate_mask(const BlockMaskViews& m, const TensorView& q, int64_t b, int64_t hkv, int64_t lq, int64_t lk) {
   for (auto [name, v] : {std::pair<const char*, int64_t>{"block_q", m.block_q}, {"block_k", m.block_k}})
     if (v != 32 && v != 64 && v != 128)
       throw ValueError(pre("mask") + name + " must be 32, 64 or 128, got " + std::to_string(v));
   if (!m.has_mask) return;
+  check_with_q("mask.indptr", m.indptr, q);
+  check_with_q("mask.indices", m.indices, q);
   check_index_array("mask.indptr", m.indptr, b, hkv);
   check_index_array("mask.indices", m.indices, b, hkv);
   const int64_t nqb = (lq + m.block_q - 1) / m.block_q, nkb = (lk + m.block_k - 1) / m.block_k;
@@ -77,6 +87,9 @@ void validate_mask(const BlockMaskViews& m, int64_t b, int64_t hkv, int64_t lq, 
                      std::to_string(m.indptr.shape[2]));
   const int64_t cap = m.indices.shape[2];
   if (cap > 0 && m.indices.data == nullptr) throw ValueError(pre("mask.indices") + "has no data");
+  // The contents of a mask in GPU memory cannot be read here without synchronizing with the
+  // device; the CUDA kernels clamp indptr and skip block numbers out of range instead.
+  if (q.device == Device::kCUDA) return;
   const int32_t* ip = static_cast<const int32_t*>(m.indptr.data);
   const int32_t* ix = static_cast<const int32_t*>(m.indices.data);
   for (int64_t r = 0; r < b * hkv; ++r) {
@@ -109,7 +122,13 @@ void set_attention_kv_splits(int64_t n) {
 }
 
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
-               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse) {
+               bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse,
+               const CudaLaunch* cuda, const TensorView* q_offsets) {
+  check_with_q("q", q, q);
+  check_with_q("k", k, q);
+  check_with_q("v", v, q);
+  check_with_q("out", out, q);
+  if (lse) check_with_q("lse", *lse, q);
   check_4d("q", q);
   check_4d("k", k);
   check_4d("v", v);
@@ -134,7 +153,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   for (const TensorView* in : {&q, &k, &v})
     if (out.overlaps(*in)) throw ValueError(pre("out") + "overlaps an input array");
   if (lse) {
-    if (lse->device != Device::kCPU || !lse->dtype_known || lse->dtype != DType::kFloat32 || lse->ndim != 3 ||
+    if (!lse->dtype_known || lse->dtype != DType::kFloat32 || lse->ndim != 3 ||
         lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq || !lse->row_contiguous() || !lse->writable)
       throw ValueError(pre("lse") + "must be a writable C-contiguous float32 array of shape (" + std::to_string(B) +
                        ", " + std::to_string(Hq) + ", " + std::to_string(Lq) + ")");
@@ -142,9 +161,16 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
       if (lse->overlaps(*in)) throw ValueError(pre("lse") + "overlaps another array");
   }
   if (q_offset < 0) throw ValueError(pre("q_offset") + "must be >= 0, got " + std::to_string(q_offset));
+  if (q_offsets) {
+    check_with_q("q_offsets", *q_offsets, q);
+    if (!q_offsets->dtype_known || q_offsets->dtype != DType::kInt32 || q_offsets->ndim != 1 ||
+        q_offsets->shape[0] != B || !q_offsets->row_contiguous() || q_offsets->data == nullptr)
+      throw ValueError(pre("q_offsets") + "must be a contiguous int32 array of shape (" + std::to_string(B) +
+                       ",) (one q_offset per batch row), got " + q_offsets->type_str() + " " + q_offsets->shape_str());
+  }
   if (std::isnan(scale)) scale = 1.0 / std::sqrt(double(D));
   if (!std::isfinite(scale)) throw ValueError(pre("scale") + "must be finite");
-  validate_mask(mask, B, Hkv, Lq, Lk);
+  validate_mask(mask, q, B, Hkv, Lq, Lk);
 
   cpu::AttentionArgs a;
   a.q = q.data;
@@ -175,17 +201,51 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
   a.q_offset = q_offset;
   a.kv_splits = g_kv_splits.load(std::memory_order_relaxed);
 
+  if (q.device == Device::kCUDA) {
+    a.q_offsets = q_offsets ? static_cast<const int32_t*>(q_offsets->data) : nullptr;
+    const CudaBackend& be = cuda_backend_or_throw(kOp, "q");
+    CudaLaunch launch;
+    if (cuda) launch = *cuda;
+    launch.device = q.device_index;
+    run_cuda(kOp, [&](char* err, int32_t n) { return be.attention(&a, &launch, err, n); });
+    return;
+  }
+
   const cpu::Variant variant = variant_or_throw(kOp);
   auto pool = cpu::pool();
-  Status s;
-  switch (variant) {
-    case cpu::Variant::kAmx: s = cpu::attention_amx(a, *pool); break;
-    case cpu::Variant::kAvx512Bf16:  // no attention kernel of its own
-    case cpu::Variant::kAvx512: s = cpu::attention_avx512(a, *pool); break;
-    case cpu::Variant::kAvx2: s = cpu::attention_avx2(a, *pool); break;
-    default: s = cpu::attention_scalar(a, *pool); break;
+  auto run = [&](const cpu::AttentionArgs& args) {
+    Status s;
+    switch (variant) {
+      case cpu::Variant::kAmx: s = cpu::attention_amx(args, *pool); break;
+      case cpu::Variant::kAvx512Bf16:  // no attention kernel of its own
+      case cpu::Variant::kAvx512: s = cpu::attention_avx512(args, *pool); break;
+      case cpu::Variant::kAvx2: s = cpu::attention_avx2(args, *pool); break;
+      default: s = cpu::attention_scalar(args, *pool); break;
+    }
+    check_status(kOp, s);
+  };
+  if (!q_offsets) return run(a);
+  // Per-row offsets on the CPU: one call per batch row, each with its own q_offset.
+  const int32_t* offs = static_cast<const int32_t*>(q_offsets->data);
+  for (int64_t bi = 0; bi < B; ++bi)
+    if (offs[bi] < 0) throw ValueError(pre("q_offsets") + "must be >= 0, got " + std::to_string(offs[bi]));
+  const int64_t es = cpu::dtype_size(q.dtype);
+  const int64_t nqb = (Lq + mask.block_q - 1) / mask.block_q;
+  for (int64_t bi = 0; bi < B; ++bi) {
+    cpu::AttentionArgs r = a;
+    r.b = 1;
+    r.q = static_cast<const char*>(a.q) + bi * a.q_strides[0] * es;
+    r.k = static_cast<const char*>(a.k) + bi * a.k_strides[0] * es;
+    r.v = static_cast<const char*>(a.v) + bi * a.v_strides[0] * es;
+    r.out = static_cast<char*>(a.out) + bi * a.o_strides[0] * es;
+    if (a.lse) r.lse = a.lse + bi * Hq * Lq;
+    if (a.indptr) {
+      r.indptr = a.indptr + bi * Hkv * (nqb + 1);
+      r.indices = a.indices + bi * Hkv * a.nnz_cap;
+    }
+    r.q_offset = offs[bi];
+    run(r);
   }
-  check_status(kOp, s);
 }
 
 }  // namespace bitswitch

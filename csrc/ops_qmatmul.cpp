@@ -1,3 +1,4 @@
+#include <atomic>
 #include <sstream>
 
 #include "bitswitch/format.h"
@@ -52,6 +53,35 @@ bool TensorView::overlaps(const TensorView& other) const {
   return a0 < b1 && b0 < a1;
 }
 
+std::string TensorView::where() const {
+  switch (device) {
+    case Device::kCPU: return "CPU memory";
+    case Device::kCUDA: return "cuda:" + std::to_string(device_index);
+    default: return "another device";
+  }
+}
+
+namespace {
+std::atomic<const CudaBackend*> g_cuda_backend{nullptr};
+}  // namespace
+
+void set_cuda_backend(const CudaBackend* backend) {
+  if (backend && backend->abi != kCudaBackendAbi)
+    throw ValueError("bitswitch._cuda was built for backend ABI " + std::to_string(backend->abi) + ", _C expects " +
+                     std::to_string(kCudaBackendAbi) + ": rebuild the package");
+  g_cuda_backend.store(backend);
+}
+
+const CudaBackend* cuda_backend() { return g_cuda_backend.load(); }
+
+const CudaBackend& cuda_backend_or_throw(const char* op, const char* arg) {
+  const CudaBackend* b = g_cuda_backend.load();
+  if (b == nullptr)
+    throw ValueError(std::string(op) + ": " + arg + " is a CUDA array, but this build of bitswitch has no CUDA "
+                     "kernels (bitswitch._cuda is built when nvcc is found at install time; see `bitswitch info`)");
+  return *b;
+}
+
 void check_status(const char* op, Status s) {
   switch (s) {
     case Status::kOk: return;
@@ -85,10 +115,18 @@ constexpr int64_t kMaxDim = int64_t(1) << 31;
 
 std::string prefix(const char* op, const char* arg) { return std::string(op) + ": " + arg + " "; }
 
-// Common checks for an array argument: CPU, 2-D, row-contiguous, non-empty.
+// The arrays of one call live on one device: `ref` (named ref_arg)'s, CPU or CUDA.
+void check_device(const char* op, const char* arg, const TensorView& t, const char* ref_arg, const TensorView& ref) {
+  if (ref.device == Device::kOther)
+    throw ValueError(prefix(op, ref_arg) + "must be in CPU memory or on a CUDA device (this op has no kernel for its "
+                     "device)");
+  if (!t.same_device(ref))
+    throw ValueError(prefix(op, arg) + "is in " + t.where() + " but " + ref_arg + " is in " + ref.where() +
+                     "; put the weight and the activations on one device (e.g. QLinear.to(x.device))");
+}
+
+// Common checks for an array argument: 2-D, row-contiguous, non-empty.
 void check_matrix(const char* op, const char* arg, const TensorView& t) {
-  if (t.device != Device::kCPU)
-    throw ValueError(prefix(op, arg) + "must be in CPU memory (this op has no kernel for its device)");
   if (t.ndim != 2)
     throw ValueError(prefix(op, arg) + "must be 2-D, got " + std::to_string(t.ndim) + "-D with shape " +
                      t.shape_str());
@@ -103,10 +141,8 @@ void check_matrix(const char* op, const char* arg, const TensorView& t) {
   if (t.data == nullptr) throw ValueError(prefix(op, arg) + "has no data");
 }
 
-// An array of rows [..., D]: CPU, at least 1-D, non-empty, row-contiguous.
+// An array of rows [..., D]: at least 1-D, non-empty, row-contiguous.
 void check_rows(const char* op, const char* arg, const TensorView& t) {
-  if (t.device != Device::kCPU)
-    throw ValueError(prefix(op, arg) + "must be in CPU memory (this op has no kernel for its device)");
   if (t.ndim < 1) throw ValueError(prefix(op, arg) + "must have at least one dimension, got a scalar");
   for (int i = 0; i < t.ndim; ++i) {
     if (t.shape[i] <= 0) throw ValueError(prefix(op, arg) + "must not be empty, got shape " + t.shape_str());
@@ -138,6 +174,7 @@ void validate_weight(const char* op, const WeightViews& w) {
   if (!fmt::is_supported_group_size(int(w.group_size)))
     throw ValueError(prefix(op, "group_size") + "must be 32, 64 or 128, got " + std::to_string(w.group_size));
   const TensorView& plane0 = w.plane0;
+  check_device(op, "plane0", plane0, "plane0", plane0);
   check_matrix(op, "plane0", plane0);
   if (!plane0.dtype_known || plane0.dtype != DType::kUInt32)
     throw TypeError(prefix(op, "plane0") + "must be uint32 (8 codes per word), got " + plane0.type_str());
@@ -146,11 +183,14 @@ void validate_weight(const char* op, const WeightViews& w) {
     throw ValueError(prefix(op, "plane0") + "holds K = " + std::to_string(K) + " inputs, not a multiple of group_size " +
                      std::to_string(w.group_size));
   if (w.has_plane1) {
+    check_device(op, "plane1", w.plane1, "plane0", plane0);
     check_matrix(op, "plane1", w.plane1);
     if (!w.plane1.dtype_known || w.plane1.dtype != DType::kUInt32)
       throw TypeError(prefix(op, "plane1") + "must be uint32, got " + w.plane1.type_str());
     check_shape(op, "plane1", w.plane1, N, K / fmt::kValuesPerWord, "like plane0");
   }
+  check_device(op, "scales", w.scales, "plane0", plane0);
+  check_device(op, "biases", w.biases, "plane0", plane0);
   check_matrix(op, "scales", w.scales);
   check_matrix(op, "biases", w.biases);
   check_dtype_float(op, "scales", w.scales);
@@ -162,7 +202,8 @@ void validate_weight(const char* op, const WeightViews& w) {
   check_shape(op, "biases", w.biases, N, K / w.group_size, "(one per group of group_size inputs)");
 }
 
-void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out, int64_t act_bits) {
+void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out, int64_t act_bits,
+             const CudaLaunch* cuda) {
   const char* op = "qmatmul";
   if (!fmt::is_supported_bits(int(bits)))
     throw ValueError(prefix(op, "bits") + "must be 4 (plane 0) or 8 (planes 0 and 1), got " + std::to_string(bits));
@@ -173,6 +214,11 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   if (bits == fmt::kInt8Bits && !w.has_plane1)
     throw ValueError(prefix(op, "bits") + "is 8 but the weight has no plane 1 (it holds only the INT4 view); use bits=4");
   // x [..., K] and out [..., N]: leading dimensions are rows.
+  check_device(op, "x", x, "x", x);
+  check_device(op, "plane0", w.plane0, "x", x);
+  if (x.device == Device::kCUDA && act_bits != 16)
+    throw ValueError(prefix(op, "act_bits") + "must be 16 for CUDA arrays (int8 activations are a CPU path), got " +
+                     std::to_string(act_bits));
   check_rows(op, "x", x);
   check_dtype_float(op, "x", x);
   const int64_t K = x.shape[x.ndim - 1], M = x.numel() / K, N = w.plane0.shape[0];
@@ -180,6 +226,7 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
     throw ValueError(prefix(op, "x") + "has K = " + std::to_string(K) + " inputs but the weight expects " +
                      std::to_string(w.plane0.shape[1] * fmt::kValuesPerWord) + " (plane0 shape " +
                      w.plane0.shape_str() + ")");
+  check_device(op, "out", out, "x", x);
   check_rows(op, "out", out);
   if (!out.dtype_known || out.dtype != x.dtype)
     throw TypeError(prefix(op, "out") + "must have the dtype of x (" + x.type_str() + "), got " + out.type_str());
@@ -211,6 +258,14 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   a.x_dtype = x.dtype;
   a.scale_dtype = w.scales.dtype;
 
+  if (x.device == Device::kCUDA) {
+    const CudaBackend& be = cuda_backend_or_throw(op, "x");
+    CudaLaunch launch;
+    if (cuda) launch = *cuda;
+    launch.device = x.device_index;
+    run_cuda(op, [&](char* err, int32_t n) { return be.qmatmul(&a, &launch, err, n); });
+    return;
+  }
   const cpu::Variant v = variant_or_throw(op);
   auto pool = cpu::pool();
   Status s;

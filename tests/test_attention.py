@@ -487,3 +487,25 @@ def test_bad_input_raises_clear_errors(rng):
     with pytest.raises(TypeError, match="k is a torch"):
         torch = pytest.importorskip("torch")
         att(q, torch.from_numpy(k), v)
+
+
+def test_q_offsets_per_batch_row(rng):
+    """q_offsets (positions in memory, one per batch row) equals one call per row with that
+    row's q_offset, masks included; bad offsets are refused."""
+    import torch
+
+    from bitswitch import torch as bt
+
+    b, hq, hkv, lq, lk, d = 3, 4, 2, 5, 200, 64
+    q, k, v = (torch.from_numpy(a) for a in make_qkv(rng, b, hq, hkv, lq, lk, d))
+    offs = torch.tensor([0, 77, 195], dtype=torch.int32)
+    for mask in (None, A.BlockMask.from_block_table(rng.random((b, hkv, 1, 4)) < 0.6, 64, 64, lq, lk)):
+        out = bt.attention(q, k, v, mask, causal=True, q_offsets=offs)
+        for i in range(b):
+            sub = None if mask is None else A.BlockMask(mask.indptr[i:i + 1], mask.indices[i:i + 1], 64, 64, lq, lk)
+            ref = bt.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], sub, causal=True, q_offset=int(offs[i]))
+            assert torch.equal(out[i:i + 1], ref)
+    with pytest.raises(ValueError, match="q_offsets must be a contiguous int32 array of shape"):
+        bt.attention(q, k, v, None, q_offsets=offs[:2])
+    with pytest.raises(ValueError, match="q_offsets must be >= 0"):
+        bt.attention(q, k, v, None, q_offsets=torch.tensor([0, -1, 3], dtype=torch.int32))

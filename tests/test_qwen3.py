@@ -222,3 +222,26 @@ def test_sparse_attention_layers(tmp_path):
     out = [model(ids[:, :290])] + [model(ids[:, i:i + 1]) for i in range(290, 300)]
     out = torch.cat(out, 1)
     assert torch.isfinite(out).all() and rel(out, torch.cat(dense, 1)) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_forward_at_equals_decode_steps(tmp_path, kind):
+    """forward_at (the step CUDA graphs capture: position from a tensor, whole-cache causal
+    attention, batch 2) gives the logits of ordinary decode steps, in every view, and writes
+    the same cache rows."""
+    make_hf(kind, tied=False).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype="float32", group_size=32)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    for bits in (8, 4):
+        model.set_bits(bits)
+        model.reset(batch=2, capacity=48)
+        model(ids[:, :12])
+        steps = [model(ids[:, i:i + 1]) for i in range(12, 20)]
+        k_ref = model.cache.k[:, :, :, :20].clone()
+        model.truncate(12)
+        for i, ref in zip(range(12, 20), steps):
+            got = model.forward_at(ids[:, i:i + 1], torch.full((2,), i, dtype=torch.int32))
+            model.cache.length += 1
+            assert rel(got, ref) <= 3e-4, (bits, i)
+        assert rel(model.cache.k[:, :, :, :20], k_ref) <= 1e-5
+    assert model.decode_is_dense()

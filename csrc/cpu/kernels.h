@@ -62,6 +62,10 @@ struct AttentionArgs {
   float scale;              // multiplies q k^T (usually D^-0.5)
   int64_t q_offset;         // absolute position of query row 0 (chunked prefill, decode)
   int64_t kv_splits = 0;    // decode: key-block ranges per task (split-KV); 0 = chosen by the kernel
+  // [B] int32 in device memory: q_offset per batch row, read by the CUDA kernels (a decode
+  // step captured in a CUDA graph advances it without re-capturing). The CPU kernels never
+  // see it: the ops glue runs them once per batch row with that row's q_offset.
+  const int32_t* q_offsets = nullptr;
 };
 
 // Which implementation runs a kernel (values are stable; kAvx512Bf16 came last).

@@ -31,6 +31,19 @@ from .ops import qmatmul
 
 __version__ = _C.__version__
 
+
+def _load_cuda_backend() -> None:
+    """Hands _C the CUDA kernels' entry points when bitswitch._cuda is built (it imports
+    without a GPU or driver: the CUDA runtime is linked statically and finds the driver lazily)."""
+    try:
+        from . import _cuda
+    except ImportError:
+        return
+    _C._set_cuda_backend(_cuda.backend())
+
+
+_load_cuda_backend()
+
 __all__ = [
     "ACT_BITS", "quantize_activations", "BITS", "GROUP_SIZES", "INT4", "INT8", "QWeight", "quantize", "dequantize", "dequantize_f64",
     "qmatmul_f64", "qmatmul", "attention", "ops", "info", "load", "__version__",
@@ -54,6 +67,7 @@ def cuda_info() -> dict:
                                         f"({e.__class__.__name__})"}
     return {
         "built": True,
+        "loaded": _C._has_cuda_backend(),
         "runtime_version": _cuda.runtime_version(),
         "compiled_archs": _cuda.compiled_archs,
         "device_count": _cuda.device_count(),

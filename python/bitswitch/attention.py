@@ -76,10 +76,17 @@ class BlockMask:
         total = full.nnz().sum() if full is not None else self.n_query_blocks * self.n_key_blocks * self.nnz().size
         return float(self.nnz().sum()) / max(1, int(total))
 
-    def torch_tensors(self) -> tuple:
-        """(indptr, indices) as torch int32 tensors sharing this mask's memory."""
+    def torch_tensors(self, device=None) -> tuple:
+        """(indptr, indices) as torch int32 tensors: sharing this mask's memory on the CPU,
+        copied once per device elsewhere (the copy is kept: every layer reuses the mask)."""
         import torch
-        return torch.from_numpy(self.indptr), torch.from_numpy(self.indices)
+        if device is None or torch.device(device).type == "cpu":
+            return torch.from_numpy(self.indptr), torch.from_numpy(self.indices)
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_device_tensors", {})
+        if device not in cache:
+            cache[device] = (torch.from_numpy(self.indptr).to(device), torch.from_numpy(self.indices).to(device))
+        return cache[device]
 
     def to_dense(self) -> np.ndarray:
         """bool [B, Hkv, lq, lk]: True where the mask lets a query row see a key (before causality)."""
@@ -231,7 +238,9 @@ class KeyBlockSummary:
     """Per key block and channel minimum and maximum of the keys of a KV cache, kept up to
     date as keys are appended; the input of :func:`select_pages`."""
 
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, block_k: int = 64):
+    DEFAULT_BLOCK_K = 64  # keys per page
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, block_k: int = DEFAULT_BLOCK_K):
         _check_block("block_k", block_k)
         self.block_k = block_k
         nkb = -(-capacity // block_k)

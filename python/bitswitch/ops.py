@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["qmatmul", "attention", "rms_norm", "rope_qkv", "silu_mul", "cpu_variant", "set_cpu_variant", "use_cpu_variant", "num_threads", "set_num_threads"]
 
 
+def _torch_op():
+    from . import torch as bt
+
+    return bt
+
+
 def _output(op: str, out: Any, shape: tuple, like: Any, like_name: str, kind: str) -> Any:
     """The result array: a new one of `like`'s kind and dtype, or the caller's `out`
     (checked to be the same kind; its shape and dtype are checked natively)."""
@@ -36,7 +42,8 @@ def _output(op: str, out: Any, shape: tuple, like: Any, like_name: str, kind: st
 def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, act_bits: int = 16) -> Any:
     """y[..., N] = x[..., K] @ W[N, K]^T for a packed weight, reading the `bits` view.
 
-    x: float32, bfloat16 or float16, C-contiguous, in CPU memory (numpy, torch or MLX).
+    x: float32, bfloat16 or float16, C-contiguous (numpy, torch or MLX); torch tensors on a
+    CUDA (or MPS) device run there, on the current stream, through torch.ops.bitswitch.
     bits: 4 reads plane 0, 8 reads planes 0 and 1 (default: the most precise view qw holds).
     out: optional preallocated result [..., N] of x's dtype and framework (numpy or torch).
     act_bits: 16 (default) quantizes x per group to 15 bits, float-grade (~3e-5 relative);
@@ -69,6 +76,10 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     if shape[-1] != k:
         raise ValueError(f"qmatmul: x has {shape[-1]} inputs in its last dimension, the weight expects K = {k}")
     out_shape = shape[:-1] + (n,)
+    if kind == A.TORCH and x.device.type != "cpu":
+        # GPU tensors go through torch.ops.bitswitch (the current stream, torch's allocator).
+        y = _torch_op().qmatmul(x, qw, bits, act_bits)
+        return y if out is None else out.copy_(y)
     y = _output("qmatmul", out, out_shape, x, "x", kind)
     _C.qmatmul(x, qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, qw.group_size, bits, y, act_bits)
     return y if out is not None else A.finish_output(y, kind)
@@ -99,6 +110,11 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
     shape = tuple(q.shape)
     if len(shape) != 4:
         raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {shape}")
+    if kind == A.TORCH and q.device.type != "cpu":
+        o, lse = _torch_op().attention(q, k, v, mask, causal, scale, q_offset, return_lse=True)
+        if out is not None:
+            o = out.copy_(o)
+        return (o, lse) if return_lse else o
     o = _output("attention", out, shape, q, "q", kind)
     lse = np.empty(shape[:3], np.float32) if return_lse else None
     if mask is None:

@@ -18,7 +18,8 @@ from . import _arrays as A
 from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["FULL", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv", "set_precision", "silu_mul"]
+__all__ = ["FULL", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv", "rope_qkv_at",
+           "set_precision", "silu_mul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -29,7 +30,7 @@ _lib.define(
 )
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? indptr, Tensor? indices, int block_q, int block_k, "
-    "bool causal=True, float? scale=None, int q_offset=0) -> (Tensor, Tensor)"
+    "bool causal=True, float? scale=None, int q_offset=0, Tensor? q_offsets=None) -> (Tensor, Tensor)"
 )
 
 
@@ -67,13 +68,13 @@ def _qmatmul_fake(x, plane0, plane1, scales, biases, group_size, bits, act_bits=
     return x.new_empty(_out_shape(x, plane0))
 
 
-def _attention_cpu(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+def _attention_cpu(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0, q_offsets=None):
     if q.dim() != 4:
         raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {tuple(q.shape)}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     _C.attention(q, k, v, indptr, indices, block_q, block_k, causal, float("nan") if scale is None else scale,
-                 q_offset, out, lse)
+                 q_offset, out, lse, q_offsets=q_offsets)
     return out, lse
 
 
@@ -81,7 +82,7 @@ _lib.impl("attention", _attention_cpu, "CPU")
 
 
 @torch.library.register_fake("bitswitch::attention")
-def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0, q_offsets=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention: q, k and v must be 4-D [batch, heads, length, head_dim]")
     if (indptr is None) != (indices is None):
@@ -90,6 +91,78 @@ def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, sca
         raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+# -- NVIDIA GPUs: the same ops on CUDA tensors, through bitswitch._cuda --------------------
+#
+# _C validates the arguments exactly as for CPU tensors and launches the CUDA kernels on the
+# current torch stream of the tensors' device. Scratch (split-K / split-KV partials) comes
+# from torch's caching allocator, so there is no host synchronization and no allocation
+# outside torch: the ops work under CUDA graph capture and torch.compile(mode="reduce-overhead").
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_WORKSPACE_BYTES: dict = {}  # (op, sizes...) -> bytes, a pure function of its key
+
+
+def _cuda_module():
+    if not _C._has_cuda_backend():
+        raise ValueError("bitswitch: CUDA tensors need bitswitch._cuda, which this build does not have "
+                         "(it is built when nvcc is found at install time; see `bitswitch info`)")
+    from . import _cuda
+
+    return _cuda
+
+
+def _workspace(key: tuple, size_fn, device: torch.device) -> tuple:
+    """(tensor or None, address, bytes): scratch of the size the kernels ask for."""
+    nbytes = _WORKSPACE_BYTES.get(key)
+    if nbytes is None:
+        nbytes = _WORKSPACE_BYTES[key] = int(size_fn())
+    if nbytes == 0:
+        return None, 0, 0
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return ws, ws.data_ptr(), nbytes
+
+
+def _qmatmul_cuda(x, plane0, plane1, scales, biases, group_size, bits, act_bits=16):
+    out = x.new_empty(_out_shape(x, plane0))
+    if not x.is_cuda:  # CUDA weights with CPU activations: _C raises the device error
+        return _qmatmul_cpu(x, plane0, plane1, scales, biases, group_size, bits, act_bits)
+    cu = _cuda_module()
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    key = ("qmatmul", m, plane0.shape[0], k, group_size, bits, x.dtype, scales.dtype, dev)
+    ws, ptr, nbytes = _workspace(key, lambda: cu.qmatmul_workspace_bytes(
+        m, plane0.shape[0], k, group_size, bits, _DTYPE_CODES.get(x.dtype, 0), _DTYPE_CODES.get(scales.dtype, 0),
+        dev), x.device)
+    _C.qmatmul(x, plane0, plane1 if bits == INT8 else None, scales, biases, group_size, bits, out, act_bits,
+               stream=torch.cuda.current_stream(x.device).cuda_stream, workspace=ptr, workspace_bytes=nbytes)
+    return out
+
+
+def _attention_cuda(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0, q_offsets=None):
+    if not q.is_cuda:  # a CUDA cache with CPU queries: _C raises the device error
+        return _attention_cpu(q, k, v, indptr, indices, block_q, block_k, causal, scale, q_offset, q_offsets)
+    if q.dim() != 4:
+        raise ValueError(f"attention: q must be 4-D [batch, heads, length, head_dim], got shape {tuple(q.shape)}")
+    cu = _cuda_module()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    b, hq, lq, d = q.shape
+    hkv, lk = (k.shape[1], k.shape[2]) if k.dim() == 4 else (1, 0)
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    key = ("attention", b, hq, hkv, lq, lk, d, q.dtype, block_q, block_k, indptr is not None, causal, dev)
+    ws, ptr, nbytes = _workspace(key, lambda: cu.attention_workspace_bytes(
+        b, hq, hkv, lq, lk, d, _DTYPE_CODES.get(q.dtype, 0), block_q, block_k, indptr is not None, causal, dev),
+        q.device)
+    _C.attention(q, k, v, indptr, indices, block_q, block_k, causal, float("nan") if scale is None else scale,
+                 q_offset, out, lse, stream=torch.cuda.current_stream(q.device).cuda_stream, workspace=ptr,
+                 workspace_bytes=nbytes, q_offsets=q_offsets)
+    return out, lse
+
+
+_lib.impl("qmatmul", _qmatmul_cuda, "CUDA")
+_lib.impl("attention", _attention_cuda, "CUDA")
 
 
 # -- Apple GPUs: the same ops on MPS tensors, through bitswitch's Metal kernels -------------
@@ -182,10 +255,12 @@ class _MaskView:
         self.block_q, self.block_k = block_q, block_k
 
 
-def _attention_metal(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0):
+def _attention_metal(q, k, v, indptr, indices, block_q, block_k, causal=True, scale=None, q_offset=0, q_offsets=None):
     from . import metal as M
 
     op = "attention"
+    if q_offsets is not None:
+        raise ValueError(f"{op}: q_offsets (positions in device memory) is supported on CPU and CUDA tensors, not MPS")
     _same_device(op, q.device, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention: q, k and v must be 4-D [batch, heads, length, head_dim]")
@@ -211,16 +286,19 @@ _lib.impl("attention", _attention_metal, "MPS")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal: bool = True,
-              scale: Optional[float] = None, q_offset: int = 0, return_lse: bool = False):
+              scale: Optional[float] = None, q_offset: int = 0, return_lse: bool = False,
+              q_offsets: Optional[torch.Tensor] = None):
     """torch.ops.bitswitch.attention with a bitswitch.attention.BlockMask (None: dense);
-    the semantics of bitswitch.ops.attention. Traceable by torch.compile."""
+    the semantics of bitswitch.ops.attention. Traceable by torch.compile. q_offsets: an
+    int32 [B] tensor on q's device holding each batch row's q_offset (replacing q_offset), for
+    steps captured in a CUDA graph, whose positions must come from memory."""
     if mask is None:
         ip = ix = None
         bq, bk = _DENSE_TILE
     else:
-        ip, ix = mask.torch_tensors()
+        ip, ix = mask.torch_tensors(q.device)
         bq, bk = mask.block_q, mask.block_k
-    out, lse = torch.ops.bitswitch.attention(q, k, v, ip, ix, bq, bk, causal, scale, q_offset)
+    out, lse = torch.ops.bitswitch.attention(q, k, v, ip, ix, bq, bk, causal, scale, q_offset, q_offsets)
     return (out, lse) if return_lse else out
 
 
@@ -287,6 +365,25 @@ def rope_qkv(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Tenso
     qk = rope_reference(qk, cos[pos:pos + n, None], sin[pos:pos + n, None]).transpose(1, 2)
     k_cache.narrow(2, pos, n).copy_(qk[:, num_q_heads:])
     v_cache.narrow(2, pos, n).copy_(v.transpose(1, 2))
+    return qk[:, :num_q_heads]
+
+
+def rope_qkv_at(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Tensor],
+                k_weight: Optional[torch.Tensor], eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """rope_qkv at a position held in memory: positions int32 [B] (every row the same, the
+    cache's length) on qkv's device. Only torch ops, all on the device, so a decode step built
+    from it can be captured once in a CUDA graph and replayed at every position."""
+    b, n, _ = qkv.shape
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    idx = positions[:1].long() + torch.arange(n, device=qkv.device)  # the rows this step writes
+    x = qkv.view(b, n, num_q_heads + 2 * hkv, d)
+    qk, v = x[:, :, : num_q_heads + hkv], x[:, :, num_q_heads + hkv:]
+    if q_weight is not None:
+        qk = rms_norm_reference(qk, torch.cat((q_weight.expand(num_q_heads, -1), k_weight.expand(hkv, -1))), eps)
+    qk = rope_reference(qk, cos.index_select(0, idx)[:, None], sin.index_select(0, idx)[:, None]).transpose(1, 2)
+    k_cache.index_copy_(2, idx, qk[:, num_q_heads:])
+    v_cache.index_copy_(2, idx, v.transpose(1, 2))
     return qk[:, :num_q_heads]
 
 

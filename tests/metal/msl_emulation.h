@@ -58,6 +58,11 @@
 // After this header the identifiers `kernel`, `device`, `constant` and `thread` are empty
 // macros (MSL address spaces and the kernel specifier). Host code that follows it must not use
 // them as names (std::thread, std::random_device, ...): include and use such things before.
+//
+// With MSL_EMU_CORE_ONLY defined, only the language-neutral core is declared: the launcher
+// (fibers, threads, barriers, the exchange behind every simd collective, deadlock and
+// divergence reports) and the 16-bit float types msl_emu::detail::half_t and bfloat16. No
+// namespace metal, no macros. tests/cuda/cuda_emulation.h builds CUDA's built-ins on it.
 
 #pragma once
 
@@ -153,33 +158,22 @@ typedef _Float16 half_t;
 template <class T> struct identity { using type = T; };
 template <class T> using identity_t = typename identity<T>::type;  // blocks template deduction
 template <class T> constexpr bool is_scalar_arith_v = std::is_arithmetic<T>::value || std::is_same<T, half_t>::value;
-}  // namespace detail
-}  // namespace msl_emu
 
-namespace metal {
-
-typedef unsigned char uchar;
-typedef unsigned short ushort;
-typedef unsigned int uint;
-typedef unsigned long ulong;  // 64 bits on the LP64 targets this header supports
-static_assert(sizeof(ulong) == 8, "MSL ulong is 64 bits");
-
-typedef msl_emu::detail::half_t half;
-
-// bfloat: the upper 16 bits of an IEEE float. Conversion from float rounds to nearest even
-// (a NaN stays a NaN, quieted); conversion to float is exact. Arithmetic goes through float:
-// `a * b` of two bfloats is a float, assigning it back rounds.
-struct bfloat {
+// bfloat16 (MSL's bfloat, CUDA's __nv_bfloat16): the upper 16 bits of an IEEE float.
+// Conversion from float rounds to nearest even (a NaN stays a NaN, quieted); conversion to
+// float is exact. Arithmetic goes through float: `a * b` of two bfloats is a float, assigning
+// it back rounds.
+struct bfloat16 {
   uint16_t bits;
 
-  bfloat() = default;
-  template <class U, std::enable_if_t<msl_emu::detail::is_scalar_arith_v<U>, int> = 0>
-  constexpr bfloat(U v) : bits(round_from_float(static_cast<float>(v))) {}
+  bfloat16() = default;
+  template <class U, std::enable_if_t<is_scalar_arith_v<U>, int> = 0>
+  constexpr bfloat16(U v) : bits(round_from_float(static_cast<float>(v))) {}
 
   constexpr operator float() const { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
 
-  static constexpr bfloat from_bits(uint16_t b) {
-    bfloat r{};
+  static constexpr bfloat16 from_bits(uint16_t b) {
+    bfloat16 r{};
     r.bits = b;
     return r;
   }
@@ -190,12 +184,27 @@ struct bfloat {
     return uint16_t(u >> 16);
   }
 
-  bfloat& operator+=(float v) { return *this = bfloat(float(*this) + v); }
-  bfloat& operator-=(float v) { return *this = bfloat(float(*this) - v); }
-  bfloat& operator*=(float v) { return *this = bfloat(float(*this) * v); }
-  bfloat& operator/=(float v) { return *this = bfloat(float(*this) / v); }
+  bfloat16& operator+=(float v) { return *this = bfloat16(float(*this) + v); }
+  bfloat16& operator-=(float v) { return *this = bfloat16(float(*this) - v); }
+  bfloat16& operator*=(float v) { return *this = bfloat16(float(*this) * v); }
+  bfloat16& operator/=(float v) { return *this = bfloat16(float(*this) / v); }
 };
-static_assert(sizeof(bfloat) == 2 && std::is_trivially_copyable<bfloat>::value, "bfloat layout");
+static_assert(sizeof(bfloat16) == 2 && std::is_trivially_copyable<bfloat16>::value, "bfloat layout");
+}  // namespace detail
+}  // namespace msl_emu
+
+#ifndef MSL_EMU_CORE_ONLY
+
+namespace metal {
+
+typedef unsigned char uchar;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned long ulong;  // 64 bits on the LP64 targets this header supports
+static_assert(sizeof(ulong) == 8, "MSL ulong is 64 bits");
+
+typedef msl_emu::detail::half_t half;
+typedef msl_emu::detail::bfloat16 bfloat;
 
 // numeric_limits: std's for the built-in types, filled in for half and bfloat (which GCC 12's
 // std::numeric_limits does not know).
@@ -480,6 +489,8 @@ constexpr mem_flags operator&(mem_flags a, mem_flags b) { return mem_flags(unsig
 
 }  // namespace metal
 
+#endif  // !MSL_EMU_CORE_ONLY
+
 // ---------------------------------------------------------------------------------------------
 // The launcher
 // ---------------------------------------------------------------------------------------------
@@ -500,14 +511,43 @@ struct ThreadIds {
 constexpr uint32_t simd_width = 32;
 constexpr uint32_t max_threads_per_group = 1024;
 
+// The words error messages use for the levels of the thread hierarchy, so that a report about
+// a CUDA kernel speaks of blocks and warps.
+struct Dialect {
+  const char* group;        // "threadgroup"
+  const char* simdgroup;    // "simdgroup"
+  const char* collectives;  // "simd collectives"
+};
+inline constexpr Dialect metal_dialect{"threadgroup", "simdgroup", "simd collectives"};
+
+struct LaunchOptions {
+  Mode mode = Mode::fibers;
+  // Check that the arguments of simdgroup-matrix operations are uniform across the simdgroup.
+  bool strict = true;
+  const Dialect* dialect = &metal_dialect;
+  // Called on the launching OS thread before the threads of group g start: resets what a
+  // group's threads share (a CUDA block's dynamic shared memory).
+  std::function<void(uint32_t g)> before_group;
+  // How error messages name group g; "threadgroup 3" (dialect->group and g) when empty.
+  std::function<std::string(uint32_t g)> group_label;
+  // For the built-ins of a dialect layered on this core: reachable from a running GPU thread
+  // as detail::current(...).group->opts->user.
+  void* user = nullptr;
+};
+
 // Runs `groups` threadgroups of `threads_per_group` threads (a multiple of 32, at most 1024),
 // one threadgroup after the other in order 0..groups-1, calling body(ids) as the code of each
 // GPU thread. Returns "" on success, else a message naming the threadgroup and the problem.
-// strict: check that the arguments of simdgroup-matrix operations are uniform across the
-// simdgroup.
 std::string launch(uint32_t groups, uint32_t threads_per_group,
-                   const std::function<void(const ThreadIds&)>& body, Mode mode = Mode::fibers,
-                   bool strict = true);
+                   const std::function<void(const ThreadIds&)>& body, const LaunchOptions& options);
+inline std::string launch(uint32_t groups, uint32_t threads_per_group,
+                          const std::function<void(const ThreadIds&)>& body, Mode mode = Mode::fibers,
+                          bool strict = true) {
+  LaunchOptions o;
+  o.mode = mode;
+  o.strict = strict;
+  return launch(groups, threads_per_group, body, o);
+}
 
 namespace detail {
 
@@ -535,6 +575,19 @@ enum class Op : uint8_t {
   simdgroup_store,
   simdgroup_multiply,
   simdgroup_multiply_accumulate,
+  // CUDA (tests/cuda/cuda_emulation.h)
+  syncthreads,
+  syncwarp,
+  shfl_sync,
+  shfl_xor_sync,
+  shfl_down_sync,
+  shfl_up_sync,
+  mma_m16n8k16_f16,
+  mma_m16n8k16_bf16,
+  ldmatrix_x4,
+  ldmatrix_x4_trans,
+  ldmatrix_x2,
+  ldmatrix_x2_trans,
 };
 
 inline const char* op_name(Op op) {
@@ -544,11 +597,15 @@ inline const char* op_name(Op op) {
       "simd_shuffle_down", "simd_shuffle_up",        "simd_broadcast",            "simd_broadcast_first",
       "simd_prefix_inclusive_sum", "simd_prefix_exclusive_sum", "simd_any",        "simd_all",
       "simdgroup_load", "simdgroup_store",           "simdgroup_multiply",        "simdgroup_multiply_accumulate",
+      "__syncthreads",  "__syncwarp",                "__shfl_sync",               "__shfl_xor_sync",
+      "__shfl_down_sync", "__shfl_up_sync",          "mma_m16n8k16<__half>",      "mma_m16n8k16<__nv_bfloat16>",
+      "ldmatrix_x4",    "ldmatrix_x4_trans",         "ldmatrix_x2",               "ldmatrix_x2_trans",
   };
+  static_assert(sizeof(names) / sizeof(names[0]) == size_t(Op::ldmatrix_x2_trans) + 1, "a name for every Op");
   return names[size_t(op)];
 }
 
-inline bool is_matrix_op(Op op) { return op >= Op::simdgroup_load; }
+inline bool is_matrix_op(Op op) { return op >= Op::simdgroup_load && op <= Op::simdgroup_multiply_accumulate; }
 
 // What a simdgroup-matrix operation passes to its uniformity check (no padding: compared as
 // bytes). `hash` digests the matrix operands.
@@ -879,6 +936,7 @@ struct SimdState {
 struct Group {
   uint32_t index = 0;
   uint32_t n = 0;
+  const LaunchOptions* opts;
   Mode mode = Mode::fibers;
   bool strict = true;
   const std::function<void(const ThreadIds&)>* body = nullptr;
@@ -909,8 +967,14 @@ struct Group {
   size_t sched_stack_bytes = 0;
   uint32_t done = 0;
 
-  Group(uint32_t threads, Mode m, bool s, const std::function<void(const ThreadIds&)>* b)
-      : n(threads), mode(m), strict(s), body(b), lanes(new Lane[threads]), simd(new SimdState[threads / simd_width]) {}
+  Group(uint32_t threads, const LaunchOptions& o, Mode m, const std::function<void(const ThreadIds&)>* b)
+      : n(threads), opts(&o), mode(m), strict(o.strict), body(b), lanes(new Lane[threads]),
+        simd(new SimdState[threads / simd_width]) {}
+
+  const Dialect& words() const { return *opts->dialect; }
+  std::string label() const {
+    return opts->group_label ? opts->group_label(index) : words().group + (" " + std::to_string(index));
+  }
 
   // Resets the per-threadgroup state for threadgroup `g`.
   void begin(uint32_t g) {
@@ -941,7 +1005,7 @@ struct Group {
 
   void record_error(const std::string& what) {
     std::lock_guard<std::mutex> lk(err_mu);
-    if (error.empty()) error = "threadgroup " + std::to_string(index) + ": " + what;
+    if (error.empty()) error = label() + ": " + what;
   }
 
   // Makes every waiting thread unwind. Must be called without holding any of the group's locks.
@@ -995,8 +1059,9 @@ struct Group {
     // Name the rule that was broken.
     for (uint32_t i = 0; i < n; ++i) {
       if (lanes[i].state.load(std::memory_order_relaxed) == State::at_barrier) {
-        msg += " (threadgroup_barrier must be reached by every thread of the threadgroup: is it in divergent "
-               "control flow, or after an early return?)";
+        msg += std::string(" (") + op_name(lanes[i].waits_in.load(std::memory_order_relaxed)) +
+               " must be reached by every thread of the " + words().group +
+               ": is it in divergent control flow, or after an early return?)";
         break;
       }
     }
@@ -1008,8 +1073,8 @@ struct Group {
         all &= in;
       }
       if (some && !all) {
-        msg += " (simd collectives must be reached by all 32 lanes of a simdgroup; simdgroup " +
-               std::to_string(sg) + " is split)";
+        msg += std::string(" (") + words().collectives + " must be reached by all 32 lanes of a " + words().simdgroup +
+               "; " + words().simdgroup + " " + std::to_string(sg) + " is split)";
         break;
       }
     }
@@ -1054,7 +1119,8 @@ struct Group {
 
   // ---- Synchronization ----
 
-  void barrier(Lane& me) {
+  // A barrier of the whole group; `op` names it in reports.
+  void barrier(Lane& me, Op op) {
     check_cancel();
     if (mode == Mode::fibers) {
       if (++bar_arrived == n) {
@@ -1064,7 +1130,7 @@ struct Group {
             lanes[i].state.store(State::running, std::memory_order_relaxed);
         return;
       }
-      me.waits_in.store(Op::threadgroup_barrier, std::memory_order_relaxed);
+      me.waits_in.store(op, std::memory_order_relaxed);
       me.state.store(State::at_barrier, std::memory_order_relaxed);
       fiber_yield(me);
       check_cancel();
@@ -1080,7 +1146,7 @@ struct Group {
       return;
     }
     const uint64_t gen = bar_generation;
-    me.waits_in.store(Op::threadgroup_barrier, std::memory_order_relaxed);
+    me.waits_in.store(op, std::memory_order_relaxed);
     me.state.store(State::at_barrier, std::memory_order_relaxed);
     wait_threads(lk, bar_cv, [&] { return bar_generation != gen; });
     me.state.store(State::running, std::memory_order_relaxed);
@@ -1089,10 +1155,10 @@ struct Group {
   // Checks a completed collective: every lane called the same operation with the same value
   // size, and (strict) a simdgroup-matrix operation with the same arguments. "" if fine.
   std::string check_collective(const SimdState& s, unsigned b, uint32_t sg) const {
-    const std::string where = "simdgroup " + std::to_string(sg) + ": ";
+    const std::string where = words().simdgroup + (" " + std::to_string(sg)) + ": ";
     for (uint32_t l = 1; l < simd_width; ++l) {
       if (s.op[b][l] != s.op[b][0] || s.bytes[b][l] != s.bytes[b][0])
-        return where + "lanes reached different simd collectives at the same time (lane 0: " +
+        return where + "lanes reached different " + words().collectives + " at the same time (lane 0: " +
                op_name(s.op[b][0]) + ", lane " + std::to_string(l) + ": " + op_name(s.op[b][l]) +
                "; every lane must call the same collectives in the same order)";
     }
@@ -1200,7 +1266,7 @@ inline thread_local bool tls_in_launch = false;
 
 inline Lane& current(const char* what) {
   Lane* l = tls_current;
-  if (!l) throw std::logic_error(std::string(what) + " called outside msl_emu::launch");
+  if (!l) throw std::logic_error(std::string(what) + " called outside a kernel launch");
   return *l;
 }
 
@@ -1220,7 +1286,7 @@ inline Lane& current(const char* what) {
 }
 
 inline std::string run_fibers(Group& g) {
-  if (!tls_stacks.reserve(g.n)) return "threadgroup " + std::to_string(g.index) + ": cannot allocate fiber stacks";
+  if (!tls_stacks.reserve(g.n)) return g.label() + ": cannot allocate fiber stacks";
   for (uint32_t i = 0; i < g.n; ++i) {
     Lane& l = g.lanes[i];
     l.stack = &tls_stacks[i];
@@ -1330,13 +1396,14 @@ inline uint64_t fnv1a(const void* p, size_t n, uint64_t h = 1469598103934665603u
 }  // namespace detail
 
 inline std::string launch(uint32_t groups, uint32_t threads_per_group,
-                          const std::function<void(const ThreadIds&)>& body, Mode mode, bool strict) {
+                          const std::function<void(const ThreadIds&)>& body, const LaunchOptions& options) {
   if (threads_per_group == 0 || threads_per_group % simd_width != 0 || threads_per_group > max_threads_per_group)
     return "launch: threads_per_group = " + std::to_string(threads_per_group) +
            " must be a multiple of 32 between 32 and 1024";
   if (detail::tls_current || detail::tls_in_launch)
     return "launch: called from inside a running launch (nested launches are not supported)";
   if (!body) return "launch: empty kernel body";
+  Mode mode = options.mode;
 #if defined(MSL_EMU_TSAN)
   mode = Mode::threads;  // ThreadSanitizer cannot follow the fiber switches
 #endif
@@ -1344,8 +1411,9 @@ inline std::string launch(uint32_t groups, uint32_t threads_per_group,
     InLaunch() { detail::tls_in_launch = true; }
     ~InLaunch() { detail::tls_in_launch = false; }
   } in_launch;
-  detail::Group g(threads_per_group, mode, strict, &body);
+  detail::Group g(threads_per_group, options, mode, &body);
   for (uint32_t i = 0; i < groups; ++i) {
+    if (options.before_group) options.before_group(i);
     g.begin(i);
     std::string err = mode == Mode::fibers ? detail::run_fibers(g) : detail::run_threads(g);
     if (!err.empty()) return err;
@@ -1354,6 +1422,8 @@ inline std::string launch(uint32_t groups, uint32_t threads_per_group,
 }
 
 }  // namespace msl_emu
+
+#ifndef MSL_EMU_CORE_ONLY
 
 // ---------------------------------------------------------------------------------------------
 // Barriers, simd collectives, simdgroup matrices
@@ -1365,7 +1435,7 @@ namespace metal {
 // effects before it are visible after it (the flags are accepted and not needed).
 inline void threadgroup_barrier(mem_flags) {
   msl_emu::detail::Lane& me = msl_emu::detail::current("threadgroup_barrier");
-  me.group->barrier(me);
+  me.group->barrier(me, msl_emu::detail::Op::threadgroup_barrier);
 }
 
 // Waits until the 32 lanes of the simdgroup have reached a simdgroup_barrier.
@@ -1605,3 +1675,5 @@ typedef metal::bfloat bfloat16_t;
 #define device
 #define constant
 #define thread
+
+#endif  // !MSL_EMU_CORE_ONLY

@@ -165,6 +165,13 @@ class Attention(nn.Module):
         kc, vc = cache.k_layers[self.layer], cache.v_layers[self.layer]  # [B, Hkv, capacity, D]
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        positions = ctx.get("positions")
+        if positions is not None:
+            # Position in memory (forward_at): the whole cache with causality hiding the rows
+            # past the position, so the step's shapes do not depend on it.
+            q = bt.rope_qkv_at(self.qkv(x), self.hq, qn, kn, eps, rope[0], rope[1], positions, kc, vc)
+            o = bt.attention(q, kc, vc, None, causal=True, q_offsets=positions).transpose(1, 2)
+            return self.o_proj(o.reshape(b, n, self.hq * self.d))
         # q after norm and RoPE [B, Hq, n, D]; k (after norm and RoPE) and v land in the cache
         q = bt.rope_qkv(self.qkv(x), self.hq, qn, kn, eps, rope[0], rope[1], pos, kc, vc)
         end = pos + n
@@ -357,6 +364,32 @@ class Qwen3(nn.Module):
             return self.lm_head(self.norm(h, delta))
         finally:
             self._forward_end()
+
+    @torch.no_grad()
+    def forward_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n, vocab] of ids [B, n] at the cache position held in `positions` (int32
+        [B], every row the same, on the model's device), with dense attention over the whole
+        cache and nothing read back to the host: the step bitswitch.models.cuda_graph captures
+        once and replays at every position. The caller advances cache.length and keeps the
+        precision fixed while it runs."""
+        rope = self._rope_tables(self.cache.capacity)
+        ctx = {"positions": positions}
+        h = self.embed_tokens(ids)
+        delta = None
+        for layer in self.layers:
+            delta = layer(h, delta, rope, self.cache, ctx)
+        return self.lm_head(self.norm(h, delta))
+
+    def decode_is_dense(self) -> bool:
+        """Whether the next decode step attends densely in every layer (no layer selects pages:
+        none is sparse, or the cache fits each sparse layer's page budget), so forward_at
+        computes exactly what forward would."""
+        nkb = -(-(self.cache.length + 1) // attn.KeyBlockSummary.DEFAULT_BLOCK_K) if self.cache else 0
+        for layer in self.layers:
+            sp = layer.self_attn.sparse
+            if sp is not None and nkb > sp.get("pages", SPARSE_DEFAULTS["pages"]) + 2:
+                return False
+        return True
 
     # -- precision ---------------------------------------------------------------------------
     def linears(self) -> dict:

@@ -1,0 +1,728 @@
+// qmatmul on NVIDIA GPUs: y[M, N] = x[M, K] @ W[N, K]^T for a nibble-plane weight W
+// (csrc/include/bitswitch/format.h) read as INT4 (plane 0) or INT8 (planes 0 and 1).
+//
+// Two kernels, chosen per call by plan_qmatmul():
+//   qmv_kernel  (M <= 16, and every M for float32 x, which has no tensor-core path): a
+//               bandwidth kernel. Each weight byte is read once, with evict-first 16-byte loads,
+//               and dequantization is folded into the dot product (MLX's trick, below), so the
+//               per-element work is two integer ops and one FFMA per row of x.
+//   qmm_kernel  (M > 16, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
+//               brings the x tile and the packed plane words to shared memory, the block
+//               dequantizes each W tile once to x's type in shared memory, and every warp reads
+//               both operands with ldmatrix into mma.sync m16n8k16.
+// Both split K across blocks through the caller's workspace when the M x N tiles alone cannot
+// fill the GPU (float32 partials [S, M, N], then qmm_splitk_reduce_kernel sums them in a fixed
+// order: deterministic, no atomics, graph-capturable).
+//
+// The code-to-float trick both kernels use: OR-ing a 4-bit code q into mantissa bits 19..22 of
+// 1.0f gives the float 1 + q/16 exactly, in one LOP3 after a shift (an I2F conversion runs at a
+// quarter of the FMA rate on sm_80/sm_90 and would be the bottleneck of the GEMV). With
+// f = 1 + q/16 every view is one affine map of f:
+//   INT4:  w = s*q + b                      = (16 s) * f + (b - 16 s)
+//   INT8:  fc = 16 f0 + f1 = 17 + c/16,  c = 16 q + r (exact: 10 significant bits)
+//          w = (s/16) c + b - 7.5 s/16      = s * fc + (b - 7.5 s/16 - 17 s)
+// so w = A*f + B with per-group constants A, B (code_affine()). For a dot product over a chunk
+// of one group, sum_k x_k w_k = A * sum_k x_k f_k + B * sum_k x_k: the sum of x per chunk is
+// computed once per row of x when x is staged, not once per output row.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace bitswitch {
+namespace cuda {
+
+// ---- The contract ------------------------------------------------------------------------------
+
+struct QMatmulParams {
+  const void* x;          // x: [M, K] row-major, x_dtype (float32, bfloat16 or float16)
+  void* y;                // y: [M, N] row-major, x_dtype
+  const uint32_t* plane0; // [N, K/8] INT4 codes q (format.h order: element k in bits 4*(k%8) of word k/8)
+  const uint32_t* plane1; // [N, K/8] residuals r; read only when bits == 8
+  const void* scales;     // [N, K/G], scale_dtype
+  const void* biases;     // [N, K/G], scale_dtype
+  int64_t m, n, k;        // k a multiple of group_size; m, n >= 1
+  int32_t group_size;     // 32, 64 or 128
+  int32_t bits;           // 4: w = s*q + b ; 8: w = s*q + b + (s/16)*(r - 7.5)
+  DType x_dtype, scale_dtype;
+};
+
+// Bytes of scratch the launcher can use for this call (split-K partials); 0 if none. It runs
+// with less or none (split-K off or narrower), more slowly when the GPU is then underfilled.
+inline size_t qmatmul_workspace_bytes(const QMatmulParams& p, int num_sms);
+// Launches on `stream` without allocating or synchronizing (capturable in a CUDA graph).
+inline cudaError_t qmatmul(const QMatmulParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+                    cudaStream_t stream);
+
+// One per activation dtype, each defined in its own instance file (qmatmul_<dtype>.cu) so the
+// three compile in parallel; qmatmul() picks one.
+cudaError_t qmatmul_f32(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
+cudaError_t qmatmul_bf16(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
+cudaError_t qmatmul_f16(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
+
+// ---- Dequantization ----------------------------------------------------------------------------
+namespace qmm {
+
+namespace fmt = bitswitch::format;
+
+// Codes per 16-byte load of one plane: a "chunk". Group sizes are multiples of it, so a chunk
+// (and a GEMM k-tile, which is one chunk long) never straddles two groups.
+constexpr int kChunk = 4 * fmt::kValuesPerWord;
+static_assert(kChunk == 32 && fmt::kMinGroupSize % kChunk == 0, "a 16-byte chunk of a plane lies in one group");
+// The code-to-float trick puts a code at mantissa bits kMagicShift.. of 1.0f: f = 1 + q / kMagicDiv.
+constexpr int kMagicShift = 23 - fmt::kPlaneBits;
+constexpr float kMagicDiv = float(1 << fmt::kPlaneBits);
+static_assert(fmt::kResidualDivisor == (1 << fmt::kPlaneBits), "fc = 16 f0 + f1 = 17 + c/16 needs step s/16");
+
+BS_DEVICE float as_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// 1 + (code i of `word`) / 16, exactly. `i` is a constant after unrolling, so this is one
+// shift and one LOP3.
+BS_DEVICE float code_f(uint32_t word, int i) {
+  const int at = fmt::kPlaneBits * i;
+  const uint32_t moved = at <= kMagicShift ? word << (kMagicShift - at) : word >> (at - kMagicShift);
+  return as_float((moved & (uint32_t(fmt::kCodeMax) << kMagicShift)) | 0x3F800000u);
+}
+
+// The float f of element i of a word pair: 1 + q/16 (INT4) or 17 + (16q + r)/16 (INT8).
+template <int kPlanes> BS_DEVICE float view_f(uint32_t w0, uint32_t w1, int i) {
+  const float f0 = code_f(w0, i);
+  return kPlanes == 1 ? f0 : fmaf(f0, kMagicDiv, code_f(w1, i));
+}
+
+// (A, B) with w = A * view_f + B for a group of scale s and bias b (derivation at the top).
+template <int kPlanes> BS_DEVICE float2 code_affine(float s, float b) {
+  if (kPlanes == 1) return make_float2(kMagicDiv * s, fmaf(-kMagicDiv, s, b));
+  constexpr float kOffset = kMagicDiv + 1.0f + fmt::kResidualCenter / float(fmt::kResidualDivisor);  // 17 + 7.5/16
+  return make_float2(s, fmaf(-kOffset, s, b));
+}
+
+BS_DEVICE uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// ---- GEMV: qmv_kernel --------------------------------------------------------------------------
+//
+// Block: 8 warps. A block owns a K range (its split) and loops over groups of 8*4 output rows
+// (4 rows per warp), so the x slice it stages in shared memory is reused for every row group it
+// visits. Within a warp, lane l reads chunks l, l+32, ... of each of its 4 rows with 16-byte
+// evict-first loads, all of a step's loads (64-128 bytes per lane) issued before any math, plus
+// each chunk's scale and bias. Registers per ptxas: <= 128 for MT <= 4 (2 blocks = 16 warps per
+// SM); MT 8 and 16 use up to 255 (one block per SM), which is fine for them: they are bound by
+// FMAs, not by bytes in flight.
+//
+// Shared memory (float): x staged as float, row m, chunk c at xs[(m*stage_chunks + c)*36 ..]:
+// each 32-float chunk is padded to 36 because the 8 lanes of one LDS.128 phase read 8
+// consecutive chunks; 144 bytes apart they land on 8 distinct 16-byte bank groups (36 l mod 32
+// = 4 l), where 128 bytes apart all 8 would hit the same banks. Then xsum[m*stage_chunks + c],
+// the sum of each staged chunk.
+constexpr int kQmvThreads = 256;
+constexpr int kQmvWarps = kQmvThreads / 32;
+constexpr int kQmvChunkStride = kChunk + 4;
+// Splits are at least this many chunks long (256 inputs): shorter ones would leave most lanes idle.
+constexpr int kQmvMinSplitChunks = 8;
+
+// Output rows per warp. 4 rows share each x value a lane reads from shared memory: with fewer,
+// the LDS.128 traffic (4 bytes per FMA per row of W) would outrun the FMA pipe at MT >= 8.
+constexpr int kQmvRowsPerWarp = 4;
+// Chunks of x staged at once: 37 KiB of x for MT <= 8 (several blocks can share an SM's shared
+// memory), 74 KiB for MT = 16 (one lane step of 1024 inputs; fewer would idle lanes).
+BS_HOST_DEVICE constexpr int qmv_max_stage_chunks(int mt) { return mt >= 8 ? 32 : 256 / mt; }
+
+// x as float (36 per chunk) and the chunk sums, for mt rows and `chunks` chunks.
+BS_HOST_DEVICE constexpr size_t qmv_smem_bytes(int mt, int chunks) {
+  return size_t(mt) * size_t(chunks) * (kQmvChunkStride + 1) * sizeof(float);
+}
+
+// The block's shape of the work, computed on the host by plan_qmatmul().
+struct QmvShape {
+  int64_t split_chunks;  // chunks (32 inputs) of K per split; blockIdx.x is the split
+  int32_t stage_chunks;  // chunks of x staged in shared memory at once (<= split_chunks)
+  int32_t row_groups;    // groups of 8*R output rows; blockIdx.y starts at one, strides gridDim.y
+};
+
+// y[m0 + m, n] (or partials[split, m0 + m, n] when split-K) for the M tile m0 = blockIdx.z * MT.
+//   T: x and y's type; MT: rows of x per launch tile (1, 2, 4, 8, 16; rows past M are zero);
+//   kPlanes: 1 (INT4 view) or 2 (INT8 view).
+// p: the call (pointers and shapes as documented on QMatmulParams).
+// shape: the split and staging sizes.
+// partials: [gridDim.x, M, N] float32 when gridDim.x > 1 (split-K), else unused (y written).
+template <class T, int MT, int kPlanes>
+__global__ void __launch_bounds__(kQmvThreads, MT >= 8 ? 1 : 2) qmv_kernel(const QMatmulParams p, const QmvShape shape,
+                                                                  float* partials) {
+  constexpr int R = kQmvRowsPerWarp;
+  // Chunks per lane per step: at MT <= 2 the kernel is bound by the weight stream and a second
+  // INT4 chunk doubles the bytes each lane keeps in flight to 128 (the INT8 view's two planes
+  // already give that); past MT = 2 it is bound by FMAs.
+  constexpr int U = MT <= 2 && kPlanes == 1 ? 2 : 1;
+  // MT <= 4: MLX's fold (two FMAs per chunk apply the group's affine map: 2 integer ops + MT
+  // FMAs per element and row). MT >= 8: dequantize each element once (one FMA, shared by the
+  // MT rows of x), which saves the [MT][R] chunk partials' registers.
+  constexpr bool kFold = MT <= 4;
+  constexpr int kEpv = 16 / int(sizeof(T));   // x elements per 16-byte load
+  constexpr int kLanesPerChunk = kChunk / kEpv;
+  BS_DYNAMIC_SMEM(float, smem);
+  float* xs = smem;                                                     // [MT][stage_chunks][36]
+  float* xsum = smem + MT * shape.stage_chunks * kQmvChunkStride;       // [MT][stage_chunks]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t M = p.m, N = p.n, K = p.k;
+  const int64_t words = fmt::words_per_row(K), groups = fmt::groups_per_row(K, p.group_size);
+  const int64_t c_begin = int64_t(blockIdx.x) * shape.split_chunks;
+  const int64_t c_end = c_begin + shape.split_chunks < K / kChunk ? c_begin + shape.split_chunks : K / kChunk;
+  const int64_t m0 = int64_t(blockIdx.z) * MT;
+  int group_shift = 0;  // chunk -> group index: G / 32 is 1, 2 or 4
+  while ((kChunk << group_shift) < p.group_size) ++group_shift;
+  const T* x = static_cast<const T*>(p.x);
+  const bool x_vec = (reinterpret_cast<uintptr_t>(x) & 15) == 0;  // rows are 64-byte multiples
+
+  int64_t staged = -1;  // first chunk of the x slice now in shared memory
+  for (int64_t rg = blockIdx.y; rg < shape.row_groups; rg += gridDim.y) {
+    const int64_t n0 = (rg * kQmvWarps + warp) * R;
+    float acc[MT][R];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
+
+    for (int64_t cs = c_begin; cs < c_end; cs += shape.stage_chunks) {
+      const int nch = int(c_end - cs < shape.stage_chunks ? c_end - cs : shape.stage_chunks);
+      if (cs != staged) {  // block-uniform: the whole block walks the same slices
+        if (staged >= 0) __syncthreads();  // every warp is done reading the previous slice
+        // x[m0.., cs*32 ..] as float, and each chunk's sum: kLanesPerChunk consecutive lanes
+        // load one chunk and reduce its sum with shuffles (v % kLanesPerChunk == lane % ...).
+        const int total = MT * nch * kLanesPerChunk;
+        for (int base = 0; base < total; base += kQmvThreads) {
+          const int v = base + tid;
+          const int m = v / (nch * kLanesPerChunk), rem = v % (nch * kLanesPerChunk);
+          const int c = rem / kLanesPerChunk, j = rem % kLanesPerChunk;
+          float vals[kEpv];
+#pragma unroll
+          for (int e = 0; e < kEpv; ++e) vals[e] = 0.0f;
+          if (v < total && m0 + m < M) {
+            const T* src = x + (m0 + m) * K + (cs + c) * kChunk + j * kEpv;
+            if (x_vec) {
+              const uint4 raw = ptx::ld_nc(src);
+              T t[kEpv];
+              __builtin_memcpy(t, &raw, 16);
+#pragma unroll
+              for (int e = 0; e < kEpv; ++e) vals[e] = to_float(t[e]);
+            } else {
+#pragma unroll
+              for (int e = 0; e < kEpv; ++e) vals[e] = to_float(src[e]);
+            }
+          }
+          float sum = 0.0f;
+#pragma unroll
+          for (int e = 0; e < kEpv; ++e) sum += vals[e];
+#pragma unroll
+          for (int o = 1; o < kLanesPerChunk; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+          if (v < total) {
+            float* dst = xs + (m * shape.stage_chunks + c) * kQmvChunkStride + j * kEpv;
+#pragma unroll
+            for (int e = 0; e < kEpv; e += 4) *reinterpret_cast<float4*>(dst + e) = make_float4(vals[e], vals[e + 1], vals[e + 2], vals[e + 3]);
+            if (j == 0) xsum[m * shape.stage_chunks + c] = sum;
+          }
+        }
+        __syncthreads();
+        staged = cs;
+      }
+      if (n0 >= N) continue;  // a warp past the last row still joins the block's barriers
+
+      for (int64_t c = cs + lane; c < cs + nch; c += 32 * U) {
+        // Every load of the step first: U*R*kPlanes 16-byte streams plus scales in flight
+        // before any math (the compiler keeps volatile loads in program order).
+        uint4 w0[U][R], w1[U][R];
+        float s[U][R], b[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t cu = c + 32 * u;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int64_t n = n0 + r;
+            w0[u][r] = w1[u][r] = make_uint4(0, 0, 0, 0);
+            s[u][r] = b[u][r] = 0.0f;
+            if (n < N && cu < cs + nch) {
+              w0[u][r] = ptx::ld_stream(p.plane0 + n * words + cu * 4);
+              if (kPlanes == 2) w1[u][r] = ptx::ld_stream(p.plane1 + n * words + cu * 4);
+              s[u][r] = load_scale(p.scales, n * groups + (cu >> group_shift), p.scale_dtype);
+              b[u][r] = load_scale(p.biases, n * groups + (cu >> group_shift), p.scale_dtype);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int lc = int(c - cs) + 32 * u;
+          if (u > 0 && lc >= nch) break;  // (its staged x would be stale)
+          float2 ab[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) ab[r] = code_affine<kPlanes>(s[u][r], b[u][r]);
+          float part[MT][R];
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[m][r] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              // Four elements (8i + 4h ..) of R rows, shared by every row of x: f (folded)
+              // or w = A f + B.
+              float f[R][4];
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  f[r][e] = view_f<kPlanes>(word_of(w0[u][r], i), word_of(w1[u][r], i), 4 * h + e);
+                  if (!kFold) f[r][e] = fmaf(ab[r].x, f[r][e], ab[r].y);
+                }
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                const float4 xv =
+                    *reinterpret_cast<const float4*>(xs + (m * shape.stage_chunks + lc) * kQmvChunkStride + 8 * i + 4 * h);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                  float a = kFold ? part[m][r] : acc[m][r];
+                  a = fmaf(xv.x, f[r][0], a);
+                  a = fmaf(xv.y, f[r][1], a);
+                  a = fmaf(xv.z, f[r][2], a);
+                  a = fmaf(xv.w, f[r][3], a);
+                  (kFold ? part[m][r] : acc[m][r]) = a;
+                }
+              }
+            }
+          }
+          if (kFold) {
+            // sum x*w over the chunk = A * sum x*f + B * sum x (one group: one A, B per row).
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              const float xsm = xsum[m * shape.stage_chunks + lc];
+#pragma unroll
+              for (int r = 0; r < R; ++r) acc[m][r] = fmaf(part[m][r], ab[r].x, fmaf(xsm, ab[r].y, acc[m][r]));
+            }
+          }
+        }
+      }
+    }
+    if (n0 >= N) continue;
+
+    // Lane sums -> warp sums (every lane ends with all of them); lane (m*R + r) % 32 stores one.
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = acc[m][r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        const int64_t mm = m0 + m, n = n0 + r;
+        if (lane == (m * R + r) % 32 && mm < M && n < N) {
+          if (gridDim.x > 1)
+            partials[(int64_t(blockIdx.x) * M + mm) * N + n] = v;
+          else
+            static_cast<T*>(p.y)[mm * N + n] = from_float<T>(v);
+        }
+      }
+    }
+  }
+}
+
+// y = sum over splits of partials, rounded once to T.
+// partials: [splits, M*N] float32; y: [M*N] T.
+template <class T>
+__global__ void __launch_bounds__(256, 1) qmm_splitk_reduce_kernel(const float* partials, T* y, int32_t splits,
+                                                                        int64_t mn) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < mn; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += partials[s * mn + i];
+    y[i] = from_float<T>(v);
+  }
+}
+
+// ---- GEMM: qmm_kernel --------------------------------------------------------------------------
+//
+// Block tile 128 (M) x 128 (N) x 32 (K), 8 warps as 2 (M) x 4 (N), each warp 64 x 32: per k16
+// step 4 A fragments and 4 B fragments feed 16 mma.m16n8k16 (64 float accumulators per thread).
+// The k-tile is one 32-input chunk: one 16-byte cp.async per W row and plane, and one group per
+// tile (G >= 32), so a tile needs one scale and bias per row.
+//
+// Dequantizing W once per block in shared memory, rather than per warp in registers, halves the
+// ALU work (the two M warps would each redo it) and lets B fragments come from ldmatrix like A.
+// The pipeline runs one tile ahead: while the warps multiply tile t, they also dequantize tile
+// t+1 into the other half of a double buffer, so the dequantization's integer and FMA work
+// overlaps other warps' mma and one __syncthreads per tile suffices.
+//
+// Shared memory (16-byte units), all rows of 64 bytes = 4 chunks of 8 halves:
+//   As: [kStages][128][4]            x tiles, chunk c of row r stored at c ^ ((r >> 1) & 3)
+//   Ws: [kStages][kPlanes][128]      raw plane words, 16 bytes per W row per plane
+//   Bd: [2][128][4]                  dequantized W tile (row = n, k contiguous), same swizzle
+// The XOR swizzle makes the 8 rows of each ldmatrix 8x8 matrix (64 bytes apart) hit 8 distinct
+// 16-byte bank groups: rows 2j and 2j+1 share the 128-byte bank cycle, and j picks the chunk.
+constexpr int kQmmBM = 128, kQmmBN = 128, kQmmBK = kChunk;
+constexpr int kQmmThreads = 256;
+constexpr int kQmmStages = 4;
+constexpr int kQmmWarpsM = 2, kQmmWarpsN = 4;
+constexpr int kQmmWarpM = kQmmBM / kQmmWarpsM, kQmmWarpN = kQmmBN / kQmmWarpsN;  // 64 x 32
+constexpr int kQmmMi = kQmmWarpM / 16, kQmmNj = kQmmWarpN / 8;                     // 4 x 4 mma tiles
+constexpr int kQmmRowChunks = kQmmBK * 2 / 16;                                     // 4
+// Split-K gives every split at least this many k-tiles (128 inputs) to amortize the epilogue.
+constexpr int kQmmMinSplitTiles = 4;
+static_assert(kQmmWarpsM * kQmmWarpsN * 32 == kQmmThreads, "one warp per warp tile");
+static_assert(kQmmBM * kQmmRowChunks == 2 * kQmmThreads, "two x chunks per thread per stage");
+static_assert(kQmmBN * fmt::kMaxPlanes <= kQmmThreads, "one plane row per thread per stage");
+static_assert(kQmmBN * kQmmRowChunks == 2 * kQmmThreads, "two plane words dequantized per thread per tile");
+static_assert(kQmmStages >= 3, "the dequantization runs one tile ahead of the mma");
+
+BS_HOST_DEVICE constexpr size_t qmm_smem_bytes(int planes) {
+  return size_t(16) * (kQmmStages * kQmmBM * kQmmRowChunks + kQmmStages * planes * kQmmBN + 2 * kQmmBN * kQmmRowChunks);
+}
+
+BS_DEVICE int swz(int row, int chunk) { return chunk ^ ((row >> 1) & 3); }
+
+// y[m0.., n0..] (or partials[split, .., ..]) for block tile (blockIdx.y, blockIdx.x), split blockIdx.z.
+//   T: __nv_bfloat16 or __half (x, y and the mma operands); kPlanes: 1 (INT4) or 2 (INT8).
+// p: the call (QMatmulParams); x 16-byte aligned (the launcher checks).
+// tiles_per_split: k-tiles (32 inputs) per split.
+// partials: [gridDim.z, M, N] float32 when gridDim.z > 1, else unused (y written).
+template <class T, int kPlanes>
+__global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams p, int32_t tiles_per_split,
+                                                                  float* partials) {
+  BS_DYNAMIC_SMEM(uint4, smem);
+  uint4* As = smem;
+  uint4* Ws = As + kQmmStages * kQmmBM * kQmmRowChunks;
+  uint4* Bd = Ws + kQmmStages * kPlanes * kQmmBN;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp / kQmmWarpsN, warp_n = warp % kQmmWarpsN;
+  const int64_t M = p.m, N = p.n, K = p.k;
+  const int64_t words = fmt::words_per_row(K), groups = fmt::groups_per_row(K, p.group_size);
+  const int64_t m0 = int64_t(blockIdx.y) * kQmmBM, n0 = int64_t(blockIdx.x) * kQmmBN;
+  const int64_t k_tiles = K / kQmmBK;
+  const int64_t t_begin = int64_t(blockIdx.z) * tiles_per_split;
+  const int nt = int(k_tiles - t_begin < tiles_per_split ? k_tiles - t_begin : tiles_per_split);
+  const T* x = static_cast<const T*>(p.x);
+
+  // cp.async of tile t (relative to the split) into stage st: 2 x chunks per thread, and one
+  // 16-byte plane row for threads < kPlanes*128. Rows past M or N are zero-filled, reading nothing.
+  auto issue = [&](int t, int st) {
+    const int64_t k0 = (t_begin + t) * kQmmBK;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int i = tid + j * kQmmThreads, row = i / kQmmRowChunks, ck = i % kQmmRowChunks;
+      const bool ok = m0 + row < M;
+      const T* src = x + (ok ? m0 + row : 0) * K + k0 + ck * 8;
+      ptx::cp_async16(As + (st * kQmmBM + row) * kQmmRowChunks + swz(row, ck), src, ok);
+    }
+    if (tid < kPlanes * kQmmBN) {
+      const int pl = tid / kQmmBN, row = tid % kQmmBN;
+      const bool ok = n0 + row < N;
+      const uint32_t* src = (pl == 0 ? p.plane0 : p.plane1) + (ok ? n0 + row : 0) * words + k0 / fmt::kValuesPerWord;
+      ptx::cp_async16(Ws + (st * kPlanes + pl) * kQmmBN + row, src, ok);
+    }
+  };
+  // (A, B) of this thread's two dequantization rows (tid/4 and tid/4 + 64) for tile t.
+  auto coeffs = [&](int t, float2 ab[2]) {
+    const int64_t g = (t_begin + t) * kQmmBK / p.group_size;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t n = n0 + (tid + j * kQmmThreads) / kQmmRowChunks;
+      float s = 0.0f, b = 0.0f;
+      if (n < N && t < nt) {
+        s = load_scale(p.scales, n * groups + g, p.scale_dtype);
+        b = load_scale(p.biases, n * groups + g, p.scale_dtype);
+      }
+      ab[j] = code_affine<kPlanes>(s, b);
+    }
+  };
+  // Raw words of stage st -> T in Bd[buf]: each thread two words (8 elements, one 16-byte store each).
+  auto dequant = [&](int st, int buf, const float2 ab[2]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int i = tid + j * kQmmThreads, row = i / kQmmRowChunks, wi = i % kQmmRowChunks;
+      const uint32_t w0 = reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 0) * kQmmBN + row)[wi];
+      const uint32_t w1 = kPlanes == 2 ? reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 1) * kQmmBN + row)[wi] : 0u;
+      uint32_t out[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        out[e] = pack2<T>(fmaf(ab[j].x, view_f<kPlanes>(w0, w1, 2 * e), ab[j].y),
+                          fmaf(ab[j].x, view_f<kPlanes>(w0, w1, 2 * e + 1), ab[j].y));
+      Bd[(buf * kQmmBN + row) * kQmmRowChunks + swz(row, wi)] = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  };
+
+  float acc[kQmmMi][kQmmNj][4];
+#pragma unroll
+  for (int i = 0; i < kQmmMi; ++i)
+#pragma unroll
+    for (int j = 0; j < kQmmNj; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+  // Prologue: tiles 0 .. kStages-2 in flight (one commit group each, empty past the end so the
+  // group count stays uniform), then tile 0 dequantized.
+#pragma unroll
+  for (int s = 0; s < kQmmStages - 1; ++s) {
+    if (s < nt) issue(s, s);
+    ptx::cp_async_commit();
+  }
+  float2 ab_cur[2], ab_next[2];
+  coeffs(0, ab_cur);
+  coeffs(1, ab_next);
+  ptx::cp_async_wait<kQmmStages - 2>();
+  __syncthreads();
+  dequant(0, 0, ab_cur);
+  ab_cur[0] = ab_next[0];
+  ab_cur[1] = ab_next[1];
+  coeffs(2, ab_next);
+
+  for (int t = 0; t < nt; ++t) {
+    // Groups committed: kStages-1 + t; tiles 0..t+1 must have landed.
+    ptx::cp_async_wait<kQmmStages - 3>();
+    // After this barrier: tile t+1's raw words and tile t's dequantized W are visible, and every
+    // warp has finished tile t-1 (its A stage and Bd half are free).
+    __syncthreads();
+    if (t + kQmmStages - 1 < nt) issue(t + kQmmStages - 1, (t + kQmmStages - 1) % kQmmStages);
+    ptx::cp_async_commit();
+    if (t + 1 < nt) dequant((t + 1) % kQmmStages, (t + 1) & 1, ab_cur);
+    ab_cur[0] = ab_next[0];
+    ab_cur[1] = ab_next[1];
+    coeffs(t + 3, ab_next);  // a cached global load, consumed two tiles later: its latency hides
+
+    const uint4* a_tile = As + (t % kQmmStages) * kQmmBM * kQmmRowChunks;
+    const uint4* b_tile = Bd + (t & 1) * kQmmBN * kQmmRowChunks;
+#pragma unroll
+    for (int ks = 0; ks < kQmmBK / 16; ++ks) {
+      // B: ldmatrix.x4 per pair of n8 tiles: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+      // (n 8-15, k 0-7), (n 8-15, k 8-15) are b[0], b[1] of the two tiles (W row-major = mma's "col").
+      uint32_t bf[kQmmNj][2];
+#pragma unroll
+      for (int pr = 0; pr < kQmmNj / 2; ++pr) {
+        const int row = warp_n * kQmmWarpN + pr * 16 + ((lane >> 4) & 1) * 8 + (lane & 7);
+        const int ck = ks * 2 + ((lane >> 3) & 1);
+        uint32_t r[4];
+        ptx::ldmatrix_x4(r, b_tile + row * kQmmRowChunks + swz(row, ck));
+        bf[2 * pr][0] = r[0];
+        bf[2 * pr][1] = r[1];
+        bf[2 * pr + 1][0] = r[2];
+        bf[2 * pr + 1][1] = r[3];
+      }
+      // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
+#pragma unroll
+      for (int mi = 0; mi < kQmmMi; ++mi) {
+        const int row = warp_m * kQmmWarpM + mi * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int ck = ks * 2 + ((lane >> 4) & 1);
+        uint32_t af[4];
+        ptx::ldmatrix_x4(af, a_tile + row * kQmmRowChunks + swz(row, ck));
+#pragma unroll
+        for (int nj = 0; nj < kQmmNj; ++nj) ptx::mma_m16n8k16<T>(acc[mi][nj], af, bf[nj], acc[mi][nj]);
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // no copy may outlive the block (only empty groups remain)
+
+  // c[0], c[1] = C[g][2t..2t+1], c[2], c[3] = C[g+8][2t..2t+1]; pairs are stored as one 32-bit
+  // word where y's row pitch and base allow it.
+  const int g = lane / 4, t4 = lane % 4;
+  const bool split = gridDim.z > 1;
+  const bool pairs = (N % 2 == 0) && (reinterpret_cast<uintptr_t>(p.y) & 3) == 0;
+#pragma unroll
+  for (int mi = 0; mi < kQmmMi; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = m0 + warp_m * kQmmWarpM + mi * 16 + g + 8 * h;
+      if (row >= M) continue;
+#pragma unroll
+      for (int nj = 0; nj < kQmmNj; ++nj) {
+        const int64_t col = n0 + warp_n * kQmmWarpN + nj * 8 + 2 * t4;
+        const float v0 = acc[mi][nj][2 * h], v1 = acc[mi][nj][2 * h + 1];
+        if (split) {
+          float* dst = partials + (int64_t(blockIdx.z) * M + row) * N + col;
+          if (col < N) dst[0] = v0;
+          if (col + 1 < N) dst[1] = v1;
+        } else {
+          T* dst = static_cast<T*>(p.y) + row * N + col;
+          if (pairs && col + 1 < N) {
+            *reinterpret_cast<uint32_t*>(dst) = pack2<T>(v0, v1);
+          } else {
+            if (col < N) dst[0] = from_float<T>(v0);
+            if (col + 1 < N) dst[1] = from_float<T>(v1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Planning (host) ---------------------------------------------------------------------------
+
+enum class Path : int32_t { kGemv = 0, kGemm = 1 };
+
+struct Plan {
+  Path path;
+  int32_t mt;            // GEMV: rows of x per launch tile (1, 2, 4, 8, 16)
+  int32_t splits;        // K splits (1: y written directly, no workspace)
+  int64_t split_len;     // chunks (GEMV) or k-tiles (GEMM) per split
+  QmvShape qmv;          // GEMV: the rest of the block's shape
+  dim3 grid;
+  size_t smem;           // dynamic shared memory bytes
+  size_t ws_bytes;       // workspace the split needs
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks per SM the launcher aims at before it splits K. GEMV: 2 are resident at MT <= 4 (<= 128
+// registers, 16 warps with 64-128 bytes in flight per lane, ~32-64 KiB per SM: enough for HBM
+// latency); aiming at 4 gives two short waves, so the last wave's tail costs less. GEMM: 2
+// resident on sm_80/sm_90 (56-64 KiB of shared memory, 128 registers).
+constexpr int kQmvBlocksPerSm = 4;
+constexpr int kQmmBlocksPerSm = 2;
+
+// The launch for p with `ws_bytes` of workspace (SIZE_MAX: as much as it wants).
+inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
+  Plan pl{};
+  num_sms = num_sms > 0 ? num_sms : 1;
+  const int64_t M = p.m, N = p.n, K = p.k;
+  const size_t partial_bytes = size_t(M) * size_t(N) * sizeof(float);
+  // Largest split count the workspace allows (1 when it holds fewer than two partials).
+  const int64_t fit = int64_t(partial_bytes ? ws_bytes / partial_bytes : 1);
+  const bool tensor_cores = p.x_dtype != DType::kFloat32 && M > 16 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
+  if (tensor_cores) {
+    pl.path = Path::kGemm;
+    const int64_t k_tiles = K / kQmmBK;
+    const int64_t tiles_mn = ceil_div(M, kQmmBM) * ceil_div(N, kQmmBN);
+    const int64_t target = int64_t(num_sms) * kQmmBlocksPerSm;
+    int64_t s = 1;
+    if (tiles_mn < target) s = std::min(ceil_div(target, tiles_mn), std::max<int64_t>(1, k_tiles / kQmmMinSplitTiles));
+    s = std::min<int64_t>(s, 64);
+    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
+    pl.split_len = ceil_div(k_tiles, s);
+    pl.splits = int32_t(ceil_div(k_tiles, pl.split_len));
+    pl.grid = dim3(unsigned(ceil_div(N, kQmmBN)), unsigned(ceil_div(M, kQmmBM)), unsigned(pl.splits));
+    pl.smem = qmm_smem_bytes(fmt::planes_for_bits(p.bits));
+  } else {
+    pl.path = Path::kGemv;
+    pl.mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
+    const int64_t chunks = K / kChunk;
+    const int64_t m_tiles = ceil_div(M, pl.mt);
+    const int64_t row_groups = ceil_div(N, int64_t(kQmvWarps) * kQmvRowsPerWarp);
+    const int64_t target = int64_t(num_sms) * kQmvBlocksPerSm;
+    int64_t s = 1;
+    if (row_groups * m_tiles < target)
+      s = std::min(ceil_div(target, row_groups * m_tiles), std::max<int64_t>(1, chunks / kQmvMinSplitChunks));
+    s = std::min<int64_t>(s, 64);
+    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
+    pl.split_len = ceil_div(chunks, s);
+    pl.splits = int32_t(ceil_div(chunks, pl.split_len));
+    // Persistent over row groups: each block visits `iters` of them (so its staged x is reused),
+    // with the count balanced so no block does one more than the others.
+    const int64_t cap = std::max<int64_t>(1, target / (int64_t(pl.splits) * m_tiles));
+    const int64_t iters = ceil_div(row_groups, cap);
+    pl.qmv.split_chunks = pl.split_len;
+    pl.qmv.stage_chunks = int32_t(std::min<int64_t>(pl.split_len, qmv_max_stage_chunks(pl.mt)));
+    pl.qmv.row_groups = int32_t(row_groups);
+    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), unsigned(m_tiles));
+    pl.smem = qmv_smem_bytes(pl.mt, pl.qmv.stage_chunks);
+  }
+  pl.ws_bytes = pl.splits > 1 ? size_t(pl.splits) * partial_bytes : 0;
+  return pl;
+}
+
+// Raises the dynamic shared memory limit of kKernel to kMaxBytes, the most any of its launches
+// asks for, once per process and device (the attribute belongs to the device's context). The
+// call is host-side only, so it is capturable; the flags make later calls free.
+template <auto kKernel, size_t kMaxBytes> cudaError_t allow_smem() {
+  if (kMaxBytes <= 48 * 1024) return cudaSuccess;
+  constexpr int kMaxDevices = 64;
+  static volatile bool done[kMaxDevices] = {};  // a benign race only sets the attribute twice
+  int dev = 0;
+#if !defined(BITSWITCH_CUDA_EMULATION)  // (the emulation has one device and no cudaGetDevice)
+  const cudaError_t de = cudaGetDevice(&dev);
+  if (de != cudaSuccess) return de;
+#endif
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev]) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxBytes));
+  if (e == cudaSuccess && cached) done[dev] = true;
+  return e;
+}
+
+template <class T, int MT, int kPlanes>
+cudaError_t launch_qmv(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
+  auto* kernel = qmv_kernel<T, MT, kPlanes>;  // (a macro argument cannot hold the template's commas)
+  const cudaError_t e = allow_smem<qmv_kernel<T, MT, kPlanes>, qmv_smem_bytes(MT, qmv_max_stage_chunks(MT))>();
+  if (e != cudaSuccess) return e;
+  return BS_LAUNCH(kernel, pl.grid, kQmvThreads, pl.smem, stream, p, pl.qmv, partials);
+}
+
+template <class T, int MT>
+cudaError_t launch_qmv_bits(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
+  return p.bits == fmt::kInt8Bits ? launch_qmv<T, MT, 2>(p, pl, partials, stream)
+                                  : launch_qmv<T, MT, 1>(p, pl, partials, stream);
+}
+
+// The launcher of one activation dtype T. The GEMM is instantiated only where kTensorCores
+// (the 16-bit types); float32 x always takes the GEMV.
+template <class T, bool kTensorCores>
+cudaError_t qmatmul_typed(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream) {
+  // 16-byte loads and cp.async of plane rows need 16-byte aligned planes (every allocator's are;
+  // a row-sliced plane stays aligned since a row is K/2 bytes, a multiple of 16).
+  if ((reinterpret_cast<uintptr_t>(p.plane0) & 15) ||
+      (p.bits == fmt::kInt8Bits && (reinterpret_cast<uintptr_t>(p.plane1) & 15)))
+    return cudaErrorInvalidValue;
+  // Grid limits: 65535 blocks in y and z (M tiles, row groups) are beyond any real layer.
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0) return cudaErrorInvalidValue;
+  const Plan pl = plan_qmatmul(p, num_sms, ws ? ws_bytes : 0);
+  if (pl.grid.y > 65535u || pl.grid.z > 65535u) return cudaErrorInvalidValue;
+  float* partials = pl.splits > 1 ? static_cast<float*>(ws) : nullptr;
+  cudaError_t e = cudaSuccess;
+  if (pl.path == Path::kGemm) {
+    if constexpr (kTensorCores) {
+      auto* kernel = p.bits == fmt::kInt8Bits ? qmm_kernel<T, 2> : qmm_kernel<T, 1>;
+      e = p.bits == fmt::kInt8Bits ? allow_smem<qmm_kernel<T, 2>, qmm_smem_bytes(2)>()
+                                   : allow_smem<qmm_kernel<T, 1>, qmm_smem_bytes(1)>();
+      if (e == cudaSuccess)
+        e = BS_LAUNCH(kernel, pl.grid, kQmmThreads, pl.smem, stream, p, int32_t(pl.split_len), partials);
+    } else {
+      return cudaErrorInvalidValue;  // unreachable: plan_qmatmul keeps float32 on the GEMV
+    }
+  } else {
+    switch (pl.mt) {
+      case 1: e = launch_qmv_bits<T, 1>(p, pl, partials, stream); break;
+      case 2: e = launch_qmv_bits<T, 2>(p, pl, partials, stream); break;
+      case 4: e = launch_qmv_bits<T, 4>(p, pl, partials, stream); break;
+      case 8: e = launch_qmv_bits<T, 8>(p, pl, partials, stream); break;
+      default: e = launch_qmv_bits<T, 16>(p, pl, partials, stream); break;
+    }
+  }
+  if (e != cudaSuccess || pl.splits == 1) return e;
+  const int64_t mn = p.m * p.n;
+  const int64_t blocks = std::min<int64_t>(ceil_div(mn, 256), int64_t(num_sms > 0 ? num_sms : 1) * 8);
+  auto* reduce = qmm_splitk_reduce_kernel<T>;
+  return BS_LAUNCH(reduce, unsigned(blocks), 256, 0, stream, partials, static_cast<T*>(p.y),
+                   pl.splits, mn);
+}
+
+}  // namespace qmm
+
+inline size_t qmatmul_workspace_bytes(const QMatmulParams& p, int num_sms) {
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0) return 0;
+  return qmm::plan_qmatmul(p, num_sms, ~size_t(0)).ws_bytes;
+}
+
+inline cudaError_t qmatmul(const QMatmulParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+                           cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case DType::kFloat32: return qmatmul_f32(p, workspace, workspace_bytes, num_sms, stream);
+    case DType::kBFloat16: return qmatmul_bf16(p, workspace, workspace_bytes, num_sms, stream);
+    case DType::kFloat16: return qmatmul_f16(p, workspace, workspace_bytes, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;  // a dtype the ops glue should have refused
+}
+
+}  // namespace cuda
+}  // namespace bitswitch

@@ -1,0 +1,82 @@
+"""Qwen3 decode captured in CUDA graphs: one launch per token instead of ~15 per layer.
+
+    from bitswitch.models.cuda_graph import GraphDecoder
+    dec = GraphDecoder(model)          # model on a CUDA device, cache allocated (model.reset)
+    logits = dec.step(next_ids)        # [B, 1] -> [B, 1, vocab]; advances the cache
+
+A step is Qwen3.forward_at: the position comes from a device tensor, attention covers the
+whole cache with causality hiding the rows past the position, so one capture serves every
+position. A graph bakes in which planes each layer reads, so there is one graph per
+precision setting, captured the first time that setting decodes (set_precision between
+tokens still takes effect at the next step). Steps whose attention would select pages
+(a sparse layer past its page budget) run eagerly, so the tokens are those of model(ids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qwen3 import Qwen3
+
+
+class GraphDecoder:
+    def __init__(self, model: Qwen3, batch: int = 1):
+        device = model.inv_freq.device
+        if device.type != "cuda":
+            raise ValueError(f"GraphDecoder: the model must be on a CUDA device (model.to('cuda')), it is on {device}")
+        if model.cache is None or model.cache.k.shape[1] != batch or model.cache.k.device != device:
+            model.reset(batch)
+        self.model = model
+        self.batch = batch
+        self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch,), dtype=torch.int32, device=device)
+        self.graphs: dict = {}  # views every projection reads -> (CUDAGraph, logits it writes)
+        self.linears = list(model.linears().values())
+        self.pool = None  # one memory pool shared by every graph of this decoder
+        self.captures = 0
+
+    def _capture(self):
+        m = self.model
+        stream = torch.cuda.Stream(device=self.ids.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        saved = m.cache.length
+        with torch.cuda.stream(stream):
+            # Warm-up outside the capture: lazily built tables (RoPE), workspace sizes and the
+            # kernels' first-launch set-up must not happen inside it. It writes the cache row at
+            # the current position, which the real step rewrites.
+            m.forward_at(self.ids, self.positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = m.forward_at(self.ids, self.positions)
+        if self.pool is None:
+            self.pool = graph.pool()
+        m.cache.length = saved
+        self.captures += 1
+        return graph, logits
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, vocab] of the next token ids [B, 1] (or [B]); the cache advances by one.
+        The returned tensor is overwritten by the next step: copy it to keep it."""
+        m = self.model
+        ids = ids.reshape(self.batch, 1)
+        if m.cache.length + 1 > m.cache.capacity:
+            raise ValueError(f"GraphDecoder: the cache is full ({m.cache.capacity} positions); call "
+                             f"model.reset(capacity=...)")
+        if not m.decode_is_dense():
+            return m(ids)
+        m._forward_begin()
+        try:
+            # What a capture bakes in: the view (planes) each projection reads.
+            key = tuple((lin.bits, lin.act_bits) for lin in self.linears)
+            entry = self.graphs.get(key)
+            self.ids.copy_(ids, non_blocking=True)
+            self.positions.fill_(m.cache.length)
+            if entry is None:
+                entry = self.graphs[key] = self._capture()
+            entry[0].replay()
+            m.cache.length += 1
+            return entry[1]
+        finally:
+            m._forward_end()

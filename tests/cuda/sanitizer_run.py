@@ -1,0 +1,45 @@
+"""A small run of every CUDA kernel, for compute-sanitizer (tests/test_cuda.py runs it as
+`compute-sanitizer --tool memcheck --error-exitcode 3 python tests/cuda/sanitizer_run.py`):
+the GEMV with and without split-K, the tensor-core GEMM with ragged edges, prefill attention
+with a block mask and strided KV-cache views, decode with forced splits, a garbage mask."""
+
+import numpy as np
+import torch
+
+import bitswitch as bs
+from bitswitch import _C
+from bitswitch import attention as A
+from bitswitch import torch as bt
+
+dev = "cuda"
+rng = np.random.default_rng(0)
+for m, n, k, g in ((1, 300, 640, 32), (5, 64, 4096, 128), (40, 100, 192, 64)):
+    qw = bs.quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=g, bits=8).to("torch")
+    planes = [t.to(dev) for t in (qw.plane0, qw.plane1, qw.scales.bfloat16(), qw.biases.bfloat16())]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(m, k, dtype=dtype, device=dev)
+        for bits in (4, 8):
+            torch.ops.bitswitch.qmatmul(x, *planes, g, bits)
+            # no workspace: the path without split-K
+            _C.qmatmul(x, planes[0], planes[1] if bits == 8 else None, planes[2], planes[3], g, bits,
+                       torch.empty(m, n, dtype=dtype, device=dev), 16,
+                       stream=torch.cuda.current_stream().cuda_stream)
+
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    cache = torch.randn(2, 2, 2, 300, 128, dtype=dtype, device=dev)
+    kc, vc = cache[0, :, :, :257], cache[1, :, :, :257]
+    q = torch.randn(2, 8, 70, 128, dtype=dtype, device=dev)
+    mask = A.BlockMask.from_block_table(rng.random((2, 2, 3, 5)) < 0.5, 32, 64, 70, 257)
+    bt.attention(q, kc, vc, mask, causal=True, q_offset=187)
+    bt.attention(q[:, :, :1], kc, vc, None, causal=True, q_offset=256)
+    for splits in (1, 3, 13):
+        _C._set_attention_kv_splits(splits)
+        bt.attention(q[:, :, :2], kc, vc, None, causal=True, q_offset=255)
+    _C._set_attention_kv_splits(0)
+ip = torch.tensor([0, 5, 0, 1], dtype=torch.int32, device=dev).reshape(1, 2, 2)
+ix = torch.tensor([7, -3, 1, 99999, 0, 1, 0, 0, 0, 0], dtype=torch.int32, device=dev).reshape(1, 2, 5)
+q = torch.randn(1, 2, 64, 64, device=dev, dtype=torch.bfloat16)
+k = torch.randn(1, 2, 128, 64, device=dev, dtype=torch.bfloat16)
+torch.ops.bitswitch.attention(q, k, k, ip, ix, 64, 64, True, None, 64)
+torch.cuda.synchronize()
+print("sanitizer run done")

@@ -1,0 +1,263 @@
+"""The CUDA qmatmul kernels (cuda/qmatmul.cuh) on the CPU: the instance files
+qmatmul_{f32,bf16,f16}.cu compiled by g++ under cuda_emulation.h and launched through
+bitswitch::cuda::qmatmul, against float64 dequantize-then-matmul (bitswitch.quant), as
+tests/test_qmatmul.py checks the CPU kernels.
+
+Covered: both views, group sizes 32 / 64 / 128, x float32 / bfloat16 / float16, every scale
+dtype, negative scales (MLX's quantizer makes them), M on both sides of the GEMV / tensor-core
+switch (M <= 16) and past one GEMV launch tile for float32 x, N and K off every tile (N = 1, 7,
+200; K = 96, 640), split-K on (num_sms large enough to want it), off (no workspace), and
+narrowed (a workspace smaller than asked for), x rows that are not 16-byte aligned, outputs and
+workspace poisoned with NaN first and a guard zone after y that must stay untouched.
+
+What this cannot check is nvcc's code and the GPU itself (the real mma summation order,
+timing, occupancy, shared-memory bank conflicts, register spills).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # tests/: conftest helpers
+import cuda_emulator as emulator  # noqa: E402  (tests/cuda/cuda_emulator.py)
+
+import bitswitch as bs  # noqa: E402
+from conftest import cast, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not emulator.available(),
+                                reason="the CUDA emulation needs Linux and g++ (fiber switch, ELF, glibc)")
+
+# The three instance files, as the CUDA build compiles them, and thunks that pass raw pointers.
+SOURCE = r'''
+#include "cuda_emulation.h"
+#include "qmatmul_f32.cu"
+#include "qmatmul_bf16.cu"
+#include "qmatmul_f16.cu"
+
+using bitswitch::cuda::DType;
+using bitswitch::cuda::QMatmulParams;
+
+static QMatmulParams params(const void* x, void* y, const uint32_t* p0, const uint32_t* p1, const void* s,
+                            const void* b, int64_t m, int64_t n, int64_t k, int group_size, int bits, int x_dtype,
+                            int scale_dtype) {
+  QMatmulParams p{};
+  p.x = x; p.y = y; p.plane0 = p0; p.plane1 = p1; p.scales = s; p.biases = b;
+  p.m = m; p.n = n; p.k = k;
+  p.group_size = group_size;
+  p.bits = bits;
+  p.x_dtype = DType(x_dtype);
+  p.scale_dtype = DType(scale_dtype);
+  return p;
+}
+
+extern "C" int bs_qmatmul(const void* x, void* y, const uint32_t* p0, const uint32_t* p1, const void* s,
+                          const void* b, int64_t m, int64_t n, int64_t k, int group_size, int bits, int x_dtype,
+                          int scale_dtype, void* ws, uint64_t ws_bytes, int num_sms) {
+  const QMatmulParams p = params(x, y, p0, p1, s, b, m, n, k, group_size, bits, x_dtype, scale_dtype);
+  return int(bitswitch::cuda::qmatmul(p, ws, size_t(ws_bytes), num_sms, nullptr));
+}
+
+extern "C" uint64_t bs_qmatmul_workspace(const void* x, int64_t m, int64_t n, int64_t k, int group_size, int bits,
+                                         int x_dtype, int scale_dtype, int num_sms) {
+  const QMatmulParams p = params(x, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, group_size, bits,
+                                 x_dtype, scale_dtype);
+  return bitswitch::cuda::qmatmul_workspace_bytes(p, num_sms);
+}
+
+// The launch a call gets: path (0 GEMV, 1 tensor-core GEMM) * 1000 + K splits.
+extern "C" int bs_qmatmul_plan(const void* x, int64_t m, int64_t n, int64_t k, int group_size, int bits, int x_dtype,
+                               int num_sms, uint64_t ws_bytes) {
+  const QMatmulParams p = params(x, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, group_size, bits,
+                                 x_dtype, 0);
+  const auto pl = bitswitch::cuda::qmm::plan_qmatmul(p, num_sms, size_t(ws_bytes));
+  return int(pl.path) * 1000 + pl.splits;
+}
+'''
+
+DTYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
+GEMV, GEMM = 0, 1
+SUCCESS, INVALID_VALUE = 0, 1
+# Against float64 on the same rounded inputs, relative to the largest output (as
+# tests/metal/test_metal_kernels.py): float32 accumulation in another order, and for 16-bit
+# x the rounding of y itself.
+QTOL = {"float32": 2e-5, "bfloat16": 8e-3, "float16": 1.5e-3}
+GUARD = 64  # elements after y that no launch may write
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    lib = emulator.build("qmatmul", SOURCE, tmp_path_factory.mktemp("cuda_qmatmul"))
+    p, i64, i32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64
+    lib.bs_qmatmul.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32, i32, i32, i32, p, u64, i32]
+    lib.bs_qmatmul.restype = i32
+    lib.bs_qmatmul_workspace.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, i32]
+    lib.bs_qmatmul_workspace.restype = u64
+    lib.bs_qmatmul_plan.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, u64]
+    lib.bs_qmatmul_plan.restype = i32
+    return lib
+
+
+def make_case(rng, m, n, k, group_size, sdtype, xdtype, misaligned=False):
+    """A weight quantized with both planes (scales of either sign) and x [m, k] scaled by
+    1/sqrt(k); `misaligned` puts x's first element 2 or 4 bytes past a 16-byte boundary."""
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.02, 2)).astype(np.float32)
+    qw = bs.quantize(w, group_size=group_size, bits=8, scales_dtype=sdtype)
+    x = cast((rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32), xdtype)
+    if misaligned:
+        buf = np.zeros(m * k + 8, x.dtype)
+        x2 = buf[1:1 + m * k].reshape(m, k)
+        x2[...] = x
+        assert x2.ctypes.data % 16 != 0
+        x = x2
+    return qw, x
+
+
+def launch(lib, x, qw, bits, num_sms, ws="full"):
+    """qmatmul(x, qw) through the emulated launcher: (rc, y, (path, splits)). ws: "full" (the
+    bytes qmatmul_workspace_bytes asks for), "none" (null) or "small" (one partial too few)."""
+    m, k = x.shape
+    n = qw.plane0.shape[0]
+    xd, sd = DTYPE_CODE[str(x.dtype)], DTYPE_CODE[str(qw.scales.dtype)]
+    xp = emulator.ptr(x)
+    want = lib.bs_qmatmul_workspace(xp, m, n, k, qw.group_size, bits, xd, sd, num_sms)
+    nbytes = {"full": want, "none": 0, "small": max(0, want - m * n * 4)}[ws]
+    wsbuf = np.full(max(1, nbytes // 4), np.nan, np.float32)  # poisoned partials
+    ybuf = np.full(m * n + GUARD, np.nan, np.float32).astype(x.dtype)
+    p1 = qw.plane1 if bits == 8 else qw.plane0
+    rc = lib.bs_qmatmul(xp, emulator.ptr(ybuf), emulator.ptr(qw.plane0), emulator.ptr(p1), emulator.ptr(qw.scales),
+                        emulator.ptr(qw.biases), m, n, k, qw.group_size, bits, xd, sd,
+                        emulator.ptr(wsbuf) if nbytes else None, nbytes, num_sms)
+    plan = lib.bs_qmatmul_plan(xp, m, n, k, qw.group_size, bits, xd, num_sms, nbytes)
+    assert np.isnan(ybuf[m * n:].astype(np.float32)).all(), "a launch wrote past the end of y"
+    return rc, ybuf[:m * n].reshape(m, n), divmod(plan, 1000)
+
+
+def check(lib, rng, m, n, k, gs, bits, xdtype, sdtype, num_sms, ws="full", misaligned=False):
+    """Runs one case against float64; returns (path, splits) it took."""
+    qw, x = make_case(rng, m, n, k, gs, sdtype, xdtype, misaligned)
+    rc, y, plan = launch(lib, x, qw, bits, num_sms, ws)
+    what = f"M={m} N={n} K={k} G={gs} bits={bits} x={xdtype} scales={sdtype} sms={num_sms} ws={ws} plan={plan}"
+    assert rc == SUCCESS, f"{what}: cudaError {rc}: {emulator.last_error(lib)}"
+    y = y.astype(np.float64)
+    assert not np.isnan(y).any(), f"{what}: outputs left unwritten"
+    ref = np.asarray(x, np.float64) @ bs.dequantize_f64(qw, bits).T
+    err = rel_err(y, ref)
+    assert err <= QTOL[xdtype], f"{what}: {err:.2e}"
+    return plan
+
+
+# (M, N, K): M across the GEMV (<= 16) and GEMM paths and each GEMV tile (1, 2, 4, 8, 16 rows);
+# N = 1 and 7 (one partial row group), 200 (past a 128-column GEMM tile, not a multiple of 32);
+# K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks).
+SHAPES = [(1, 7, 128), (1, 200, 640), (2, 33, 256), (3, 1, 640), (8, 40, 384), (16, 33, 256), (17, 7, 640),
+          (33, 200, 256)]
+
+
+@pytest.mark.parametrize("xdtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_matches_float64(lib, rng, xdtype, bits, gs):
+    """Every shape with the automatic split-K of a 1-SM and of a 132-SM GPU; scales of x's
+    dtype. Both kernels run for 16-bit x, and both split and unsplit launches happen."""
+    seen = set()
+    for m, n, k in SHAPES:
+        for sms in (1, 132):
+            path, splits = check(lib, rng, m, n, k, gs, bits, xdtype, xdtype, sms)
+            seen.add((path, splits > 1))
+    assert seen == ({(GEMV, False), (GEMV, True)} if xdtype == "float32" else
+                    {(GEMV, False), (GEMV, True), (GEMM, False), (GEMM, True)})
+
+
+@pytest.mark.parametrize("xdtype,sdtype", [("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", "float32"),
+                                           ("bfloat16", "float16"), ("float16", "float32"), ("float16", "bfloat16")])
+def test_scale_dtypes(lib, rng, xdtype, sdtype):
+    for m in (1, 5, 40):
+        for bits in (4, 8):
+            check(lib, rng, m, 24, 320, 32, bits, xdtype, sdtype, 132)
+
+
+@pytest.mark.parametrize("xdtype", ["float32", "bfloat16"])
+def test_float32_rows_past_one_gemv_tile_and_tall_gemm(lib, rng, xdtype):
+    """float32 x has no tensor-core path: M = 40 runs 3 GEMV launch tiles of 16 rows. For
+    bfloat16, M = 130 crosses a 128-row GEMM tile."""
+    for bits in (4, 8):
+        path, _ = check(lib, rng, 40 if xdtype == "float32" else 130, 20, 96, 32, bits, xdtype, "float32", 8)
+        assert path == (GEMV if xdtype == "float32" else GEMM)
+
+
+@pytest.mark.parametrize("ws", ["none", "small"])
+@pytest.mark.parametrize("m", [1, 12, 33])
+def test_less_workspace_than_asked(lib, rng, ws, m):
+    """No workspace turns split-K off; too little narrows it to the partials that fit."""
+    for xdtype in ("float32", "bfloat16"):
+        qw, x = make_case(rng, m, 30, 1024, 64, "bfloat16", xdtype)
+        want = lib.bs_qmatmul_plan(emulator.ptr(x), m, 30, 1024, 64, 8, DTYPE_CODE[xdtype], 132, 2**62) % 1000
+        assert want > 2
+        _, splits = check(lib, rng, m, 30, 1024, 64, 8, xdtype, "bfloat16", 132, ws=ws)
+        assert splits == (1 if ws == "none" else want - 1)
+
+
+@pytest.mark.parametrize("m,k", [(9, 2304), (2, 4352)])
+def test_k_longer_than_the_staged_x(lib, rng, m, k):
+    """Without split-K a GEMV block walks K in slices of x staged in shared memory (1024
+    inputs at 16 rows, 4096 at 2): each row group restages them, so the barrier before
+    overwriting a slice other warps still read matters. Several row groups per block. Run with
+    an OS thread per GPU thread: as fibers, the staging's shuffles let every warp finish the old
+    slice before any overwrites it, which would hide a missing barrier."""
+    emulator.set_threads_mode(lib, True)
+    try:
+        for xdtype, bits in (("float32", 4), ("float16", 8)):
+            assert check(lib, rng, m, 300, k, 128, bits, xdtype, "float32", 1, ws="none") == (GEMV, 1)
+    finally:
+        emulator.set_threads_mode(lib, False)
+
+
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float16", "float32"])
+def test_unaligned_x(lib, rng, xdtype):
+    """x rows not 16-byte aligned: the GEMV stages x element by element and the tensor-core
+    path (whose cp.async needs 16-byte rows) hands M > 16 to the GEMV."""
+    for m in (1, 20):
+        path, _ = check(lib, rng, m, 40, 256, 64, 4, xdtype, "float32", 132, misaligned=True)
+        assert path == GEMV
+
+
+def test_unaligned_planes_are_refused(lib, rng):
+    qw, x = make_case(rng, 2, 8, 64, 32, "float32", "bfloat16")
+    buf = np.zeros(qw.plane0.size + 1, np.uint32)
+    buf[1:] = qw.plane0.ravel()
+    plane = buf[1:]
+    y = np.zeros((2, 8), x.dtype)
+    rc = lib.bs_qmatmul(emulator.ptr(x), emulator.ptr(y), emulator.ptr(plane), emulator.ptr(plane),
+                        emulator.ptr(qw.scales), emulator.ptr(qw.biases), 2, 8, 64, 32, 4, 1, 0, None, 0, 4)
+    assert rc == INVALID_VALUE
+
+
+def test_matches_the_cpu_reference(lib, rng):
+    """The same call on the CPU's scalar reference: two implementations of the format agree to
+    float32 accumulation order (the oracle of DESIGN.md)."""
+    qw, x = make_case(rng, 20, 48, 512, 64, "float32", "float32")
+    for m in (1, 3, 20):
+        for bits in (4, 8):
+            rc, y, _ = launch(lib, np.ascontiguousarray(x[:m]), qw, bits, 132)
+            assert rc == SUCCESS, emulator.last_error(lib)
+            with bs.ops.use_cpu_variant("scalar"):
+                ref = bs.qmatmul(np.ascontiguousarray(x[:m]), qw, bits)
+            assert rel_err(y, ref.astype(np.float64)) <= 1e-5
+
+
+def test_workspace_bytes(lib):
+    """Nothing for shapes that fill the GPU; [splits, M, N] float32 partials for those that don't."""
+    x = np.zeros((1, 4096), np.float32)
+    ws = lambda m, n, k, sms: lib.bs_qmatmul_workspace(emulator.ptr(x), m, n, k, 64, 4, 1, 1, sms)  # noqa: E731
+    assert ws(1, 151936, 4096, 132) == 0           # an lm_head: 4748 row groups
+    assert ws(2048, 4096, 4096, 132) == 0          # prefill: 512 GEMM tiles
+    small = ws(1, 4096, 4096, 132)                 # 128 row groups < 4 x 132 blocks
+    assert small > 0 and small % (4096 * 4) == 0
+    assert ws(1, 4096, 4096, 1) == 0
