@@ -259,6 +259,13 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   a.scale_dtype = w.scales.dtype;
 
   if (x.device == Device::kCUDA) {
+    // The CUDA kernels read plane rows with 16-byte loads (every allocator aligns that much;
+    // a view starting mid-row would not be).
+    for (const TensorView* t : {&w.plane0, plane1})
+      if (t && (reinterpret_cast<uintptr_t>(t->data) & 15))
+        throw ValueError(prefix(op, t == plane1 ? "plane1" : "plane0") +
+                         "must start at a 16-byte aligned address on CUDA (a view that does not start at a row "
+                         "boundary is not); make a contiguous copy");
     const CudaBackend& be = cuda_backend_or_throw(op, "x");
     CudaLaunch launch;
     if (cuda) launch = *cuda;

@@ -2,14 +2,17 @@
 // (csrc/include/bitswitch/format.h) read as INT4 (plane 0) or INT8 (planes 0 and 1).
 //
 // Two kernels, chosen per call by plan_qmatmul():
-//   qmv_kernel  (M <= 16, and every M for float32 x, which has no tensor-core path): a
-//               bandwidth kernel. Each weight byte is read once, with evict-first 16-byte loads,
-//               and dequantization is folded into the dot product (MLX's trick, below), so the
-//               per-element work is two integer ops and one FFMA per row of x.
-//   qmm_kernel  (M > 16, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
+//   qmv_kernel  (decode, M <= 2 for 16-bit x; every M for float32 x, which has no tensor-core
+//               path, and for x rows not 16-byte aligned): a bandwidth kernel. Each weight byte
+//               is read once, with evict-first 16-byte loads, and dequantization is folded into
+//               the dot product (MLX's trick, below), so the per-element work is two integer ops
+//               and one FFMA per row of x.
+//   qmm_kernel  (M > 2, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
 //               brings the x tile and the packed plane words to shared memory, the block
 //               dequantizes each W tile once to x's type in shared memory, and every warp reads
-//               both operands with ldmatrix into mma.sync m16n8k16.
+//               both operands with ldmatrix into mma.sync m16n8k16. Block tiles of 16 or 32 rows
+//               of x by 256 of W, or 64 by 128, for small batches (the cost per weight does not
+//               grow with M, unlike the GEMV's FFMAs); 128 x 128 for prefill.
 // Both split K across blocks through the caller's workspace when the M x N tiles alone cannot
 // fill the GPU (float32 partials [S, M, N], then qmm_splitk_reduce_kernel sums them in a fixed
 // order: deterministic, no atomics, graph-capturable).
@@ -346,90 +349,118 @@ __global__ void __launch_bounds__(256, 1) qmm_splitk_reduce_kernel(const float* 
 
 // ---- GEMM: qmm_kernel --------------------------------------------------------------------------
 //
-// Block tile 128 (M) x 128 (N) x 32 (K), 8 warps as 2 (M) x 4 (N), each warp 64 x 32: per k16
-// step 4 A fragments and 4 B fragments feed 16 mma.m16n8k16 (64 float accumulators per thread).
+// One kernel, four block tiles (kBM rows of x by kBN rows of W by 32 inputs), 8 warps:
+//   kBM = 16, 32: kBM x 256, the 8 warps side by side along N, each warp kBM x 32 (Marlin's
+//              shape for small batches). Every warp multiplies the same x fragments (one
+//              ldmatrix address per row, broadcast by shared memory) by its own 32 columns of W,
+//              so however few rows x has, a block streams 256 rows of W at full width: 4 KiB per
+//              k-tile for INT4, 12 KiB in flight with 3 tiles ahead.
+//   kBM = 64, 128: kBM x 128, warps 2 (M) x 4 (N), each warp kBM/2 x 32. At 128 rows (prefill)
+//              4 A fragments are reused over 4 B fragments, 16 mma per k16 step and warp. A
+//              64 x 256 tile of 1 x 8 warps would need 64 accumulators plus 4 words of W per
+//              thread, past the 128 registers of 2 blocks per SM (ptxas spills ~260 bytes).
+// Per k16 step a warp loads kMi = (its rows) / 16 A fragments and two ldmatrix.x4 of B (4 n8
+// tiles), for kMi x 4 mma.m16n8k16 (16 kMi float accumulators per thread).
 // The k-tile is one 32-input chunk: one 16-byte cp.async per W row and plane, and one group per
 // tile (G >= 32), so a tile needs one scale and bias per row.
 //
-// Dequantizing W once per block in shared memory, rather than per warp in registers, halves the
-// ALU work (the two M warps would each redo it) and lets B fragments come from ldmatrix like A.
-// The pipeline runs one tile ahead: while the warps multiply tile t, they also dequantize tile
-// t+1 into the other half of a double buffer, so the dequantization's integer and FMA work
-// overlaps other warps' mma and one __syncthreads per tile suffices.
+// Dequantizing W once per block in shared memory, rather than per warp in registers, does the
+// ALU work once for all the block's rows of x (the two M warps of the 128-row tile would each
+// redo it) and lets B fragments come from ldmatrix like A. The pipeline runs one tile ahead:
+// while the warps multiply tile t, they also dequantize tile t+1 into the other half of a double
+// buffer, so the dequantization's integer and FMA work overlaps other warps' mma and one
+// __syncthreads per tile suffices.
 //
 // Shared memory (16-byte units), all rows of 64 bytes = 4 chunks of 8 halves:
-//   As: [kStages][128][4]            x tiles, chunk c of row r stored at c ^ ((r >> 1) & 3)
-//   Ws: [kStages][kPlanes][128]      raw plane words, 16 bytes per W row per plane
-//   Bd: [2][128][4]                  dequantized W tile (row = n, k contiguous), same swizzle
+//   As: [kStages][kBM][4]            x tiles, chunk c of row r stored at c ^ ((r >> 1) & 3)
+//   Ws: [kStages][kPlanes][kBN]      raw plane words, 16 bytes per W row per plane
+//   Bd: [2][kBN][4]                  dequantized W tile (row = n, k contiguous), same swizzle
 // The XOR swizzle makes the 8 rows of each ldmatrix 8x8 matrix (64 bytes apart) hit 8 distinct
 // 16-byte bank groups: rows 2j and 2j+1 share the 128-byte bank cycle, and j picks the chunk.
-constexpr int kQmmBM = 128, kQmmBN = 128, kQmmBK = kChunk;
+constexpr int kQmmBK = kChunk;
 constexpr int kQmmThreads = 256;
+constexpr int kQmmWarps = kQmmThreads / 32;
 constexpr int kQmmStages = 4;
-constexpr int kQmmWarpsM = 2, kQmmWarpsN = 4;
-constexpr int kQmmWarpM = kQmmBM / kQmmWarpsM, kQmmWarpN = kQmmBN / kQmmWarpsN;  // 64 x 32
-constexpr int kQmmMi = kQmmWarpM / 16, kQmmNj = kQmmWarpN / 8;                     // 4 x 4 mma tiles
-constexpr int kQmmRowChunks = kQmmBK * 2 / 16;                                     // 4
-// Split-K gives every split at least this many k-tiles (128 inputs) to amortize the epilogue.
+constexpr int kQmmWarpN = 32;                       // W rows (output columns) per warp: 4 n8 tiles
+constexpr int kQmmRowChunks = kQmmBK * 2 / 16;      // 4
+// Split-K gives every split of the 128-row tile at least this many k-tiles (128 inputs) to
+// amortize the epilogue.
 constexpr int kQmmMinSplitTiles = 4;
-static_assert(kQmmWarpsM * kQmmWarpsN * 32 == kQmmThreads, "one warp per warp tile");
-static_assert(kQmmBM * kQmmRowChunks == 2 * kQmmThreads, "two x chunks per thread per stage");
-static_assert(kQmmBN * fmt::kMaxPlanes <= kQmmThreads, "one plane row per thread per stage");
-static_assert(kQmmBN * kQmmRowChunks == 2 * kQmmThreads, "two plane words dequantized per thread per tile");
 static_assert(kQmmStages >= 3, "the dequantization runs one tile ahead of the mma");
 
-BS_HOST_DEVICE constexpr size_t qmm_smem_bytes(int planes) {
-  return size_t(16) * (kQmmStages * kQmmBM * kQmmRowChunks + kQmmStages * planes * kQmmBN + 2 * kQmmBN * kQmmRowChunks);
+// Warps along M: 2 from 64 rows on, 1 (every warp holds all rows) below.
+BS_HOST_DEVICE constexpr int qmm_warps_m(int bm) { return bm >= 64 ? 2 : 1; }
+// W rows per block tile: 128 (2 x 4 warps) or 256 (1 x 8 warps).
+BS_HOST_DEVICE constexpr int qmm_bn(int bm) { return kQmmWarps / qmm_warps_m(bm) * kQmmWarpN; }
+BS_HOST_DEVICE constexpr size_t qmm_smem_bytes(int bm, int planes) {
+  return size_t(16) * (kQmmStages * bm * kQmmRowChunks + kQmmStages * planes * qmm_bn(bm) +
+                       2 * qmm_bn(bm) * kQmmRowChunks);
 }
+// Fewest k-tiles per split. The small tiles exist for the weight stream, and a split writes
+// kBM x kBN float partials that the reduce reads back, against kBN x 16 bytes of INT4 W per
+// k-tile: kBM / 2 tiles keep the partials within half the split's W bytes.
+inline constexpr int qmm_min_split_tiles(int bm) { return bm == 128 ? kQmmMinSplitTiles : bm / 2; }
 
 BS_DEVICE int swz(int row, int chunk) { return chunk ^ ((row >> 1) & 3); }
 
 // y[m0.., n0..] (or partials[split, .., ..]) for block tile (blockIdx.y, blockIdx.x), split blockIdx.z.
-//   T: __nv_bfloat16 or __half (x, y and the mma operands); kPlanes: 1 (INT4) or 2 (INT8).
+//   T: __nv_bfloat16 or __half (x, y and the mma operands); kPlanes: 1 (INT4) or 2 (INT8);
+//   kBM: rows of x per block tile (16, 32: 256 W rows per tile; 64, 128: 128 W rows).
 // p: the call (QMatmulParams); x 16-byte aligned (the launcher checks).
 // tiles_per_split: k-tiles (32 inputs) per split.
 // partials: [gridDim.z, M, N] float32 when gridDim.z > 1, else unused (y written).
-template <class T, int kPlanes>
+template <class T, int kPlanes, int kBM>
 __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams p, int32_t tiles_per_split,
                                                                   float* partials) {
+  static_assert(kBM == 16 || kBM == 32 || kBM == 64 || kBM == 128, "qmm_kernel tiles: 16, 32, 64 or 128 rows of x");
+  constexpr int kBN = qmm_bn(kBM), kWarpsN = kQmmWarps / qmm_warps_m(kBM);
+  constexpr int kMi = kBM / qmm_warps_m(kBM) / 16, kNj = kQmmWarpN / 8;  // mma tiles per warp
+  constexpr int kXCopies = (kBM * kQmmRowChunks + kQmmThreads - 1) / kQmmThreads;  // x chunks per thread per stage
+  constexpr int kWCopies = (kPlanes * kBN + kQmmThreads - 1) / kQmmThreads;        // plane rows per thread per stage
+  constexpr int kDq = kBN * kQmmRowChunks / kQmmThreads;  // plane words dequantized per thread per tile
+  static_assert(kDq * kQmmThreads == kBN * kQmmRowChunks && kNj % 2 == 0, "whole words per thread, n8 tiles in pairs");
   BS_DYNAMIC_SMEM(uint4, smem);
   uint4* As = smem;
-  uint4* Ws = As + kQmmStages * kQmmBM * kQmmRowChunks;
-  uint4* Bd = Ws + kQmmStages * kPlanes * kQmmBN;
+  uint4* Ws = As + kQmmStages * kBM * kQmmRowChunks;
+  uint4* Bd = Ws + kQmmStages * kPlanes * kBN;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int warp_m = warp / kQmmWarpsN, warp_n = warp % kQmmWarpsN;
+  const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   const int64_t M = p.m, N = p.n, K = p.k;
   const int64_t words = fmt::words_per_row(K), groups = fmt::groups_per_row(K, p.group_size);
-  const int64_t m0 = int64_t(blockIdx.y) * kQmmBM, n0 = int64_t(blockIdx.x) * kQmmBN;
+  const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
   const int64_t k_tiles = K / kQmmBK;
   const int64_t t_begin = int64_t(blockIdx.z) * tiles_per_split;
   const int nt = int(k_tiles - t_begin < tiles_per_split ? k_tiles - t_begin : tiles_per_split);
   const T* x = static_cast<const T*>(p.x);
 
-  // cp.async of tile t (relative to the split) into stage st: 2 x chunks per thread, and one
-  // 16-byte plane row for threads < kPlanes*128. Rows past M or N are zero-filled, reading nothing.
+  // cp.async of tile t (relative to the split) into stage st: the kBM x 4 chunks of x and the
+  // kPlanes x kBN plane rows, spread over the threads. Rows past M or N are zero-filled, reading
+  // nothing.
   auto issue = [&](int t, int st) {
     const int64_t k0 = (t_begin + t) * kQmmBK;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < kXCopies; ++j) {
       const int i = tid + j * kQmmThreads, row = i / kQmmRowChunks, ck = i % kQmmRowChunks;
+      if (kBM * kQmmRowChunks % kQmmThreads && i >= kBM * kQmmRowChunks) break;  // 16 rows: threads 0..63
       const bool ok = m0 + row < M;
       const T* src = x + (ok ? m0 + row : 0) * K + k0 + ck * 8;
-      ptx::cp_async16(As + (st * kQmmBM + row) * kQmmRowChunks + swz(row, ck), src, ok);
+      ptx::cp_async16(As + (st * kBM + row) * kQmmRowChunks + swz(row, ck), src, ok);
     }
-    if (tid < kPlanes * kQmmBN) {
-      const int pl = tid / kQmmBN, row = tid % kQmmBN;
+#pragma unroll
+    for (int j = 0; j < kWCopies; ++j) {
+      const int i = tid + j * kQmmThreads, pl = i / kBN, row = i % kBN;
+      if (kPlanes * kBN % kQmmThreads && i >= kPlanes * kBN) break;  // 128 x INT4: threads 0..127
       const bool ok = n0 + row < N;
       const uint32_t* src = (pl == 0 ? p.plane0 : p.plane1) + (ok ? n0 + row : 0) * words + k0 / fmt::kValuesPerWord;
-      ptx::cp_async16(Ws + (st * kPlanes + pl) * kQmmBN + row, src, ok);
+      ptx::cp_async16(Ws + (st * kPlanes + pl) * kBN + row, src, ok);
     }
   };
-  // (A, B) of this thread's two dequantization rows (tid/4 and tid/4 + 64) for tile t.
-  auto coeffs = [&](int t, float2 ab[2]) {
+  // (A, B) of this thread's dequantization rows (tid/4 + 64 j) for tile t.
+  auto coeffs = [&](int t, float2 ab[kDq]) {
     const int64_t g = (t_begin + t) * kQmmBK / p.group_size;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < kDq; ++j) {
       const int64_t n = n0 + (tid + j * kQmmThreads) / kQmmRowChunks;
       float s = 0.0f, b = 0.0f;
       if (n < N && t < nt) {
@@ -439,27 +470,27 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
       ab[j] = code_affine<kPlanes>(s, b);
     }
   };
-  // Raw words of stage st -> T in Bd[buf]: each thread two words (8 elements, one 16-byte store each).
-  auto dequant = [&](int st, int buf, const float2 ab[2]) {
+  // Raw words of stage st -> T in Bd[buf]: each thread kDq words (8 elements, one 16-byte store each).
+  auto dequant = [&](int st, int buf, const float2 ab[kDq]) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < kDq; ++j) {
       const int i = tid + j * kQmmThreads, row = i / kQmmRowChunks, wi = i % kQmmRowChunks;
-      const uint32_t w0 = reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 0) * kQmmBN + row)[wi];
-      const uint32_t w1 = kPlanes == 2 ? reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 1) * kQmmBN + row)[wi] : 0u;
+      const uint32_t w0 = reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 0) * kBN + row)[wi];
+      const uint32_t w1 = kPlanes == 2 ? reinterpret_cast<const uint32_t*>(Ws + (st * kPlanes + 1) * kBN + row)[wi] : 0u;
       uint32_t out[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         out[e] = pack2<T>(fmaf(ab[j].x, view_f<kPlanes>(w0, w1, 2 * e), ab[j].y),
                           fmaf(ab[j].x, view_f<kPlanes>(w0, w1, 2 * e + 1), ab[j].y));
-      Bd[(buf * kQmmBN + row) * kQmmRowChunks + swz(row, wi)] = make_uint4(out[0], out[1], out[2], out[3]);
+      Bd[(buf * kBN + row) * kQmmRowChunks + swz(row, wi)] = make_uint4(out[0], out[1], out[2], out[3]);
     }
   };
 
-  float acc[kQmmMi][kQmmNj][4];
+  float acc[kMi][kNj][4];
 #pragma unroll
-  for (int i = 0; i < kQmmMi; ++i)
+  for (int i = 0; i < kMi; ++i)
 #pragma unroll
-    for (int j = 0; j < kQmmNj; ++j)
+    for (int j = 0; j < kNj; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
@@ -470,14 +501,14 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
     if (s < nt) issue(s, s);
     ptx::cp_async_commit();
   }
-  float2 ab_cur[2], ab_next[2];
+  float2 ab_cur[kDq], ab_next[kDq];
   coeffs(0, ab_cur);
   coeffs(1, ab_next);
   ptx::cp_async_wait<kQmmStages - 2>();
   __syncthreads();
   dequant(0, 0, ab_cur);
-  ab_cur[0] = ab_next[0];
-  ab_cur[1] = ab_next[1];
+#pragma unroll
+  for (int j = 0; j < kDq; ++j) ab_cur[j] = ab_next[j];
   coeffs(2, ab_next);
 
   for (int t = 0; t < nt; ++t) {
@@ -489,19 +520,19 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
     if (t + kQmmStages - 1 < nt) issue(t + kQmmStages - 1, (t + kQmmStages - 1) % kQmmStages);
     ptx::cp_async_commit();
     if (t + 1 < nt) dequant((t + 1) % kQmmStages, (t + 1) & 1, ab_cur);
-    ab_cur[0] = ab_next[0];
-    ab_cur[1] = ab_next[1];
+#pragma unroll
+    for (int j = 0; j < kDq; ++j) ab_cur[j] = ab_next[j];
     coeffs(t + 3, ab_next);  // a cached global load, consumed two tiles later: its latency hides
 
-    const uint4* a_tile = As + (t % kQmmStages) * kQmmBM * kQmmRowChunks;
-    const uint4* b_tile = Bd + (t & 1) * kQmmBN * kQmmRowChunks;
+    const uint4* a_tile = As + (t % kQmmStages) * kBM * kQmmRowChunks;
+    const uint4* b_tile = Bd + (t & 1) * kBN * kQmmRowChunks;
 #pragma unroll
     for (int ks = 0; ks < kQmmBK / 16; ++ks) {
       // B: ldmatrix.x4 per pair of n8 tiles: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
       // (n 8-15, k 0-7), (n 8-15, k 8-15) are b[0], b[1] of the two tiles (W row-major = mma's "col").
-      uint32_t bf[kQmmNj][2];
+      uint32_t bf[kNj][2];
 #pragma unroll
-      for (int pr = 0; pr < kQmmNj / 2; ++pr) {
+      for (int pr = 0; pr < kNj / 2; ++pr) {
         const int row = warp_n * kQmmWarpN + pr * 16 + ((lane >> 4) & 1) * 8 + (lane & 7);
         const int ck = ks * 2 + ((lane >> 3) & 1);
         uint32_t r[4];
@@ -513,13 +544,13 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
       }
       // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
 #pragma unroll
-      for (int mi = 0; mi < kQmmMi; ++mi) {
-        const int row = warp_m * kQmmWarpM + mi * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+      for (int mi = 0; mi < kMi; ++mi) {
+        const int row = (warp_m * kMi + mi) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
         const int ck = ks * 2 + ((lane >> 4) & 1);
         uint32_t af[4];
         ptx::ldmatrix_x4(af, a_tile + row * kQmmRowChunks + swz(row, ck));
 #pragma unroll
-        for (int nj = 0; nj < kQmmNj; ++nj) ptx::mma_m16n8k16<T>(acc[mi][nj], af, bf[nj], acc[mi][nj]);
+        for (int nj = 0; nj < kNj; ++nj) ptx::mma_m16n8k16<T>(acc[mi][nj], af, bf[nj], acc[mi][nj]);
       }
     }
   }
@@ -531,13 +562,13 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
   const bool split = gridDim.z > 1;
   const bool pairs = (N % 2 == 0) && (reinterpret_cast<uintptr_t>(p.y) & 3) == 0;
 #pragma unroll
-  for (int mi = 0; mi < kQmmMi; ++mi) {
+  for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + warp_m * kQmmWarpM + mi * 16 + g + 8 * h;
+      const int64_t row = m0 + (warp_m * kMi + mi) * 16 + g + 8 * h;
       if (row >= M) continue;
 #pragma unroll
-      for (int nj = 0; nj < kQmmNj; ++nj) {
+      for (int nj = 0; nj < kNj; ++nj) {
         const int64_t col = n0 + warp_n * kQmmWarpN + nj * 8 + 2 * t4;
         const float v0 = acc[mi][nj][2 * h], v1 = acc[mi][nj][2 * h + 1];
         if (split) {
@@ -564,7 +595,7 @@ enum class Path : int32_t { kGemv = 0, kGemm = 1 };
 
 struct Plan {
   Path path;
-  int32_t mt;            // GEMV: rows of x per launch tile (1, 2, 4, 8, 16)
+  int32_t mt;            // rows of x per M tile: GEMV 1, 2, 4, 8, 16; GEMM 16, 32, 64, 128
   int32_t splits;        // K splits (1: y written directly, no workspace)
   int64_t split_len;     // chunks (GEMV) or k-tiles (GEMM) per split
   QmvShape qmv;          // GEMV: the rest of the block's shape
@@ -578,9 +609,34 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Blocks per SM the launcher aims at before it splits K. GEMV: 2 are resident at MT <= 4 (<= 128
 // registers, 16 warps with 64-128 bytes in flight per lane, ~32-64 KiB per SM: enough for HBM
 // latency); aiming at 4 gives two short waves, so the last wave's tail costs less. GEMM: 2
-// resident on sm_80/sm_90 (56-64 KiB of shared memory, 128 registers).
+// resident on sm_80/sm_90 (40-72 KiB of shared memory, 128 registers); for the 256-column tiles
+// that is 24 KiB of INT4 W in flight per SM, about what HBM3e needs (4.8 TB/s x ~600 ns / 132 SMs).
 constexpr int kQmvBlocksPerSm = 4;
 constexpr int kQmmBlocksPerSm = 2;
+
+// Which kernel and tile, by rows of x. Per SM and clock: HBM delivers 13 bytes on an A100
+// (sm_80: 2.0 TB/s, 108 SMs, 1.41 GHz), 14.5 on an H100 and 21 on an H200 (sm_90: 3.35 / 4.8
+// TB/s, 132 SMs, ~1.75 GHz): 26 / 29 / 42 INT4 weights (half as many INT8). An SM issues 128
+// lane-instructions per clock (FFMA: 64 on sm_80, 128 on sm_90; LOP3 / shifts: 64), and
+// mma.sync bf16 does ~2048 flops (sm_80) or ~2900 (sm_90, ~2/3 of the wgmma peak).
+//   GEMV, MT rows per tile: per weight 2 integer ops (code_f) + MT FFMAs (+1 at MT >= 8) + the
+//     x loads: ~4.3 issue slots at MT = 2 (30 weights/clock), 6.4 at MT = 4 (20), 20 at MT =
+//     16 (6.4: 4.5x below the H100 roofline, 6.5x below the H200's; M = 16 measures ~5x). Only
+//     M <= 2 keeps up.
+//   Tensor cores, kBM <= 32: per weight, once per block whatever M: 2 integer ops + 1 FFMA + half
+//     an F2FP pack + an eighth of an LDS and an STS.128 + ldmatrix / mma issue: ~4.4 slots, ~29
+//     weights/clock; the mma's 2 kBM flops per weight cost 1/90 (kBM 16) or 1/45 (kBM 32) of a
+//     clock on sm_90, under the integer work. So 16-bit x with M >= 3 goes to the tensor cores
+//     (the GEMV's 4-row tile is 1.5x slower there, 2x on sm_80 where FFMA is 64 wide).
+//   Tile rows: the smallest of 16, 32, 64 that holds M, so past 16 rows no more than half of the
+//     mma is spent on zero rows (kBM 64 is mma-bound at 22 weights/clock on sm_90, 16 on sm_80,
+//     where INT4 at M ~ 35-50 turns compute-bound anyway). Past 64 rows the 128 x 128 tile: a
+//     64-row tile would dequantize and read W twice for the same mma work.
+//   16-bit x whose rows are not 16-byte aligned (cp.async cannot load them) takes the GEMV in
+//     tiles of at most 4 rows: the 8- and 16-row GEMV tiles, FFMA-bound and the slowest
+//     instances to compile, are built for float32 x only.
+constexpr int64_t kGemvMaxRows16 = 2;  // 16-bit x: the GEMV takes M <= this
+inline constexpr int qmm_tile_rows(int64_t m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
 // The launch for p with `ws_bytes` of workspace (SIZE_MAX: as much as it wants).
 inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
@@ -590,23 +646,27 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
   const size_t partial_bytes = size_t(M) * size_t(N) * sizeof(float);
   // Largest split count the workspace allows (1 when it holds fewer than two partials).
   const int64_t fit = int64_t(partial_bytes ? ws_bytes / partial_bytes : 1);
-  const bool tensor_cores = p.x_dtype != DType::kFloat32 && M > 16 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
+  const bool tensor_cores =
+      p.x_dtype != DType::kFloat32 && M > kGemvMaxRows16 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
   if (tensor_cores) {
     pl.path = Path::kGemm;
+    pl.mt = qmm_tile_rows(M);
+    const int64_t bn = qmm_bn(pl.mt);
     const int64_t k_tiles = K / kQmmBK;
-    const int64_t tiles_mn = ceil_div(M, kQmmBM) * ceil_div(N, kQmmBN);
+    const int64_t tiles_mn = ceil_div(M, pl.mt) * ceil_div(N, bn);
     const int64_t target = int64_t(num_sms) * kQmmBlocksPerSm;
     int64_t s = 1;
-    if (tiles_mn < target) s = std::min(ceil_div(target, tiles_mn), std::max<int64_t>(1, k_tiles / kQmmMinSplitTiles));
+    if (tiles_mn < target)
+      s = std::min(ceil_div(target, tiles_mn), std::max<int64_t>(1, k_tiles / qmm_min_split_tiles(pl.mt)));
     s = std::min<int64_t>(s, 64);
     if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
     pl.split_len = ceil_div(k_tiles, s);
     pl.splits = int32_t(ceil_div(k_tiles, pl.split_len));
-    pl.grid = dim3(unsigned(ceil_div(N, kQmmBN)), unsigned(ceil_div(M, kQmmBM)), unsigned(pl.splits));
-    pl.smem = qmm_smem_bytes(fmt::planes_for_bits(p.bits));
+    pl.grid = dim3(unsigned(ceil_div(N, bn)), unsigned(ceil_div(M, pl.mt)), unsigned(pl.splits));
+    pl.smem = qmm_smem_bytes(pl.mt, fmt::planes_for_bits(p.bits));
   } else {
     pl.path = Path::kGemv;
-    pl.mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
+    pl.mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 || p.x_dtype != DType::kFloat32 ? 4 : M <= 8 ? 8 : 16;
     const int64_t chunks = K / kChunk;
     const int64_t m_tiles = ceil_div(M, pl.mt);
     const int64_t row_groups = ceil_div(N, int64_t(kQmvWarps) * kQmvRowsPerWarp);
@@ -640,10 +700,8 @@ template <auto kKernel, size_t kMaxBytes> cudaError_t allow_smem() {
   constexpr int kMaxDevices = 64;
   static volatile bool done[kMaxDevices] = {};  // a benign race only sets the attribute twice
   int dev = 0;
-#if !defined(BITSWITCH_CUDA_EMULATION)  // (the emulation has one device and no cudaGetDevice)
   const cudaError_t de = cudaGetDevice(&dev);
   if (de != cudaSuccess) return de;
-#endif
   const bool cached = dev >= 0 && dev < kMaxDevices;
   if (cached && done[dev]) return cudaSuccess;
   const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxBytes));
@@ -651,18 +709,31 @@ template <auto kKernel, size_t kMaxBytes> cudaError_t allow_smem() {
   return e;
 }
 
-template <class T, int MT, int kPlanes>
-cudaError_t launch_qmv(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
-  auto* kernel = qmv_kernel<T, MT, kPlanes>;  // (a macro argument cannot hold the template's commas)
-  const cudaError_t e = allow_smem<qmv_kernel<T, MT, kPlanes>, qmv_smem_bytes(MT, qmv_max_stage_chunks(MT))>();
+// kKernel(p, shape, partials) on the plan's grid and shared memory; kMaxSmem: the most shared
+// memory any launch of kKernel asks for.
+template <auto kKernel, size_t kMaxSmem, class Shape>
+cudaError_t launch(const QMatmulParams& p, const Plan& pl, int threads, Shape shape, float* partials,
+                   cudaStream_t stream) {
+  const cudaError_t e = allow_smem<kKernel, kMaxSmem>();
   if (e != cudaSuccess) return e;
-  return BS_LAUNCH(kernel, pl.grid, kQmvThreads, pl.smem, stream, p, pl.qmv, partials);
+  return BS_LAUNCH(kKernel, pl.grid, threads, pl.smem, stream, p, shape, partials);
 }
 
+// The GEMV with MT rows of x per tile, for the call's view (planes 2: INT8, 1: INT4).
 template <class T, int MT>
-cudaError_t launch_qmv_bits(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
-  return p.bits == fmt::kInt8Bits ? launch_qmv<T, MT, 2>(p, pl, partials, stream)
-                                  : launch_qmv<T, MT, 1>(p, pl, partials, stream);
+cudaError_t launch_qmv(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
+  constexpr size_t kSmem = qmv_smem_bytes(MT, qmv_max_stage_chunks(MT));
+  return p.bits == fmt::kInt8Bits ? launch<qmv_kernel<T, MT, 2>, kSmem>(p, pl, kQmvThreads, pl.qmv, partials, stream)
+                                  : launch<qmv_kernel<T, MT, 1>, kSmem>(p, pl, kQmvThreads, pl.qmv, partials, stream);
+}
+
+// The GEMM with kBM rows of x per block tile, for the call's view.
+template <class T, int kBM>
+cudaError_t launch_qmm(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
+  const int32_t tiles_per_split = int32_t(pl.split_len);
+  return p.bits == fmt::kInt8Bits
+             ? launch<qmm_kernel<T, 2, kBM>, qmm_smem_bytes(kBM, 2)>(p, pl, kQmmThreads, tiles_per_split, partials, stream)
+             : launch<qmm_kernel<T, 1, kBM>, qmm_smem_bytes(kBM, 1)>(p, pl, kQmmThreads, tiles_per_split, partials, stream);
 }
 
 // The launcher of one activation dtype T. The GEMM is instantiated only where kTensorCores
@@ -682,21 +753,25 @@ cudaError_t qmatmul_typed(const QMatmulParams& p, void* ws, size_t ws_bytes, int
   cudaError_t e = cudaSuccess;
   if (pl.path == Path::kGemm) {
     if constexpr (kTensorCores) {
-      auto* kernel = p.bits == fmt::kInt8Bits ? qmm_kernel<T, 2> : qmm_kernel<T, 1>;
-      e = p.bits == fmt::kInt8Bits ? allow_smem<qmm_kernel<T, 2>, qmm_smem_bytes(2)>()
-                                   : allow_smem<qmm_kernel<T, 1>, qmm_smem_bytes(1)>();
-      if (e == cudaSuccess)
-        e = BS_LAUNCH(kernel, pl.grid, kQmmThreads, pl.smem, stream, p, int32_t(pl.split_len), partials);
+      switch (pl.mt) {
+        case 16: e = launch_qmm<T, 16>(p, pl, partials, stream); break;
+        case 32: e = launch_qmm<T, 32>(p, pl, partials, stream); break;
+        case 64: e = launch_qmm<T, 64>(p, pl, partials, stream); break;
+        default: e = launch_qmm<T, 128>(p, pl, partials, stream); break;
+      }
     } else {
       return cudaErrorInvalidValue;  // unreachable: plan_qmatmul keeps float32 on the GEMV
     }
   } else {
     switch (pl.mt) {
-      case 1: e = launch_qmv_bits<T, 1>(p, pl, partials, stream); break;
-      case 2: e = launch_qmv_bits<T, 2>(p, pl, partials, stream); break;
-      case 4: e = launch_qmv_bits<T, 4>(p, pl, partials, stream); break;
-      case 8: e = launch_qmv_bits<T, 8>(p, pl, partials, stream); break;
-      default: e = launch_qmv_bits<T, 16>(p, pl, partials, stream); break;
+      case 1: e = launch_qmv<T, 1>(p, pl, partials, stream); break;
+      case 2: e = launch_qmv<T, 2>(p, pl, partials, stream); break;
+      case 4: e = launch_qmv<T, 4>(p, pl, partials, stream); break;
+      default:
+        if constexpr (kTensorCores)
+          return cudaErrorInvalidValue;  // unreachable: plan_qmatmul gives 16-bit x GEMV tiles of <= 4 rows
+        else
+          e = pl.mt == 8 ? launch_qmv<T, 8>(p, pl, partials, stream) : launch_qmv<T, 16>(p, pl, partials, stream);
     }
   }
   if (e != cudaSuccess || pl.splits == 1) return e;

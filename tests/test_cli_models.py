@@ -63,6 +63,11 @@ def test_model_commands_reject_bad_input(folder, tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["quantize", str(folder), str(tmp_path / "o"), "--bits", "3"])
+    assert cli.main(["generate", "x", "-m", str(folder), "--device", "tpu9"]) == 1
+    assert "--device must be cpu, cuda[:N] or mps, got 'tpu9'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["generate", "x", "-m", str(folder), "--device", "cuda"]) == 1
+        assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_generate_demo_switches_without_reloading(capsys):

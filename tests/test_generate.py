@@ -305,3 +305,30 @@ def test_stream_rejects_bad_arguments(tmp_path, seed):
             stream(model, tok, **args)
     with pytest.raises(ValueError, match="truncate: length must be an integer in"):
         model.truncate(1)
+
+
+def test_decode_steps_go_through_an_attached_graph_decoder(tmp_path, seed):
+    """With model.graph_decoder set (GraphDecoder on CUDA), generation feeds every decode step
+    through its step(); here a recorder running forward_at (the captured step) on the CPU:
+    the tokens are those of eager decoding."""
+    _, model, tok = checkpoint(tmp_path, seed)
+    prompt = list(range(3, 20))
+    ref = generate(model, tok, prompt, SamplingParams(temperature=0), max_new_tokens=9, eos_ids=[])
+
+    class Recorder:
+        calls = 0
+
+        def step(self, ids):
+            Recorder.calls += 1
+            pos = torch.full((ids.shape[0],), model.cache.length, dtype=torch.int32)
+            logits = model.forward_at(ids, pos)
+            model.cache.length += 1
+            return logits
+
+    model.graph_decoder = Recorder()
+    try:
+        res = generate(model, tok, prompt, SamplingParams(temperature=0), max_new_tokens=9, eos_ids=[])
+    finally:
+        model.graph_decoder = None
+    assert Recorder.calls == 8
+    assert res.tokens == ref.tokens

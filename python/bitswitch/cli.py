@@ -38,8 +38,9 @@ def _info(_: argparse.Namespace) -> int:
     print(f"threads: {d['num_threads']} (BITSWITCH_NUM_THREADS)")
     cuda = d["cuda"]
     if cuda["built"]:
-        print(f"cuda: built (runtime {cuda['runtime_version']}, archs {cuda['compiled_archs']}), "
-              f"{cuda['device_count']} device(s) visible ({cuda['driver_status']})")
+        print(f"cuda: kernels built (runtime {cuda['runtime_version']}, archs {cuda['compiled_archs']}, "
+              f"{'loaded' if cuda['loaded'] else 'not loaded'}), {cuda['device_count']} device(s) visible "
+              f"({cuda['driver_status']})")
     else:
         print(f"cuda: {cuda['why']}")
     m = d["metal"]

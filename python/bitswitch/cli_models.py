@@ -36,6 +36,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantization group of float checkpoints quantized at load")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--context", type=int, default=4096, help="KV-cache capacity in tokens")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, cuda, cuda:N (NVIDIA GPU: decode steps replayed as CUDA "
+                        "graphs) or mps (Apple GPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="with --device cuda: eager decode steps")
 
 
 def policy_arg(text: str):
@@ -79,8 +83,23 @@ def open_model(a: argparse.Namespace):
         raise ValueError("give one of --mode, --precision and --bits")
     path = default_model_path() if a.model is None else resolve_model_path(a.model)
     full = a.keep_float or a.bits == "full" or a.mode == "full" or a.precision == "full"
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda[:N] or mps, got {a.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: torch sees no CUDA device (torch {torch.__version__}, "
+                         f"cuda {torch.version.cuda})")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be cpu, cuda[:N] or mps, got {a.device!r}")
     model = load(path, dtype=a.dtype, group_size=a.group_size, keep_float=full)
+    if device.type != "cpu":
+        model.to(device)
     model.reset(capacity=min(a.context, model.config.max_position_embeddings))
+    if device.type == "cuda" and not a.no_cuda_graphs:
+        from .models.cuda_graph import GraphDecoder
+
+        model.graph_decoder = GraphDecoder(model)
     controller = None
     if a.precision == "auto":
         from .controller import AutoPrecision

@@ -13,7 +13,6 @@ in a subprocess.
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import sys
 from pathlib import Path
 

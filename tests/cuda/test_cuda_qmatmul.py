@@ -4,11 +4,13 @@ bitswitch::cuda::qmatmul, against float64 dequantize-then-matmul (bitswitch.quan
 tests/test_qmatmul.py checks the CPU kernels.
 
 Covered: both views, group sizes 32 / 64 / 128, x float32 / bfloat16 / float16, every scale
-dtype, negative scales (MLX's quantizer makes them), M on both sides of the GEMV / tensor-core
-switch (M <= 16) and past one GEMV launch tile for float32 x, N and K off every tile (N = 1, 7,
-200; K = 96, 640), split-K on (num_sms large enough to want it), off (no workspace), and
-narrowed (a workspace smaller than asked for), x rows that are not 16-byte aligned, outputs and
-workspace poisoned with NaN first and a guard zone after y that must stay untouched.
+dtype, negative scales (MLX's quantizer makes them), M on both sides of every switch of the
+plan (16-bit x: GEMV for M <= 2, tensor-core tiles of 16, 32, 64 and 128 rows above) and past
+one GEMV launch tile for float32 x, N and K off every tile (N = 1, 7, 200, 300; K = 96 to
+2304), split-K on (num_sms large enough to want it), off (no workspace), and narrowed (a
+workspace smaller than asked for), with the plan's path, tile and split count asserted, x rows
+that are not 16-byte aligned, outputs and workspace poisoned with NaN first and a guard zone
+after y that must stay untouched.
 
 What this cannot check is nvcc's code and the GPU itself (the real mma summation order,
 timing, occupancy, shared-memory bank conflicts, register spills).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +74,14 @@ extern "C" uint64_t bs_qmatmul_workspace(const void* x, int64_t m, int64_t n, in
   return bitswitch::cuda::qmatmul_workspace_bytes(p, num_sms);
 }
 
-// The launch a call gets: path (0 GEMV, 1 tensor-core GEMM) * 1000 + K splits.
+// The launch a call gets: path (0 GEMV, 1 tensor-core GEMM) * 1000000 + rows of x per M tile
+// * 1000 + K splits.
 extern "C" int bs_qmatmul_plan(const void* x, int64_t m, int64_t n, int64_t k, int group_size, int bits, int x_dtype,
                                int num_sms, uint64_t ws_bytes) {
   const QMatmulParams p = params(x, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, group_size, bits,
                                  x_dtype, 0);
   const auto pl = bitswitch::cuda::qmm::plan_qmatmul(p, num_sms, size_t(ws_bytes));
-  return int(pl.path) * 1000 + pl.splits;
+  return int(pl.path) * 1000000 + pl.mt * 1000 + pl.splits;
 }
 '''
 
@@ -86,9 +90,18 @@ GEMV, GEMM = 0, 1
 SUCCESS, INVALID_VALUE = 0, 1
 # Against float64 on the same rounded inputs, relative to the largest output (as
 # tests/metal/test_metal_kernels.py): float32 accumulation in another order, and for 16-bit
-# x the rounding of y itself.
+# x the rounding of y itself. The tensor-core path multiplies W dequantized to x's type, so its
+# reference rounds W likewise: that rounding, not the kernel's, dominates where outputs cancel
+# (|y| << |x| |w|, e.g. M = 3, N = 1).
 QTOL = {"float32": 2e-5, "bfloat16": 8e-3, "float16": 1.5e-3}
 GUARD = 64  # elements after y that no launch may write
+# What plan_qmatmul chose: path (GEMV / GEMM), rows of x per M tile, K splits.
+Plan = namedtuple("Plan", "path rows splits")
+
+
+def decode_plan(code):
+    path, rest = divmod(code, 1000000)
+    return Plan(path, *divmod(rest, 1000))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +133,7 @@ def make_case(rng, m, n, k, group_size, sdtype, xdtype, misaligned=False):
 
 
 def launch(lib, x, qw, bits, num_sms, ws="full"):
-    """qmatmul(x, qw) through the emulated launcher: (rc, y, (path, splits)). ws: "full" (the
+    """qmatmul(x, qw) through the emulated launcher: (rc, y, Plan). ws: "full" (the
     bytes qmatmul_workspace_bytes asks for), "none" (null) or "small" (one partial too few)."""
     m, k = x.shape
     n = qw.plane0.shape[0]
@@ -136,24 +149,28 @@ def launch(lib, x, qw, bits, num_sms, ws="full"):
                         emulator.ptr(wsbuf) if nbytes else None, nbytes, num_sms)
     plan = lib.bs_qmatmul_plan(xp, m, n, k, qw.group_size, bits, xd, num_sms, nbytes)
     assert np.isnan(ybuf[m * n:].astype(np.float32)).all(), "a launch wrote past the end of y"
-    return rc, ybuf[:m * n].reshape(m, n), divmod(plan, 1000)
+    return rc, ybuf[:m * n].reshape(m, n), decode_plan(plan)
 
 
 def check(lib, rng, m, n, k, gs, bits, xdtype, sdtype, num_sms, ws="full", misaligned=False):
-    """Runs one case against float64; returns (path, splits) it took."""
+    """Runs one case against float64; returns the Plan it took."""
     qw, x = make_case(rng, m, n, k, gs, sdtype, xdtype, misaligned)
     rc, y, plan = launch(lib, x, qw, bits, num_sms, ws)
     what = f"M={m} N={n} K={k} G={gs} bits={bits} x={xdtype} scales={sdtype} sms={num_sms} ws={ws} plan={plan}"
     assert rc == SUCCESS, f"{what}: cudaError {rc}: {emulator.last_error(lib)}"
     y = y.astype(np.float64)
     assert not np.isnan(y).any(), f"{what}: outputs left unwritten"
-    ref = np.asarray(x, np.float64) @ bs.dequantize_f64(qw, bits).T
+    w = bs.dequantize_f64(qw, bits)
+    if plan.path == GEMM:
+        w = cast(w, xdtype).astype(np.float64)
+    ref = np.asarray(x, np.float64) @ w.T
     err = rel_err(y, ref)
     assert err <= QTOL[xdtype], f"{what}: {err:.2e}"
     return plan
 
 
-# (M, N, K): M across the GEMV (<= 16) and GEMM paths and each GEMV tile (1, 2, 4, 8, 16 rows);
+# (M, N, K): M across the GEMV and GEMM paths and each GEMV tile (1, 2, 4, 8, 16 rows: all for
+# float32 x, 1 and 2 for 16-bit x, whose M >= 3 takes the tensor cores);
 # N = 1 and 7 (one partial row group), 200 (past a 128-column GEMM tile, not a multiple of 32);
 # K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks).
 SHAPES = [(1, 7, 128), (1, 200, 640), (2, 33, 256), (3, 1, 640), (8, 40, 384), (16, 33, 256), (17, 7, 640),
@@ -169,7 +186,7 @@ def test_matches_float64(lib, rng, xdtype, bits, gs):
     seen = set()
     for m, n, k in SHAPES:
         for sms in (1, 132):
-            path, splits = check(lib, rng, m, n, k, gs, bits, xdtype, xdtype, sms)
+            path, _, splits = check(lib, rng, m, n, k, gs, bits, xdtype, xdtype, sms)
             seen.add((path, splits > 1))
     assert seen == ({(GEMV, False), (GEMV, True)} if xdtype == "float32" else
                     {(GEMV, False), (GEMV, True), (GEMM, False), (GEMM, True)})
@@ -183,38 +200,90 @@ def test_scale_dtypes(lib, rng, xdtype, sdtype):
             check(lib, rng, m, 24, 320, 32, bits, xdtype, sdtype, 132)
 
 
+# 16-bit x on both sides of every switch of plan_qmatmul: the GEMV up to M = 2, then tensor-core
+# tiles of 16 (M <= 16), 32 (<= 32), 64 (<= 64) and 128 rows. N = 7 (one partial n8 tile), 200
+# and 300 (past a 128- or 256-column tile, not a multiple of 32); K from 128 to 2304, every one
+# a multiple of 128 so any group size fits. Each with the Plan a 132-SM GPU gets with all the
+# workspace it asks for: (M, N, K, Plan).
+SMALL_BATCH_CASES = [
+    (2, 200, 640, Plan(GEMV, 2, 2)),
+    (3, 7, 1024, Plan(GEMM, 16, 4)),      # split-K: 32 k-tiles in splits of >= 8 (16-row tile)
+    (5, 300, 1152, Plan(GEMM, 16, 4)),
+    (8, 7, 640, Plan(GEMM, 16, 2)),
+    (13, 200, 384, Plan(GEMM, 16, 1)),    # 12 k-tiles: too few to split
+    (16, 300, 1280, Plan(GEMM, 16, 5)),
+    (17, 7, 1024, Plan(GEMM, 32, 2)),     # splits of >= 16 k-tiles
+    (31, 300, 640, Plan(GEMM, 32, 1)),
+    (33, 200, 2304, Plan(GEMM, 64, 2)),   # splits of >= 32 k-tiles, 128 columns per tile
+    (64, 300, 128, Plan(GEMM, 64, 1)),
+    (65, 200, 640, Plan(GEMM, 128, 5)),   # splits of >= 4 k-tiles
+]
+
+
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_small_batch_tiles(lib, rng, xdtype, bits):
+    """Each case with split-K as planned, off (no workspace) and narrowed (one partial too
+    few); group sizes and scale dtypes rotate over the cases."""
+    sdtypes = ("float32", "bfloat16", "float16")
+    for i, (m, n, k, want) in enumerate(SMALL_BATCH_CASES):
+        gs, sdtype = (32, 64, 128)[i % 3], sdtypes[(i + bits) % 3]
+        for ws in ("full", "none", "small"):
+            if ws == "small" and want.splits <= 2:
+                continue
+            plan = check(lib, rng, m, n, k, gs, bits, xdtype, sdtype, 132, ws=ws)
+            assert plan == want._replace(splits={"full": want.splits, "none": 1, "small": want.splits - 1}[ws])
+
+
+def test_small_batch_pipeline_with_threads(lib, rng):
+    """The 16-row tile over 40 k-tiles without split-K, each GPU thread an OS thread: the
+    cp.async waits and the one barrier per tile must order the dequantization's writes of one
+    Bd half against other warps' ldmatrix reads of it, which fibers, switching only at warp
+    collectives, would not expose."""
+    emulator.set_threads_mode(lib, True)
+    try:
+        assert check(lib, rng, 12, 300, 1280, 64, 8, "bfloat16", "bfloat16", 1, ws="none") == (GEMM, 16, 1)
+    finally:
+        emulator.set_threads_mode(lib, False)
+
+
 @pytest.mark.parametrize("xdtype", ["float32", "bfloat16"])
 def test_float32_rows_past_one_gemv_tile_and_tall_gemm(lib, rng, xdtype):
     """float32 x has no tensor-core path: M = 40 runs 3 GEMV launch tiles of 16 rows. For
     bfloat16, M = 130 crosses a 128-row GEMM tile."""
     for bits in (4, 8):
-        path, _ = check(lib, rng, 40 if xdtype == "float32" else 130, 20, 96, 32, bits, xdtype, "float32", 8)
-        assert path == (GEMV if xdtype == "float32" else GEMM)
+        plan = check(lib, rng, 40 if xdtype == "float32" else 130, 20, 96, 32, bits, xdtype, "float32", 8)
+        assert plan[:2] == ((GEMV, 16) if xdtype == "float32" else (GEMM, 128))
 
 
 @pytest.mark.parametrize("ws", ["none", "small"])
-@pytest.mark.parametrize("m", [1, 12, 33])
-def test_less_workspace_than_asked(lib, rng, ws, m):
-    """No workspace turns split-K off; too little narrows it to the partials that fit."""
+@pytest.mark.parametrize("m,k", [(1, 1024), (12, 1024), (20, 2048), (70, 1024)])
+def test_less_workspace_than_asked(lib, rng, ws, m, k):
+    """No workspace turns split-K off; too little narrows it to the partials that fit. For
+    bfloat16 x: the GEMV (M = 1) and the tensor-core tiles of 16, 32 and 128 rows (K long
+    enough for more than two splits of each tile's shortest split)."""
     for xdtype in ("float32", "bfloat16"):
-        qw, x = make_case(rng, m, 30, 1024, 64, "bfloat16", xdtype)
-        want = lib.bs_qmatmul_plan(emulator.ptr(x), m, 30, 1024, 64, 8, DTYPE_CODE[xdtype], 132, 2**62) % 1000
-        assert want > 2
-        _, splits = check(lib, rng, m, 30, 1024, 64, 8, xdtype, "bfloat16", 132, ws=ws)
-        assert splits == (1 if ws == "none" else want - 1)
+        qw, x = make_case(rng, m, 30, k, 64, "bfloat16", xdtype)
+        want = decode_plan(lib.bs_qmatmul_plan(emulator.ptr(x), m, 30, k, 64, 8, DTYPE_CODE[xdtype], 132, 2**62))
+        assert want.splits > 2
+        plan = check(lib, rng, m, 30, k, 64, 8, xdtype, "bfloat16", 132, ws=ws)
+        assert plan == want._replace(splits=1 if ws == "none" else want.splits - 1)
 
 
 @pytest.mark.parametrize("m,k", [(9, 2304), (2, 4352)])
 def test_k_longer_than_the_staged_x(lib, rng, m, k):
     """Without split-K a GEMV block walks K in slices of x staged in shared memory (1024
-    inputs at 16 rows, 4096 at 2): each row group restages them, so the barrier before
-    overwriting a slice other warps still read matters. Several row groups per block. Run with
-    an OS thread per GPU thread: as fibers, the staging's shuffles let every warp finish the old
-    slice before any overwrites it, which would hide a missing barrier."""
+    inputs at 16 rows, 2048 at 4, 4096 at 2): each row group restages them, so the barrier
+    before overwriting a slice other warps still read matters. Several row groups per block.
+    float16 x at M = 9 takes the GEMV only when its rows are not 16-byte aligned (4-row tiles).
+    Run with an OS thread per GPU thread: as fibers, the staging's shuffles let every warp
+    finish the old slice before any overwrites it, which would hide a missing barrier."""
     emulator.set_threads_mode(lib, True)
     try:
         for xdtype, bits in (("float32", 4), ("float16", 8)):
-            assert check(lib, rng, m, 300, k, 128, bits, xdtype, "float32", 1, ws="none") == (GEMV, 1)
+            misaligned = xdtype == "float16" and m > 2
+            plan = check(lib, rng, m, 300, k, 128, bits, xdtype, "float32", 1, ws="none", misaligned=misaligned)
+            assert plan == (GEMV, m if m <= 2 else 4 if misaligned else 16, 1)
     finally:
         emulator.set_threads_mode(lib, False)
 
@@ -222,10 +291,11 @@ def test_k_longer_than_the_staged_x(lib, rng, m, k):
 @pytest.mark.parametrize("xdtype", ["bfloat16", "float16", "float32"])
 def test_unaligned_x(lib, rng, xdtype):
     """x rows not 16-byte aligned: the GEMV stages x element by element and the tensor-core
-    path (whose cp.async needs 16-byte rows) hands M > 16 to the GEMV."""
+    path (whose cp.async needs 16-byte rows) hands M > 2 to the GEMV, in tiles of 4 rows for
+    16-bit x (the 8- and 16-row GEMV tiles are built for float32 only)."""
     for m in (1, 20):
-        path, _ = check(lib, rng, m, 40, 256, 64, 4, xdtype, "float32", 132, misaligned=True)
-        assert path == GEMV
+        plan = check(lib, rng, m, 40, 256, 64, 4, xdtype, "float32", 132, misaligned=True)
+        assert plan[:2] == (GEMV, 1 if m == 1 else 16 if xdtype == "float32" else 4)
 
 
 def test_unaligned_planes_are_refused(lib, rng):

@@ -4,6 +4,9 @@
     dec = GraphDecoder(model)          # model on a CUDA device, cache allocated (model.reset)
     logits = dec.step(next_ids)        # [B, 1] -> [B, 1, vocab]; advances the cache
 
+Set ``model.graph_decoder = GraphDecoder(model)`` and bitswitch.models.generate / stream /
+ChatSession use it for every decode step (``bitswitch generate --device cuda`` does).
+
 A step is Qwen3.forward_at: the position comes from a device tensor, attention covers the
 whole cache with causality hiding the rows past the position, so one capture serves every
 position. A graph bakes in which planes each layer reads, so there is one graph per
@@ -31,6 +34,7 @@ class GraphDecoder:
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((batch,), dtype=torch.int32, device=device)
         self.graphs: dict = {}  # views every projection reads -> (CUDAGraph, logits it writes)
+        self.cache = model.cache  # the cache (and RoPE tables) the graphs were captured on
         self.linears = list(model.linears().values())
         self.pool = None  # one memory pool shared by every graph of this decoder
         self.captures = 0
@@ -64,6 +68,12 @@ class GraphDecoder:
         if m.cache.length + 1 > m.cache.capacity:
             raise ValueError(f"GraphDecoder: the cache is full ({m.cache.capacity} positions); call "
                              f"model.reset(capacity=...)")
+        if m.cache is not self.cache:  # reset() reallocated it: the graphs point at the old one
+            self.graphs.clear()
+            self.cache = m.cache
+            if m.cache.k.shape[1] != self.batch:
+                raise ValueError(f"GraphDecoder: the model's cache now holds batch {m.cache.k.shape[1]}, this "
+                                 f"decoder was made for batch {self.batch}")
         if not m.decode_is_dense():
             return m(ids)
         m._forward_begin()

@@ -117,7 +117,7 @@ class SamplingParams:
 
 
 def _penalized(logits: torch.Tensor, params: SamplingParams, generated: Iterable[int]) -> torch.Tensor:
-    x = logits.detach().float().reshape(-1)
+    x = logits.detach().float().reshape(-1).cpu()  # sampling runs on the host (a GPU row comes over once)
     if params.presence_penalty:
         seen = sorted(set(generated))
         if seen:
@@ -311,6 +311,8 @@ def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached,
         logits = model(chunk, logits_to_keep=1)
     tokens: list = []
     tok = sample(logits[0, -1], params, tokens, generator)
+    # One decode step: the model, or its CUDA-graph decoder when one is attached (same logits).
+    decode = model.graph_decoder.step if getattr(model, "graph_decoder", None) is not None else model
     prefill_s, decode_s = time.perf_counter() - t0, 0.0
     pieces: list = []
     while True:
@@ -332,7 +334,7 @@ def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached,
             return
         yield ev
         t0 = time.perf_counter()
-        logits = model(torch.tensor([[tok]], dtype=torch.long))
+        logits = decode(torch.tensor([[tok]], dtype=torch.long))
         tok = sample(logits[0, -1], params, tokens, generator)
         step = time.perf_counter() - t0
         decode_s += step

@@ -262,6 +262,9 @@ class Qwen3(nn.Module):
         self._in_forward = False
         self._applied: Optional[P.Assignment] = None
         self.forward_precision: Optional[P.Assignment] = None
+        # A bitswitch.models.cuda_graph.GraphDecoder that generation uses for decode steps
+        # (set by the CLI with --device cuda); None: every step is an eager forward.
+        self.graph_decoder = None
 
     # -- cache ------------------------------------------------------------------------------
     def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
