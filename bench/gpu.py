@@ -126,8 +126,8 @@ def bench_qmatmul(rows: list, quick: bool, copy_gbs: float) -> None:
 
 
 def _density_mask(density: float, lq: int, block: int, hkv: int):
-    """A block mask keeping `density` of the causal blocks: the diagonal and the first
-    (sink) block always, the rest chosen at random per kv head."""
+    """A block mask keeping `density` of the causal blocks (the diagonal and the first (sink)
+    block always, the rest chosen at random per kv head), and its block table [1, Hkv, nb, nb]."""
     import numpy as np
 
     from bitswitch import attention as A
@@ -135,13 +135,15 @@ def _density_mask(density: float, lq: int, block: int, hkv: int):
     nb = -(-lq // block)
     rng = np.random.default_rng(0)
     causal = np.tril(np.ones((nb, nb), bool))
+    forced = np.zeros((nb, nb), bool)
+    forced[np.arange(nb), np.arange(nb)] = True
+    forced[:, 0] = True
+    total, n_forced = int(causal.sum()), int(forced.sum())
+    p = max(0.0, (density * total - n_forced) / max(1, total - n_forced))  # so the total is `density`
     table = np.zeros((1, hkv, nb, nb), bool)
     for h in range(hkv):
-        keep = (rng.random((nb, nb)) < density) & causal
-        keep[np.arange(nb), np.arange(nb)] = True
-        keep[:, 0] = True
-        table[0, h] = keep
-    return A.BlockMask.from_block_table(table, block, block, lq, lq)
+        table[0, h] = ((rng.random((nb, nb)) < p) & causal) | forced
+    return A.BlockMask.from_block_table(table, block, block, lq, lq), table
 
 
 def bench_attention(rows: list, quick: bool) -> None:
@@ -164,12 +166,12 @@ def bench_attention(rows: list, quick: bool) -> None:
                                reps=10)
         t_dense = None
         for density in (1.0, 0.25, 0.1):
-            mask = None if density == 1.0 else _density_mask(density, lq, block, hkv)
+            mask, blocks = (None, None) if density == 1.0 else _density_mask(density, lq, block, hkv)
             t = cuda_time(lambda: bt.attention(q, k, v, mask, causal=True), reps=10)
             t_dense = t if density == 1.0 else t_dense
             t_flex = None
             if flex is not None:
-                table = torch.from_numpy(mask.to_dense()[:, :, ::block, ::block].copy()).cuda() if mask else None
+                table = None if blocks is None else torch.from_numpy(blocks).cuda()
                 g = hq // hkv
 
                 def mask_mod(b, h, qi, ki):
@@ -180,8 +182,9 @@ def bench_attention(rows: list, quick: bool) -> None:
                     t_flex = cuda_time(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), reps=10)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     print(f"flex_attention failed: {e}", file=sys.stderr)
-            flops = 4 * hq * d * lq * lq / 2 * density / t / 1e12
-            rows.append(("attention", f"prefill {lq // 1024}K density {density}", t * 1e6, t_sdpa / t,
+            flops = 4 * hq * d * lq * lq / 2 * (1.0 if mask is None else mask.density()) / t / 1e12
+            real = 1.0 if mask is None else mask.density()
+            rows.append(("attention", f"prefill {lq // 1024}K density {real:.2f}", t * 1e6, t_sdpa / t,
                          None if t_flex is None else t_flex / t,
                          f"{flops:.0f} TF/s eff; {t_dense / t:.2f}x dense"))
 

@@ -47,9 +47,16 @@ def _weight(rng, n, k, group, scale_dtype, bits):
 
 
 def _reference(x, qw, bits):
+    """float64 x @ W^T, with W rounded to x's dtype where the kernel multiplies on tensor cores
+    (16-bit x with more than 2 rows: each weight is dequantized once to x's type, as a bf16
+    model's F.linear would hold it), else the exact W."""
     cpu = bs.QWeight(qw.plane0.cpu(), None if qw.plane1 is None else qw.plane1.cpu(), qw.scales.cpu(),
-                     qw.biases.cpu(), qw.group_size)
-    return bs.qmatmul_f64(x.float().cpu().numpy(), cpu.to("numpy"), bits)
+                     qw.biases.cpu(), qw.group_size).to("numpy")
+    w = bs.dequantize_f64(cpu, bits)
+    m = x.numel() // x.shape[-1]
+    if x.dtype != torch.float32 and m > 2:
+        w = torch.from_numpy(w).to(x.dtype).double().numpy()
+    return x.double().cpu().numpy().reshape(m, -1) @ w.T
 
 
 def _run_native(x, qw, bits):
@@ -237,7 +244,7 @@ def test_bad_input_raises_the_cpu_messages(rng):
     with pytest.raises(ValueError, match="act_bits must be 16 for CUDA"):
         bt.qmatmul(x, qw, 8, act_bits=8)
     with pytest.raises(ValueError, match="scales must have shape"):
-        torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales[:, :2], qw.biases, 64, 8)
+        torch.ops.bitswitch.qmatmul(x, qw.plane0, qw.plane1, qw.scales[:32], qw.biases, 64, 8)
     q = torch.randn(1, 4, 8, 96, device=DEV)
     with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
         bt.attention(q, q[:, :2], q[:, :2])
