@@ -66,3 +66,13 @@ def test_bench_attention_smoke(tmp_path, capsys):
                                                         ("decode", 4 / 16)]
     assert all(r["ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
     assert 0.5 <= rows[1]["actual_density"] < 1.0
+
+
+def test_bench_gpu_without_a_gpu(capsys):
+    """`bitswitch bench gpu` (and bench/gpu.py) needs a CUDA GPU: without one it says so and
+    returns 2 instead of failing somewhere inside."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_cuda.py and bench/gpu_check.sh run the benchmark there")
+    assert cli.main(["bench", "gpu", "--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -9,6 +9,7 @@
     bitswitch bench attention      block-sparse attention against torch SDPA
     bitswitch bench e2e            Qwen3 prefill and decode (INT8, INT4) against transformers bf16
     bitswitch bench precision      one model's precision settings: speed, bytes, KL, switch time
+    bitswitch bench gpu            CUDA kernels against cuBLAS, tinygemm, SDPA, flex_attention
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_TARGETS = ("kernels", "attention", "e2e", "precision")
+BENCH_TARGETS = ("kernels", "attention", "e2e", "precision", "gpu")
 
 
 def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -69,6 +70,10 @@ def _bench(a: argparse.Namespace, rest: Sequence[str]) -> int:
         from . import bench_precision
 
         return bench_precision.main(list(rest))
+    if a.target == "gpu":
+        from . import bench_gpu
+
+        return bench_gpu.main(list(rest))
     return 2  # unreachable: argparse restricts the choices
 
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the CUDA backend needs checked on a machine with one NVIDIA GPU, in one command:
+# build _C and _cuda for this GPU's architecture only (fast), run the GPU tests (every kernel
+# against float64, CUDA graphs, torch.compile, GraphDecoder, compute-sanitizer memcheck, the
+# error messages), then print the benchmark table (bitswitch bench gpu) last.
+#
+#   bash bench/gpu_check.sh [--quick] [--e2e 0.6b]      (arguments go to bench/gpu.py)
+#
+# Uses the python3 that holds torch; needs cmake, pybind11, numpy, ml_dtypes, safetensors,
+# tokenizers and pytest there (no network access is needed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+arch=$($py -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')") || exit 1
+echo "== build for sm_$arch"
+cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DBITSWITCH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+  -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $py)" >/dev/null || exit 1
+cmake --build build/gpu -j "$(nproc)" >/dev/null || exit 1
+cp build/gpu/_C*.so build/gpu/cuda/_cuda*.so python/bitswitch/ || exit 1
+export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
+$py -c "import bitswitch as bs; print(bs.info()['cuda'])"
+echo "== GPU tests"
+$py -m pytest tests/test_cuda.py tests/test_cuda_build.py -q -p no:cacheprovider -rs
+tests_rc=$?
+echo "== benchmark"
+$py bench/gpu.py "$@"
+bench_rc=$?
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
