@@ -12,7 +12,8 @@ whole cache with causality hiding the rows past the position, so one capture ser
 position. A graph bakes in which planes each layer reads, so there is one graph per
 precision setting, captured the first time that setting decodes (set_precision between
 tokens still takes effect at the next step). Steps whose attention would select pages
-(a sparse layer past its page budget) run eagerly, so the tokens are those of model(ids).
+(a sparse layer past its page budget) run eagerly, so every step computes what model(ids)
+computes, to float summation order (whole-cache attention splits its keys differently).
 """
 
 from __future__ import annotations
