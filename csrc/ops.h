@@ -58,11 +58,18 @@ void set_cuda_backend(const CudaBackend* backend);
 const CudaBackend* cuda_backend();
 // The table, or ValueError(op: `arg` is a CUDA array but ...) when there is none.
 const CudaBackend& cuda_backend_or_throw(const char* op, const char* arg);
-// Runs one backend entry: call(err, errlen) returns 0 or a cudaError_t code; a failure
-// becomes a RuntimeError naming the op and CUDA's message.
-template <class Call> void run_cuda(const char* op, Call call) {
+// Runs the backend entry pick(table) on `a` on the device of ref (the array named arg), with
+// the caller's stream and scratch (cuda may be null: the default stream, no scratch). A
+// failure becomes a RuntimeError naming the op and CUDA's message.
+template <class Args, class Pick>
+void run_cuda(const char* op, const char* arg, const TensorView& ref, const CudaLaunch* cuda, const Args& a,
+              Pick pick) {
+  const CudaBackend& backend = cuda_backend_or_throw(op, arg);
+  CudaLaunch launch;
+  if (cuda) launch = *cuda;
+  launch.device = ref.device_index;
   char err[512] = {0};
-  const int32_t rc = call(err, int32_t(sizeof(err)));
+  const int32_t rc = pick(backend)(&a, &launch, err, int32_t(sizeof(err)));
   if (rc != 0) throw std::runtime_error(std::string(op) + ": CUDA error " + std::to_string(rc) + ": " + err);
 }
 

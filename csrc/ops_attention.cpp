@@ -203,12 +203,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
 
   if (q.device == Device::kCUDA) {
     a.q_offsets = q_offsets ? static_cast<const int32_t*>(q_offsets->data) : nullptr;
-    const CudaBackend& be = cuda_backend_or_throw(kOp, "q");
-    CudaLaunch launch;
-    if (cuda) launch = *cuda;
-    launch.device = q.device_index;
-    run_cuda(kOp, [&](char* err, int32_t n) { return be.attention(&a, &launch, err, n); });
-    return;
+    return run_cuda(kOp, "q", q, cuda, a, [](const CudaBackend& b) { return b.attention; });
   }
 
   const cpu::Variant variant = variant_or_throw(kOp);

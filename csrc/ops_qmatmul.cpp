@@ -266,12 +266,7 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
         throw ValueError(prefix(op, t == plane1 ? "plane1" : "plane0") +
                          "must start at a 16-byte aligned address on CUDA (a view that does not start at a row "
                          "boundary is not); make a contiguous copy");
-    const CudaBackend& be = cuda_backend_or_throw(op, "x");
-    CudaLaunch launch;
-    if (cuda) launch = *cuda;
-    launch.device = x.device_index;
-    run_cuda(op, [&](char* err, int32_t n) { return be.qmatmul(&a, &launch, err, n); });
-    return;
+    return run_cuda(op, "x", x, cuda, a, [](const CudaBackend& b) { return b.qmatmul; });
   }
   const cpu::Variant v = variant_or_throw(op);
   auto pool = cpu::pool();

@@ -101,20 +101,22 @@ AttentionParams attention_params(const cpu::AttentionArgs& a) {
   return p;
 }
 
-int32_t qmatmul_entry(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+// Runs launch(params, workspace, bytes, num_sms, stream) on the caller's device and stream.
+template <class Params, class Launch>
+int32_t launch_on(const CudaLaunch* l, const Params& p, Launch launch, const char* what, char* err, int32_t errlen) {
   DeviceGuard guard(l->device);
   if (guard.error() != cudaSuccess) return fail(guard.error(), "cudaSetDevice", err, errlen);
-  const cudaError_t e = qmatmul(qmatmul_params(*a), l->workspace, size_t(l->workspace_bytes), num_sms(l->device),
-                                static_cast<cudaStream_t>(l->stream));
-  return e == cudaSuccess ? 0 : fail(e, "qmatmul launch", err, errlen);
+  const cudaError_t e = launch(p, l->workspace, size_t(l->workspace_bytes), num_sms(l->device),
+                               static_cast<cudaStream_t>(l->stream));
+  return e == cudaSuccess ? 0 : fail(e, what, err, errlen);
+}
+
+int32_t qmatmul_entry(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  return launch_on(l, qmatmul_params(*a), &cuda::qmatmul, "qmatmul launch", err, errlen);
 }
 
 int32_t attention_entry(const cpu::AttentionArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
-  DeviceGuard guard(l->device);
-  if (guard.error() != cudaSuccess) return fail(guard.error(), "cudaSetDevice", err, errlen);
-  const cudaError_t e = attention(attention_params(*a), l->workspace, size_t(l->workspace_bytes),
-                                  num_sms(l->device), static_cast<cudaStream_t>(l->stream));
-  return e == cudaSuccess ? 0 : fail(e, "attention launch", err, errlen);
+  return launch_on(l, attention_params(*a), &cuda::attention, "attention launch", err, errlen);
 }
 
 }  // namespace
