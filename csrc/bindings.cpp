@@ -457,6 +457,35 @@ q_offsets: None or int32 [B] on q's device, each batch row's q_offset (replacing
 a decode step captured in a CUDA graph reads its position from there.)doc");
 
   m.def(
+      "select_pages_at",
+      [](py::handle q, py::handle k, py::handle kmin, py::handle kmax, py::handle positions, py::handle indices,
+         int64_t sinks, int64_t block_k, uintptr_t stream) {
+        const char* op = "select_pages_at";
+        Arg aq, ak, ac, ar, ap, ai;
+        to_arg(q, aq, op, "q");
+        to_arg(k, ak, op, "k");
+        to_arg(kmin, ac, op, "kmin");
+        to_arg(kmax, ar, op, "kmax");
+        to_arg(positions, ap, op, "positions");
+        to_arg(indices, ai, op, "indices");
+        const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
+        py::gil_scoped_release nogil;
+        bs::select_pages_at(aq.v, ak.v, ac.v, ar.v, ap.v, ai.v, sinks, block_k, &launch);
+      },
+      py::arg("q"), py::arg("k"), py::arg("kmin"), py::arg("kmax"), py::arg("positions"), py::arg("indices"),
+      py::arg("sinks"), py::arg("block_k"), py::arg("stream") = 0,
+      R"doc(Quest-style page selection for one decode step, with its position in memory.
+
+q: [B, Hq, 1, D] at positions (int32 [B]) over the key cache k [B, Hkv, capacity, D] (one float
+dtype, unit stride on D) holding that position's key. kmin and kmax: float32
+[B, Hkv, ceil(capacity / block_k), D], per-block key minimum and maximum summarizing keys
+[0, position); the position's key is folded in, in place. indices: int32 [B, Hkv, n],
+written with the n key blocks of highest bound max_g sum_d q c + |q| r (c, r the block's
+midpoint and half-range; blocks below `sinks` and the position's own block first, ties to
+the lower block), in increasing order. CUDA arrays: queued on `stream`; positions are
+clamped, not checked.)doc");
+
+  m.def(
       "_set_cuda_backend",
       [](py::handle capsule) {
         if (capsule.is_none()) return bs::set_cuda_backend(nullptr);

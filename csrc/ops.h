@@ -120,6 +120,17 @@ struct BlockMaskViews {
 void attention(const TensorView& q, const TensorView& k, const TensorView& v, const BlockMaskViews& mask,
                bool causal, double scale, int64_t q_offset, const TensorView& out, const TensorView* lse,
                const CudaLaunch* cuda = nullptr, const TensorView* q_offsets = nullptr);
+// Decode page selection (cpu/kernels.h PageSelectArgs has the exact contract): for q
+// [B, Hq, 1, D] at positions[b] (int32 [B]) over the key cache k [B, Hkv, capacity, D],
+// folds each position's key into the per-block key summaries (kmin, kmax: float32
+// [B, Hkv, ceil(capacity / block_k), D], updated in place; they must summarize keys
+// [0, position) already), then writes the n = indices.shape[2] best key blocks per (batch,
+// kv head) into indices (int32 [B, Hkv, n]) in increasing order: a BSR mask row for
+// attention with indptr [0, n]. Every array on q's device. On CUDA the positions are not
+// read by the glue (that would synchronize): the kernel clamps them to [0, capacity).
+void select_pages_at(const TensorView& q, const TensorView& k, const TensorView& kmin, const TensorView& kmax,
+                     const TensorView& positions, const TensorView& indices, int64_t sinks, int64_t block_k,
+                     const CudaLaunch* cuda = nullptr);
 // Test hook: key-block ranges per decode task (split-KV) for every later call; 0 lets the
 // kernel choose (it splits only when there are too few tasks for the threads).
 void set_attention_kv_splits(int64_t n);

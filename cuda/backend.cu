@@ -9,6 +9,7 @@
 
 #include "attention.cuh"
 #include "backend.h"
+#include "page_select.cuh"
 #include "qmatmul.cuh"
 
 namespace bitswitch {
@@ -101,6 +102,30 @@ AttentionParams attention_params(const cpu::AttentionArgs& a) {
   return p;
 }
 
+PageSelectParams select_pages_params(const cpu::PageSelectArgs& a) {
+  PageSelectParams p;
+  p.q = a.q;
+  p.k = a.k;
+  p.kmin = a.kmin;
+  p.kmax = a.kmax;
+  p.indices = a.indices;
+  p.positions = a.positions;
+  p.dtype = to_cuda(a.dtype);
+  p.b = a.b;
+  p.hq = a.hq;
+  p.hkv = a.hkv;
+  p.capacity = a.capacity;
+  p.d = a.d;
+  p.nkb = a.nkb;
+  p.n = a.n;
+  p.q_strides[0] = a.q_strides[0];
+  p.q_strides[1] = a.q_strides[1];
+  for (int i = 0; i < 3; ++i) p.k_strides[i] = a.k_strides[i];
+  p.block_k = a.block_k;
+  p.sinks = a.sinks;
+  return p;
+}
+
 // Runs launch(params, workspace, bytes, num_sms, stream) on the caller's device and stream.
 template <class Params, class Launch>
 int32_t launch_on(const CudaLaunch* l, const Params& p, Launch launch, const char* what, char* err, int32_t errlen) {
@@ -119,6 +144,11 @@ int32_t attention_entry(const cpu::AttentionArgs* a, const CudaLaunch* l, char* 
   return launch_on(l, attention_params(*a), &cuda::attention, "attention launch", err, errlen);
 }
 
+int32_t select_pages_entry(const cpu::PageSelectArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  auto launch = [](const PageSelectParams& p, void*, size_t, int, cudaStream_t s) { return cuda::select_pages(p, s); };
+  return launch_on(l, select_pages_params(*a), launch, "select_pages_at launch", err, errlen);
+}
+
 }  // namespace
 
 const CudaBackend* backend_table() {
@@ -126,6 +156,7 @@ const CudaBackend* backend_table() {
     CudaBackend t;
     t.qmatmul = qmatmul_entry;
     t.attention = attention_entry;
+    t.select_pages = select_pages_entry;
     return t;
   }();
   return &table;

@@ -25,6 +25,7 @@ from bitswitch import attention as A  # noqa: E402
 from bitswitch import torch as bt  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_attention import SHAPES, decode_case, kv_splits, make_mask  # noqa: E402
+import pages_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and _C._has_cuda_backend()),
@@ -180,6 +181,67 @@ def test_page_selection_runs_on_cuda_tensors(rng):
     assert rel_err(out.float().cpu().numpy(), ref) <= ATTN_TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_select_pages_at_matches_oracle(rng, dtype):
+    """The CUDA page selection against the oracle: the fold bit for bit, a valid top-n (the
+    exact one where scores are apart), GQA 4 and 16, more blocks than the CTA's threads."""
+    for b, hq, hkv, cap, d, bk in ((2, 8, 2, 4100, 128, 64), (1, 16, 1, 20000, 64, 32)):
+        nkb = -(-cap // bk)
+        positions = rng.integers(bk, cap, size=b).astype(np.int32)
+        k = torch.randn(b, hkv, cap, d, dtype=DT[dtype], device=DEV)
+        q = torch.randn(b, hq, 1, d, dtype=DT[dtype], device=DEV)
+        pages = bt.DecodePages(k, block_k=bk)
+        kmin = torch.empty_like(pages.kmin)
+        kmax = torch.empty_like(pages.kmax)
+        for bi, pos in enumerate(positions):  # summaries of keys [0, pos) per batch row
+            pages.rebuild(k, int(pos))
+            kmin[bi], kmax[bi] = pages.kmin[bi], pages.kmax[bi]
+        for n, sinks in ((1, 0), (6, 1), (nkb, 2)):
+            lo, hi = kmin.clone(), kmax.clone()
+            want_lo, want_hi = pages_oracle.fold(k.float().cpu().numpy(), lo.cpu().numpy(), hi.cpu().numpy(),
+                                                 positions, bk)
+            ix = bt.select_pages_at(q, k, lo, hi, torch.from_numpy(positions).to(DEV), n, sinks, bk)
+            assert np.array_equal(lo.cpu().numpy()[np.isfinite(want_lo)], want_lo[np.isfinite(want_lo)])
+            assert np.array_equal(hi.cpu().numpy()[np.isfinite(want_hi)], want_hi[np.isfinite(want_hi)])
+            score = pages_oracle.scores(q.float().cpu().numpy(), lo.cpu().numpy(), hi.cpu().numpy(), positions, sinks, bk)
+            pages_oracle.check(ix.cpu().numpy(), score, n, what=f"{dtype} n={n}")
+
+
+def test_sparse_decode_step_in_a_cuda_graph(rng):
+    """Page selection + attention captured once, replayed at successive positions (position
+    in memory): each replay equals the eager step at that position."""
+    b, hq, hkv, cap, d = 1, 8, 2, 2048, 128
+    k = torch.randn(b, hkv, cap, d, dtype=torch.bfloat16, device=DEV)
+    v = torch.randn_like(k)
+    q = torch.randn(b, hq, 1, d, dtype=torch.bfloat16, device=DEV)
+    positions = torch.full((b,), 1500, dtype=torch.int32, device=DEV)
+    graph_pages, eager_pages = bt.DecodePages(k), bt.DecodePages(k)
+    for p in (graph_pages, eager_pages):
+        p.rebuild(k, 1500)
+
+    def step(pages):
+        mask = pages.select(q, k, positions, 5)
+        return bt.attention(q, k, v, mask, causal=True, q_offsets=positions), mask[1]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(graph_pages)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, ix = step(graph_pages)
+    for pos in range(1500, 1540):
+        positions.fill_(pos)
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        want, want_ix = step(eager_pages)
+        torch.cuda.synchronize()
+        assert torch.equal(ix, want_ix), pos
+        assert torch.equal(out, want), pos
+    assert torch.equal(graph_pages.kmin, eager_pages.kmin) and torch.equal(graph_pages.kmax, eager_pages.kmax)
+
+
 def test_cuda_graph_capture_and_replay(rng):
     """qmatmul (GEMV and GEMM) and attention (prefill and split-KV decode) captured in one
     CUDA graph, replayed on new inputs written in place: the replay equals eager."""
@@ -320,3 +382,33 @@ def test_graph_decoder_matches_eager_decode():
         model.set_precision("performance" if mode == "efficiency" else "efficiency")
         dec.step(steps[:, :1].to(DEV))
         assert dec.captures == 2
+
+
+def test_graph_decoder_selects_pages_on_the_gpu():
+    """Sparse layers past their page budget decode inside the graph (pages chosen on the GPU):
+    the logits of eager decode (which selects pages on the GPU too, without graphs) and one
+    capture for the whole run, across a precision switch that makes another layer sparse."""
+    from bitswitch.models.cuda_graph import GraphDecoder
+    from bitswitch.models.embedded import default_model_path
+
+    model = bs.load(default_model_path(), dtype="bfloat16").to(DEV)
+    model.layers[0].self_attn.sparse = {"pages": 2}
+    model.prefill_plan = {"method": "causal"}
+    prompt = torch.randint(3, 200, (1, 300))
+    steps = torch.randint(3, 200, (1, 40))
+    model.reset(capacity=512)
+    model(prompt)
+    ref = []
+    for i in range(steps.shape[1]):
+        if i == 20:
+            model.layers[1].self_attn.sparse = {"pages": 3}
+        ref.append(model(steps[:, i:i + 1]).float().cpu())
+    model.layers[1].self_attn.sparse = None
+    model.truncate(prompt.shape[1])
+    dec = GraphDecoder(model)
+    for i in range(steps.shape[1]):
+        if i == 20:
+            model.layers[1].self_attn.sparse = {"pages": 3}
+        got = dec.step(steps[:, i:i + 1].to(DEV)).float().cpu()
+        assert rel_err(got.numpy(), ref[i].numpy()) <= 2e-2, i
+    assert dec.captures == 2

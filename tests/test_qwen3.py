@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 import bitswitch as bs  # noqa: E402
 from bitswitch.models.config import Qwen3Config, rope_inv_freq  # noqa: E402
 from bitswitch.models.load import load  # noqa: E402
+from bitswitch import torch as bt  # noqa: E402
 
 VOCAB = 300
 
@@ -245,3 +246,80 @@ def test_forward_at_equals_decode_steps(tmp_path, kind):
             assert rel(got, ref) <= 3e-4, (bits, i)
         assert rel(model.cache.k[:, :, :, :20], k_ref) <= 1e-5
     assert model.decode_is_dense()
+
+
+def test_forward_at_selects_pages_like_decode(tmp_path):
+    """Sparse layers past their page budget: forward_at (pages chosen by select_pages_at from
+    summaries kept on the cache's device) gives the logits of ordinary decode steps (pages
+    from select_pages on the host), across block boundaries, after a precision switch that
+    makes a layer sparse mid-decode (its summaries rebuilt), and after truncate (dropped)."""
+    make_hf("qwen3", tied=False).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype="float32", group_size=32)
+    model.set_bits(8)
+    ids = torch.randint(0, VOCAB, (1, 420))
+    model.layers[0].self_attn.sparse = {"pages": 3}
+    model.prefill_plan = {"method": "causal"}
+    model.reset(capacity=512)
+
+    def run(stepper):
+        model.truncate(0)
+        model.layers[1].self_attn.sparse = None
+        model(ids[:, :300])
+        out = []
+        for i in range(300, 420):
+            if i == 360:
+                model.layers[1].self_attn.sparse = {"pages": 4}
+            out.append(stepper(ids[:, i:i + 1]))
+        return torch.cat(out, 1)
+
+    def at(x):
+        logits = model.forward_at(x, torch.full((1,), model.cache.length, dtype=torch.int32))
+        model.cache.length += 1
+        model.mark_decoded()
+        return logits
+
+    ref = run(model)
+    assert not model.decode_is_dense()
+    got = run(at)
+    assert rel(got, ref) <= 3e-4
+    assert model.cache.pages[1] is not None and model.cache.pages[1].length == 420
+    dense = [layer.self_attn.sparse for layer in model.layers]
+    for layer in model.layers:
+        layer.self_attn.sparse = None
+    model.truncate(300)
+    full = torch.cat([model(ids[:, i:i + 1]) for i in range(300, 310)], 1)
+    assert rel(full, ref[:, :10]) > 1e-3  # pages mattered: the check above compares sparse steps
+    for layer, sp in zip(model.layers, dense):
+        layer.self_attn.sparse = sp
+    model.truncate(300)
+    assert all(p is None for p in model.cache.pages)
+
+
+def test_device_pages_in_eager_decode(tmp_path, monkeypatch):
+    """Eager decode off the CPU selects pages with DecodePages (no host round trip); forced
+    onto the CPU here, it gives the logits of host-side selection and keeps the summaries
+    current step after step (no rebuild once past the budget)."""
+    make_hf("qwen3", tied=False).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype="float32", group_size=32)
+    model.set_bits(4)
+    for layer in model.layers:
+        layer.self_attn.sparse = {"pages": 2}
+    model.prefill_plan = {"method": "causal"}
+    ids = torch.randint(0, VOCAB, (1, 260))
+    model.reset(capacity=300)
+
+    def run():
+        model.truncate(0)
+        model(ids[:, :100])
+        return torch.cat([model(ids[:, i:i + 1]) for i in range(100, 260)], 1)
+
+    ref = run()
+    assert all(p is None for p in model.cache.pages)
+    monkeypatch.setattr("bitswitch.models.qwen3._pages_on_device", lambda q: True)
+    rebuilds = []
+    orig = bt.DecodePages.rebuild
+    monkeypatch.setattr(bt.DecodePages, "rebuild", lambda self, k, n: (rebuilds.append(n), orig(self, k, n)))
+    got = run()
+    assert rel(got, ref) <= 3e-4
+    assert rebuilds == [128, 128]  # each layer once, at the first step past 2 pages (position 128)
+    assert all(p.length == 260 for p in model.cache.pages)

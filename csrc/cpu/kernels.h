@@ -68,6 +68,38 @@ struct AttentionArgs {
   const int32_t* q_offsets = nullptr;
 };
 
+// Quest-style page selection for one decode step (ops.h select_pages_at). Per (batch b,
+// kv head h), with pos = positions[b] and last = pos / block_k:
+//   1. key pos is folded into the summary of block `last`: kmin / kmax (per channel) become
+//      the key itself when pos starts the block, else their min / max with it. The blocks
+//      before `last`, and `last` up to pos - 1, must already summarize keys [0, pos).
+//   2. block j <= last scores max over the kv head's query heads g of
+//      sum_d q[g, d] c[j, d] + |q[g, d]| r[j, d], c = (kmax + kmin) / 2, r = (kmax - kmin) / 2
+//      (an upper bound of q . k over the block's keys); blocks j < sinks and j == last score
+//      +inf, blocks j > last -inf (as does a NaN score);
+//   3. the n blocks of highest score (ties: the lower block number) are written to indices
+//      in increasing order. With n > last + 1 the tail is the blocks after `last`, which
+//      causal attention at position pos reads nothing of.
+struct PageSelectArgs {
+  const void* q;                // q: [B, Hq, 1, D], dtype; B and H strides below, unit stride on D
+  const void* k;                // k: [B, Hkv, capacity, D], dtype; strides below, unit stride on D
+  float* kmin;                  // kmin, kmax: [B, Hkv, nkb, D] float32, C-contiguous
+  float* kmax;
+  int32_t* indices;             // indices: [B, Hkv, n] C-contiguous
+  const int32_t* positions;     // positions: [B], each in [0, capacity)
+  DType dtype;                  // of q and k: float32, bfloat16 or float16
+  int64_t b, hq, hkv, capacity, d;
+  int64_t nkb;                  // ceil(capacity / block_k)
+  int64_t n;                    // blocks kept per (batch, kv head): 1 <= n <= nkb
+  int64_t q_strides[2];         // element strides of q's B and H dimensions
+  int64_t k_strides[3];         // element strides of k's B, H and L dimensions
+  int32_t block_k;              // keys per block: 32, 64 or 128
+  int32_t sinks;                // leading blocks always kept
+};
+
+// The scalar kernel (the selection is a few thousand multiply-adds per kv head).
+Status select_pages_scalar(const PageSelectArgs& a, ThreadPool& pool);
+
 // Which implementation runs a kernel (values are stable; kAvx512Bf16 came last).
 enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAvx512Bf16 = 4 };
 // Every variant, each needing more of the CPU than the one before (for messages and listings).

@@ -18,8 +18,8 @@ from . import _arrays as A
 from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
-__all__ = ["FULL", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv", "rope_qkv_at",
-           "set_precision", "silu_mul"]
+__all__ = ["FULL", "DecodePages", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv",
+           "rope_qkv_at", "select_pages_at", "set_precision", "silu_mul"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -31,6 +31,10 @@ _lib.define(
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? indptr, Tensor? indices, int block_q, int block_k, "
     "bool causal=True, float? scale=None, int q_offset=0, Tensor? q_offsets=None) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "select_pages_at(Tensor q, Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, Tensor positions, int n, "
+    "int sinks=1, int block_k=64) -> Tensor"
 )
 
 
@@ -91,6 +95,24 @@ def _attention_fake(q, k, v, indptr, indices, block_q, block_k, causal=True, sca
         raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+def _select_pages_at_cpu(q, k, kmin, kmax, positions, n, sinks=1, block_k=64):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("select_pages_at: q and k must be 4-D [batch, heads, length, head_dim]")
+    indices = torch.empty((q.shape[0], k.shape[1], n), dtype=torch.int32)
+    _C.select_pages_at(q, k, kmin, kmax, positions, indices, sinks, block_k)
+    return indices
+
+
+_lib.impl("select_pages_at", _select_pages_at_cpu, "CPU")
+
+
+@torch.library.register_fake("bitswitch::select_pages_at")
+def _select_pages_at_fake(q, k, kmin, kmax, positions, n, sinks=1, block_k=64):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("select_pages_at: q and k must be 4-D [batch, heads, length, head_dim]")
+    return q.new_empty((q.shape[0], k.shape[1], n), dtype=torch.int32)
 
 
 # -- NVIDIA GPUs: the same ops on CUDA tensors, through bitswitch._cuda --------------------
@@ -161,7 +183,16 @@ def _attention_cuda(q, k, v, indptr, indices, block_q, block_k, causal=True, sca
     return out, lse
 
 
+def _select_pages_at_cuda(q, k, kmin, kmax, positions, n, sinks=1, block_k=64):
+    _cuda_module()
+    indices = torch.empty((q.shape[0], k.shape[1] if k.dim() == 4 else 0, n), dtype=torch.int32, device=q.device)
+    _C.select_pages_at(q, k, kmin, kmax, positions, indices, sinks, block_k,
+                       stream=torch.cuda.current_stream(q.device).cuda_stream)
+    return indices
+
+
 _lib.impl("qmatmul", _qmatmul_cuda, "CUDA")
+_lib.impl("select_pages_at", _select_pages_at_cuda, "CUDA")
 _lib.impl("attention", _attention_cuda, "CUDA")
 
 
@@ -285,21 +316,117 @@ _lib.impl("qmatmul", _qmatmul_metal, "MPS")
 _lib.impl("attention", _attention_metal, "MPS")
 
 
+def _select_pages_at_metal(q, k, kmin, kmax, positions, n, sinks=1, block_k=64):
+    raise ValueError("select_pages_at: runs on CPU and CUDA tensors, not MPS; on Apple GPUs decode selects pages "
+                     "on the host (bitswitch.attention.select_pages)")
+
+
+_lib.impl("select_pages_at", _select_pages_at_metal, "MPS")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal: bool = True,
               scale: Optional[float] = None, q_offset: int = 0, return_lse: bool = False,
               q_offsets: Optional[torch.Tensor] = None):
-    """torch.ops.bitswitch.attention with a bitswitch.attention.BlockMask (None: dense);
-    the semantics of bitswitch.ops.attention. Traceable by torch.compile. q_offsets: an
-    int32 [B] tensor on q's device holding each batch row's q_offset (replacing q_offset), for
-    steps captured in a CUDA graph, whose positions must come from memory."""
+    """torch.ops.bitswitch.attention with a bitswitch.attention.BlockMask (None: dense) or
+    a mask already on q's device as (indptr, indices, block_q, block_k) tensors and ints
+    (DecodePages.select); the semantics of bitswitch.ops.attention. Traceable by
+    torch.compile. q_offsets: an int32 [B] tensor on q's device holding each batch row's
+    q_offset (replacing q_offset), for steps captured in a CUDA graph, whose positions must
+    come from memory."""
     if mask is None:
         ip = ix = None
         bq, bk = _DENSE_TILE
+    elif isinstance(mask, tuple):
+        ip, ix, bq, bk = mask
     else:
         ip, ix = mask.torch_tensors(q.device)
         bq, bk = mask.block_q, mask.block_k
     out, lse = torch.ops.bitswitch.attention(q, k, v, ip, ix, bq, bk, causal, scale, q_offset, q_offsets)
     return (out, lse) if return_lse else out
+
+
+def select_pages_at(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                    positions: torch.Tensor, n: int, sinks: int = 1, block_k: int = 64) -> torch.Tensor:
+    """torch.ops.bitswitch.select_pages_at: Quest-style page selection for one decode step
+    whose position is held in memory, so that it can be captured in a CUDA graph.
+
+    q [B, Hq, 1, D] sits at positions (int32 [B]) and k [B, Hkv, capacity, D] is the key cache
+    with that position's key written. kmin / kmax (float32 [B, Hkv, ceil(capacity / block_k),
+    D]) hold each key block's per-channel minimum and maximum over keys [0, position); the op
+    folds the position's key in, in place (DecodePages keeps them current). Returns indices
+    int32 [B, Hkv, n]: per kv head, the n blocks with the highest bound max over its query
+    heads of sum_d q c + |q| r (c, r: the block's midpoint and half-range, the score of
+    bitswitch.attention.select_pages), the first `sinks` blocks and the position's own block
+    always among them, ties to the lower block, in increasing order. Blocks after the
+    position rank last, so with fewer blocks than n the tail holds blocks that causal
+    attention reads nothing of. With indptr [0, n] this is a BSR mask row for attention (see
+    DecodePages.select)."""
+    return torch.ops.bitswitch.select_pages_at(q, k, kmin, kmax, positions, n, sinks, block_k)
+
+
+class DecodePages:
+    """Decode page selection on the KV cache's device: per-block key summaries of one
+    layer's cache kept as tensors, and the mask of a step computed from them without
+    reading anything back to the host (so a decode step with block-sparse attention can be
+    captured in a CUDA graph). The device counterpart of bitswitch.attention's
+    KeyBlockSummary + select_pages, with the same scores.
+
+        pages = DecodePages(k_cache)                  # [B, Hkv, capacity, D]
+        pages.rebuild(k_cache, length)                # summaries of keys [0, length)
+        mask = pages.select(q, k_cache, positions, n) # key at positions[b] already written
+        out = bitswitch.torch.attention(q, k_cache, v_cache, mask, q_offsets=positions)
+
+    `length` (host side) is how many keys the summaries cover: select at position p needs
+    exactly keys [0, p) covered (or [0, p], running the same step again) and covers p + 1
+    afterwards; positions live on the device, so the caller records it (covered()).
+    """
+
+    def __init__(self, k_cache: torch.Tensor, block_k: int = 64):
+        if k_cache.dim() != 4:
+            raise ValueError(f"DecodePages: k_cache must be [B, Hkv, capacity, D], got shape {tuple(k_cache.shape)}")
+        if block_k not in (32, 64, 128):
+            raise ValueError(f"DecodePages: block_k must be 32, 64 or 128, got {block_k!r}")
+        b, hkv, cap, d = k_cache.shape
+        self.block_k = block_k
+        self.capacity = cap
+        self.nkb = -(-cap // block_k)
+        self.kmin = torch.zeros((b, hkv, self.nkb, d), dtype=torch.float32, device=k_cache.device)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.length = 0
+        self._indptr: dict = {}  # n -> int32 [B, Hkv, 2] rows [0, n]
+
+    def rebuild(self, k_cache: torch.Tensor, length: int) -> None:
+        """Recomputes the summaries of every block holding keys [0, length) (torch ops on the
+        cache's device, nothing read back)."""
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"DecodePages.rebuild: length must be in [0, {self.capacity}], got {length!r}")
+        nb = -(-length // self.block_k)
+        if nb:
+            span = nb * self.block_k
+            k = k_cache.narrow(2, 0, min(span, self.capacity)).float()
+            if k.shape[2] < span:
+                k = F.pad(k, (0, 0, 0, span - k.shape[2]))
+            b, hkv, _, d = k.shape
+            k = k.view(b, hkv, nb, self.block_k, d)
+            valid = (torch.arange(span, device=k.device) < length).view(1, 1, nb, self.block_k, 1)
+            self.kmax[:, :, :nb] = torch.where(valid, k, float("-inf")).amax(3)
+            self.kmin[:, :, :nb] = torch.where(valid, k, float("inf")).amin(3)
+        self.length = length
+
+    def covered(self, length: int) -> None:
+        """Records that the summaries now cover keys [0, length) (after select steps)."""
+        self.length = length
+
+    def select(self, q: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor, n: int, sinks: int = 1) -> tuple:
+        """The mask of one decode step: (indptr, indices, block_q, block_k), for
+        bitswitch.torch.attention's mask argument; see select_pages_at."""
+        n = max(1, min(int(n), self.nkb))
+        indices = select_pages_at(q, k_cache, self.kmin, self.kmax, positions, n, sinks, self.block_k)
+        indptr = self._indptr.get(n)
+        if indptr is None:
+            row = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+            indptr = self._indptr[n] = row.expand(q.shape[0], k_cache.shape[1], 2).contiguous()
+        return indptr, indices, 64, self.block_k
 
 
 def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: int = 16) -> torch.Tensor:

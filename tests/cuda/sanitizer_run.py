@@ -1,7 +1,8 @@
 """A small run of every CUDA kernel, for compute-sanitizer (tests/test_cuda.py runs it as
 `compute-sanitizer --tool memcheck --error-exitcode 3 python tests/cuda/sanitizer_run.py`):
 the GEMV with and without split-K, the tensor-core GEMM with ragged edges, prefill attention
-with a block mask and strided KV-cache views, decode with forced splits, a garbage mask."""
+with a block mask and strided KV-cache views, decode with forced splits, a garbage mask,
+decode page selection (positions in and out of range)."""
 
 import numpy as np
 import torch
@@ -41,5 +42,12 @@ ix = torch.tensor([7, -3, 1, 99999, 0, 1, 0, 0, 0, 0], dtype=torch.int32, device
 q = torch.randn(1, 2, 64, 64, device=dev, dtype=torch.bfloat16)
 k = torch.randn(1, 2, 128, 64, device=dev, dtype=torch.bfloat16)
 torch.ops.bitswitch.attention(q, k, k, ip, ix, 64, 64, True, None, 64)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # decode page selection, clamped positions
+    k = torch.randn(2, 2, 1000, 128, dtype=dtype, device=dev)
+    pages = bt.DecodePages(k, block_k=32)
+    pages.rebuild(k, 999)
+    for pos in (0, 500, 999, 5000, -4):
+        pages.select(torch.randn(2, 8, 1, 128, dtype=dtype, device=dev), k,
+                     torch.full((2,), pos, dtype=torch.int32, device=dev), 7)
 torch.cuda.synchronize()
 print("sanitizer run done")

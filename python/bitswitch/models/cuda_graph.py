@@ -8,12 +8,14 @@ Set ``model.graph_decoder = GraphDecoder(model)`` and bitswitch.models.generate 
 ChatSession use it for every decode step (``bitswitch generate --device cuda`` does).
 
 A step is Qwen3.forward_at: the position comes from a device tensor, attention covers the
-whole cache with causality hiding the rows past the position, so one capture serves every
-position. A graph bakes in which planes each layer reads, so there is one graph per
-precision setting, captured the first time that setting decodes (set_precision between
-tokens still takes effect at the next step). Steps whose attention would select pages
-(a sparse layer past its page budget) run eagerly, so every step computes what model(ids)
-computes, to float summation order (whole-cache attention splits its keys differently).
+whole cache with causality hiding the rows past the position, and block-sparse layers pick
+their pages on the device (bitswitch.torch.select_pages_at over per-block key summaries the
+step itself keeps current), so one capture serves every position, dense or sparse. A graph
+bakes in which planes each projection reads and how many pages each sparse layer keeps, so
+there is one graph per precision setting, captured the first time that setting decodes
+(set_precision between tokens still takes effect at the next step). Every step computes
+what model(ids) computes, to float summation order (whole-cache attention splits its keys
+differently, and a page whose bound ties another's within rounding may be swapped).
 """
 
 from __future__ import annotations
@@ -75,19 +77,22 @@ class GraphDecoder:
             if m.cache.k.shape[1] != self.batch:
                 raise ValueError(f"GraphDecoder: the model's cache now holds batch {m.cache.k.shape[1]}, this "
                                  f"decoder was made for batch {self.batch}")
-        if not m.decode_is_dense():
-            return m(ids)
         m._forward_begin()
         try:
-            # What a capture bakes in: the view (planes) each projection reads.
-            key = tuple((lin.bits, lin.act_bits) for lin in self.linears)
+            # What a capture bakes in: the view (planes) each projection reads and the pages
+            # each sparse layer keeps.
+            key = (tuple((lin.bits, lin.act_bits) for lin in self.linears),
+                   tuple(layer.self_attn.decode_pages_kept() if layer.self_attn.sparse is not None else 0
+                         for layer in m.layers))
             entry = self.graphs.get(key)
             self.ids.copy_(ids, non_blocking=True)
             self.positions.fill_(m.cache.length)
+            m.prepare_decode()  # sparse layers' summaries current (rebuilt outside the graph)
             if entry is None:
                 entry = self.graphs[key] = self._capture()
             entry[0].replay()
             m.cache.length += 1
+            m.mark_decoded()
             return entry[1]
         finally:
             m._forward_end()

@@ -30,6 +30,13 @@ __all__ = ["KVCache", "QEmbedding", "Qwen3", "Qwen3Config"]
 _NAN = float("nan")  # attention's "scale = head_dim ** -0.5"
 
 
+def _pages_on_device(q: torch.Tensor) -> bool:
+    """Whether a sparse decode step selects its pages where q lives (DecodePages: nothing
+    read back to the host) rather than on the host (KeyBlockSummary + select_pages, the CPU
+    path)."""
+    return not q.is_cpu
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -129,6 +136,9 @@ class KVCache:
         # Per-layer views [B, Hkv, capacity, D], so a step indexes no layer dimension.
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.summaries: list = [None] * cfg.num_hidden_layers
+        # Per layer, the same summaries as tensors on the cache's device (bitswitch.torch.
+        # DecodePages): what decode selects pages from off the CPU and in forward_at.
+        self.pages: list = [None] * cfg.num_hidden_layers
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -145,6 +155,22 @@ class KVCache:
             self.summaries[layer] = s
         return s
 
+    def decode_pages(self, layer: int, length: int) -> "bt.DecodePages":
+        """The layer's device-side key summaries covering positions [0, length) (or [0, length]:
+        the step at `length` ran and runs again, folding the same key): rebuilt from the
+        cached keys when the layer has none or they are stale."""
+        p = self.pages[layer]
+        if p is None:
+            p = self.pages[layer] = bt.DecodePages(self.k_layers[layer], attn.KeyBlockSummary.DEFAULT_BLOCK_K)
+        if not length <= p.length <= length + 1:
+            p.rebuild(self.k_layers[layer], length)
+        return p
+
+    def drop_summaries(self) -> None:
+        """Forgets every layer's key summaries (the cached keys they describe changed)."""
+        self.summaries = [None] * len(self.summaries)
+        self.pages = [None] * len(self.pages)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config, layer: int, projs: dict, dtype: torch.dtype):
@@ -158,6 +184,11 @@ class Attention(nn.Module):
         # None: dense; a dict for block-sparse attention: {"prefill": plan options, "pages": n}
         self.sparse: Optional[dict] = None
 
+    def decode_pages_kept(self) -> int:
+        """Key blocks a sparse decode step reads: the page budget, at least the first block
+        and the newest one (select_pages keeps those two always)."""
+        return max(int(self.sparse.get("pages", SPARSE_DEFAULTS["pages"])), 2)
+
     def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache, ctx: dict) -> torch.Tensor:
         # x: [B, n, hidden]; rope: (cos, signed sin) [positions, D] tables (see Qwen3._rope_tables)
         b, n, _ = x.shape
@@ -168,16 +199,28 @@ class Attention(nn.Module):
         positions = ctx.get("positions")
         if positions is not None:
             # Position in memory (forward_at): the whole cache with causality hiding the rows
-            # past the position, so the step's shapes do not depend on it.
+            # past the position, so the step's shapes do not depend on it. A sparse layer picks
+            # its pages on the device (its summaries cover the cache up to the position).
             q = bt.rope_qkv_at(self.qkv(x), self.hq, qn, kn, eps, rope[0], rope[1], positions, kc, vc)
-            o = bt.attention(q, kc, vc, None, causal=True, q_offsets=positions).transpose(1, 2)
+            mask = None
+            if self.sparse is not None:
+                mask = cache.pages[self.layer].select(q, kc, positions, self.decode_pages_kept())
+            o = bt.attention(q, kc, vc, mask, causal=True, q_offsets=positions).transpose(1, 2)
             return self.o_proj(o.reshape(b, n, self.hq * self.d))
         # q after norm and RoPE [B, Hq, n, D]; k (after norm and RoPE) and v land in the cache
         q = bt.rope_qkv(self.qkv(x), self.hq, qn, kn, eps, rope[0], rope[1], pos, kc, vc)
         end = pos + n
-        kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
         mask = None
-        if self.sparse is not None:
+        if self.sparse is not None and n == 1 and _pages_on_device(q):
+            # Decode off the CPU: pages chosen on the device (nothing read back to the host).
+            kept = self.decode_pages_kept()
+            if pos // attn.KeyBlockSummary.DEFAULT_BLOCK_K + 1 > kept:
+                pages = cache.decode_pages(self.layer, pos)
+                where = torch.full((b,), pos, dtype=torch.int32, device=q.device)
+                mask = pages.select(q, kc, where, kept)
+                pages.covered(pos + 1)
+        kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
+        if self.sparse is not None and mask is None and (n > 1 or not _pages_on_device(q)):
             cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
         if torch.compiler.is_compiling() or not q.is_cpu:  # traced, or on a GPU (MPS): the op
@@ -186,8 +229,12 @@ class Attention(nn.Module):
             # Eager: the kernel itself (no dispatcher, no log-sum-exp output), writing its
             # output as [B, n, Hq, D] so that o_proj reads it without a copy.
             o = q.new_empty((b, n, self.hq, self.d))
-            ip, ix, bq, bk = (None, None) + ops._DENSE_TILE if mask is None else (
-                mask.indptr, mask.indices, mask.block_q, mask.block_k)
+            if mask is None:
+                ip, ix, bq, bk = (None, None) + ops._DENSE_TILE
+            elif isinstance(mask, tuple):  # DecodePages.select
+                ip, ix, bq, bk = mask
+            else:
+                ip, ix, bq, bk = mask.indptr, mask.indices, mask.block_q, mask.block_k
             _C.attention(q, kc, vc, ip, ix, bq, bk, True, _NAN, pos, o.transpose(1, 2), None)
         return self.o_proj(o.reshape(b, n, self.hq * self.d))
 
@@ -276,7 +323,7 @@ class Qwen3(nn.Module):
             self.cache = KVCache(self.config, batch, cap, self.dtype, device)
         else:
             c.length = 0
-            c.summaries = [None] * len(self.layers)
+            c.drop_summaries()
 
     def truncate(self, length: int) -> None:
         """Keeps the first `length` cached positions and drops the rest (a chat turn that
@@ -289,7 +336,7 @@ class Qwen3(nn.Module):
         if self.cache is None:
             return
         self.cache.length = length
-        self.cache.summaries = [None] * len(self.layers)
+        self.cache.drop_summaries()
 
     def _rope_tables(self, length: int) -> tuple:
         """cos and signed sin (see torch.rope_reference) [positions, D] for at least `length`
@@ -329,11 +376,11 @@ class Qwen3(nn.Module):
                     method = opts.pop("method", "select")
                     built[key] = attn.plan(q, kc, method, q_offset=pos, **opts)
                 return built[key]
-            pages = layer.sparse.get("pages", SPARSE_DEFAULTS["pages"])
+            kept = layer.decode_pages_kept()
             summary = cache.summaries[layer.layer]
-            if -(-summary.length // summary.block_k) <= pages + 2:
+            if -(-summary.length // summary.block_k) <= kept:
                 return None  # the budget covers the cache: dense
-            return attn.select_pages(q, summary, budget=pages)
+            return attn.select_pages(q, summary, budget=kept)
 
         return plan
 
@@ -370,11 +417,15 @@ class Qwen3(nn.Module):
 
     @torch.no_grad()
     def forward_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits [B, n, vocab] of ids [B, n] at the cache position held in `positions` (int32
-        [B], every row the same, on the model's device), with dense attention over the whole
-        cache and nothing read back to the host: the step bitswitch.models.cuda_graph captures
-        once and replays at every position. The caller advances cache.length and keeps the
+        """Logits [B, 1, vocab] of ids [B, 1] at the cache position held in `positions` (int32
+        [B], every row equal to cache.length, on the model's device), with nothing read back
+        to the host: attention covers the whole cache with causality hiding the rows past the
+        position, and sparse layers select their pages on the device (bitswitch.torch.
+        select_pages_at), so this is the step bitswitch.models.cuda_graph captures once and
+        replays at every position. It computes what forward(ids) computes, to float
+        summation order. The caller advances cache.length (then mark_decoded()) and keeps the
         precision fixed while it runs."""
+        self.prepare_decode()
         rope = self._rope_tables(self.cache.capacity)
         ctx = {"positions": positions}
         h = self.embed_tokens(ids)
@@ -383,16 +434,29 @@ class Qwen3(nn.Module):
             delta = layer(h, delta, rope, self.cache, ctx)
         return self.lm_head(self.norm(h, delta))
 
+    def sparse_layers(self) -> list:
+        """Indices of the layers whose attention is block-sparse now."""
+        return [i for i, layer in enumerate(self.layers) if layer.self_attn.sparse is not None]
+
+    def prepare_decode(self) -> None:
+        """Brings the device-side key summaries of every sparse layer up to cache.length
+        (rebuilding stale ones), as forward_at needs; outside any CUDA graph capture."""
+        for i in self.sparse_layers():
+            self.cache.decode_pages(i, self.cache.length)
+
+    def mark_decoded(self) -> None:
+        """Records that a forward_at step folded the key at cache.length - 1 into every
+        sparse layer's summaries (after the caller advanced cache.length)."""
+        for i in self.sparse_layers():
+            p = self.cache.pages[i]
+            if p is not None and p.length == self.cache.length - 1:
+                p.covered(self.cache.length)
+
     def decode_is_dense(self) -> bool:
         """Whether the next decode step attends densely in every layer (no layer selects pages:
-        none is sparse, or the cache fits each sparse layer's page budget), so forward_at
-        computes exactly what forward would."""
+        none is sparse, or the cache fits each sparse layer's page budget)."""
         nkb = -(-(self.cache.length + 1) // attn.KeyBlockSummary.DEFAULT_BLOCK_K) if self.cache else 0
-        for layer in self.layers:
-            sp = layer.self_attn.sparse
-            if sp is not None and nkb > sp.get("pages", SPARSE_DEFAULTS["pages"]) + 2:
-                return False
-        return True
+        return all(nkb <= self.layers[i].self_attn.decode_pages_kept() for i in self.sparse_layers())
 
     # -- precision ---------------------------------------------------------------------------
     def linears(self) -> dict:
