@@ -63,7 +63,7 @@ def test_bench_attention_smoke(tmp_path, capsys):
     assert "| kind | L |" in out
     rows = json.loads(report.read_text())["rows"]
     assert [(r["kind"], r["density"]) for r in rows] == [("prefill", 1.0), ("prefill", 0.5), ("decode", 1.0),
-                                                        ("decode", 4 / 16)]
+                                                        ("decode", 4 / 16), ("decode-at", 4 / 16)]
     assert all(r["ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
     assert 0.5 <= rows[1]["actual_density"] < 1.0
 

@@ -296,9 +296,9 @@ def test_forward_at_selects_pages_like_decode(tmp_path):
 
 
 def test_device_pages_in_eager_decode(tmp_path, monkeypatch):
-    """Eager decode off the CPU selects pages with DecodePages (no host round trip); forced
-    onto the CPU here, it gives the logits of host-side selection and keeps the summaries
-    current step after step (no rebuild once past the budget)."""
+    """Eager decode selects pages with DecodePages (select_pages_at where the cache lives);
+    it gives the logits of host-side selection (KeyBlockSummary + select_pages, the path of
+    MPS) and keeps the summaries current step after step (no rebuild once past the budget)."""
     make_hf("qwen3", tied=False).save_pretrained(tmp_path)
     model = load(tmp_path, dtype="float32", group_size=32)
     model.set_bits(4)
@@ -313,13 +313,13 @@ def test_device_pages_in_eager_decode(tmp_path, monkeypatch):
         model(ids[:, :100])
         return torch.cat([model(ids[:, i:i + 1]) for i in range(100, 260)], 1)
 
-    ref = run()
-    assert all(p is None for p in model.cache.pages)
-    monkeypatch.setattr("bitswitch.models.qwen3._pages_on_device", lambda q: True)
     rebuilds = []
     orig = bt.DecodePages.rebuild
     monkeypatch.setattr(bt.DecodePages, "rebuild", lambda self, k, n: (rebuilds.append(n), orig(self, k, n)))
     got = run()
-    assert rel(got, ref) <= 3e-4
     assert rebuilds == [128, 128]  # each layer once, at the first step past 2 pages (position 128)
     assert all(p.length == 260 for p in model.cache.pages)
+    monkeypatch.setattr("bitswitch.models.qwen3._pages_on_device", lambda q: False)
+    ref = run()
+    assert all(p is None for p in model.cache.pages)
+    assert rel(got, ref) <= 3e-4

@@ -10,7 +10,9 @@ The time to build the mask (the plan, once per forward for all layers) is shown 
 
 Decode: one token against a cache of ``--decode-len`` keys, dense against Quest-style page
 selection (``select_pages`` over the cache's block summaries, ``--pages`` blocks kept); the
-sparse time includes the selection.
+sparse time includes the selection. The "decode-at" row is the same selection as a decode
+step captured in a CUDA graph runs it (``bitswitch.torch.DecodePages``: summaries kept as
+tensors, the position in memory, the mask handed to attention as tensors).
 
 Every timing is the median of repeated calls (at least ``--reps``).
 """
@@ -88,23 +90,41 @@ def run_decode(length: int, pages: int, heads: int, kv_heads: int, head_dim: int
 
     t = _time(sparse, reps)
     sel = _time(lambda: attn.select_pages(q, summary, budget=pages), reps)
+    # The same step as a decode captured in a CUDA graph runs it: the position in a tensor,
+    # pages from DecodePages (select_pages_at: the summaries kept as tensors, the step's key
+    # folded in), attention over the whole cache with the (indptr, indices) mask.
+    from . import torch as bt
+
+    dev_pages = bt.DecodePages(k)
+    dev_pages.rebuild(k, length - 1)
+    positions = torch.tensor([length - 1], dtype=torch.int32)
+    kept = max(pages, 2)
+
+    def sparse_at():
+        mask = dev_pages.select(q, k, positions, kept)
+        return bt.attention(q, k, v, mask, q_offsets=positions)
+
+    t_at = _time(sparse_at, reps)
+    sel_at = _time(lambda: dev_pages.select(q, k, positions, kept), reps)
     nkb = -(-length // summary.block_k)
     rows = [dict(kind="decode", L=length, density=1.0, actual_density=1.0, ms=dense * 1e3, plan_ms=0.0,
                  sdpa_ms=sdpa * 1e3, x_sdpa=sdpa / dense, x_dense=1.0),
             dict(kind="decode", L=length, density=pages / nkb, actual_density=pages / nkb, ms=t * 1e3,
-                 plan_ms=sel * 1e3, sdpa_ms=sdpa * 1e3, x_sdpa=sdpa / t, x_dense=dense / t)]
+                 plan_ms=sel * 1e3, sdpa_ms=sdpa * 1e3, x_sdpa=sdpa / t, x_dense=dense / t),
+            dict(kind="decode-at", L=length, density=kept / nkb, actual_density=kept / nkb, ms=t_at * 1e3,
+                 plan_ms=sel_at * 1e3, sdpa_ms=sdpa * 1e3, x_sdpa=sdpa / t_at, x_dense=dense / t_at)]
     for r in rows:
         log(format_row(r))
     return rows
 
 
-HEADER = (f"{'kind':<8}{'L':>7}{'density':>9}{'actual':>8}{'ms':>11}{'plan ms':>9}{'sdpa ms':>11}"
+HEADER = (f"{'kind':<10}{'L':>7}{'density':>9}{'actual':>8}{'ms':>11}{'plan ms':>9}{'sdpa ms':>11}"
           f"{'x sdpa':>8}{'x dense':>9}")
 
 
 def format_row(r: dict) -> str:
     xd = "-" if r["x_dense"] is None else f"{r['x_dense']:.2f}"
-    return (f"{r['kind']:<8}{r['L']:>7}{r['density']:>9.3f}{r['actual_density']:>8.3f}{r['ms']:>11.2f}"
+    return (f"{r['kind']:<10}{r['L']:>7}{r['density']:>9.3f}{r['actual_density']:>8.3f}{r['ms']:>11.2f}"
             f"{r['plan_ms']:>9.2f}{r['sdpa_ms']:>11.2f}{r['x_sdpa']:>8.2f}{xd:>9}")
 
 

@@ -1,6 +1,6 @@
 """bitswitch's CUDA kernels against torch's, on one NVIDIA GPU, in one run.
 
-    bitswitch bench gpu [--quick] [--no-qmatmul] [--no-attention] [--e2e 0.6b,8b]
+    bitswitch bench gpu [--quick] [--no-qmatmul] [--no-attention] [--e2e 0.6b,8b] [--context N]
     python bench/gpu.py ...        (the same)
 
 qmatmul: torch.ops.bitswitch.qmatmul (INT4 and INT8 views of one nibble-plane weight, group
@@ -14,7 +14,8 @@ copy measured in the same run.
 attention: bitswitch.torch.attention prefill (causal, B=1, 32 query / 8 kv heads, D=128) at
 8K and 32K with block masks of density 1.0 (no mask), 0.25 and 0.1 of the causal blocks,
 against SDPA's flash backend (dense causal) and flex_attention (compiled) with the same
-block mask.
+block mask; decode (one token over the same cache) dense and with 64 pages selected on the
+GPU (select_pages_at, included in the time), against SDPA.
 
 --e2e: Qwen3 decode tokens/s on random weights of the real shapes, bitswitch in performance
 (INT8) and efficiency (INT4) modes, with the step captured in CUDA graphs and eager, against
@@ -189,11 +190,43 @@ def bench_attention(rows: list, quick: bool) -> None:
             rows.append(("attention", f"prefill {lq // 1024}K density {real:.2f}", t * 1e6, t_sdpa / t,
                          None if t_flex is None else t_flex / t,
                          f"{flops:.0f} TF/s eff; {t_dense / t:.2f}x dense"))
+        q = k = v = None
+        torch.cuda.empty_cache()
+        bench_decode(rows, lq, hq, hkv, d)
 
 
-def bench_e2e(rows: list, models: list, new_tokens: int = 64) -> None:
-    """Decode tokens/s after a 128-token prompt: bitswitch with the step captured in CUDA
-    graphs (GraphDecoder), eager bitswitch, and transformers bf16 (eager, dynamic cache)."""
+def bench_decode(rows: list, length: int, hq: int, hkv: int, d: int, pages: int = 64) -> None:
+    """One decode token against a `length`-key cache: dense (split-KV) and with Quest page
+    selection on the GPU (DecodePages: select_pages_at + attention over `pages` key blocks, as
+    the CUDA-graph decode step runs it), against torch SDPA (its own backend choice) dense."""
+    from . import torch as bt
+
+    k = torch.randn(1, hkv, length, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(1, hq, 1, d, dtype=torch.bfloat16, device="cuda")
+    t_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    t_dense = cuda_time(lambda: bt.attention(q, k, v, None, causal=True, q_offset=length - 1))
+    dec = bt.DecodePages(k)
+    dec.rebuild(k, length - 1)
+    positions = torch.full((1,), length - 1, dtype=torch.int32, device="cuda")
+
+    def sparse():
+        return bt.attention(q, k, v, dec.select(q, k, positions, pages), causal=True, q_offsets=positions)
+
+    t_sparse = cuda_time(sparse)
+    t_sel = cuda_time(lambda: dec.select(q, k, positions, pages))
+    gbs = 2 * k.numel() * k.element_size() / t_dense / 1e9
+    rows.append(("attention", f"decode {length // 1024}K dense", t_dense * 1e6, t_sdpa / t_dense, None,
+                 f"{gbs:.0f} GB/s of K+V"))
+    rows.append(("attention", f"decode {length // 1024}K {pages} pages", t_sparse * 1e6, t_sdpa / t_sparse, None,
+                 f"selection {t_sel * 1e6:.1f} us; {t_dense / t_sparse:.2f}x dense"))
+
+
+def bench_e2e(rows: list, models: list, new_tokens: int = 64, context: int = 128) -> None:
+    """Decode tokens/s after a `context`-token prompt: bitswitch with the step captured in CUDA
+    graphs (GraphDecoder), eager bitswitch, and transformers bf16 (eager, dynamic cache).
+    Efficiency mode attends block-sparsely: past its page budget (64 pages of 64 keys) every
+    step selects pages on the GPU, inside the graph."""
     from .bench_e2e import build_bitswitch, build_transformers
     from .models.cuda_graph import GraphDecoder
 
@@ -209,18 +242,19 @@ def bench_e2e(rows: list, models: list, new_tokens: int = 64) -> None:
         return new_tokens / (a.elapsed_time(b) / 1e3)
 
     for name in models:
-        prompt = torch.randint(0, 1000, (1, 128))
+        prompt = torch.randint(0, 1000, (1, context))
         model = build_bitswitch(name, 8, 64, 0).cuda()
         for mode in ("performance", "efficiency"):
             model.set_precision(mode)
             for graphs in (True, False):
-                model.reset(capacity=128 + new_tokens + 8)
+                model.reset(capacity=context + new_tokens + 8)
                 tok = model(prompt, logits_to_keep=1)[:, -1:].argmax(-1)
                 dec = GraphDecoder(model) if graphs else None
                 step = (lambda t: dec.step(t).argmax(-1)) if graphs else (lambda t: model(t).argmax(-1))
                 tps = timed(step, tok)
                 how = "CUDA graph" if graphs else "eager"
-                rows.append(("e2e", f"qwen3-{name} {mode} {how}", 1e6 / tps, None, None, f"{tps:.1f} tok/s"))
+                rows.append(("e2e", f"qwen3-{name} {mode} {how} @{context}", 1e6 / tps, None, None,
+                             f"{tps:.1f} tok/s"))
         model = None
         torch.cuda.empty_cache()
         hf = build_transformers(name, 64, 0).cuda()
@@ -233,7 +267,7 @@ def bench_e2e(rows: list, models: list, new_tokens: int = 64) -> None:
                 state["past"] = o.past_key_values
                 return o.logits[:, -1:].argmax(-1)
             tps = timed(hf_step, out.logits[:, -1:].argmax(-1))
-        rows.append(("e2e", f"qwen3-{name} transformers bf16", 1e6 / tps, None, None, f"{tps:.1f} tok/s"))
+        rows.append(("e2e", f"qwen3-{name} transformers bf16 @{context}", 1e6 / tps, None, None, f"{tps:.1f} tok/s"))
         hf = None
         torch.cuda.empty_cache()
 
@@ -244,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-qmatmul", action="store_true")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--e2e", default="", help="comma-separated model shapes for decode tokens/s (0.6b, 8b)")
+    ap.add_argument("--context", type=int, default=128,
+                    help="e2e prompt tokens before decoding (past 4096, efficiency mode selects pages)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bitswitch bench gpu: needs a CUDA GPU (torch sees none)", file=sys.stderr)
@@ -260,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_attention:
         bench_attention(rows, args.quick)
     if args.e2e:
-        bench_e2e(rows, [m.strip() for m in args.e2e.split(",") if m.strip()])
+        bench_e2e(rows, [m.strip() for m in args.e2e.split(",") if m.strip()], context=args.context)
     print("\nratios: anchor time / bitswitch time (above 1: bitswitch faster). "
           "qmatmul anchors: cuBLAS bf16, tinygemm int4; attention: SDPA flash, flex_attention")
     print(f"| {'op':9} | {'case':34} | {'us':>9} | {'vs anchor 1':>11} | {'vs anchor 2':>11} | notes |")

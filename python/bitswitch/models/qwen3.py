@@ -31,10 +31,10 @@ _NAN = float("nan")  # attention's "scale = head_dim ** -0.5"
 
 
 def _pages_on_device(q: torch.Tensor) -> bool:
-    """Whether a sparse decode step selects its pages where q lives (DecodePages: nothing
-    read back to the host) rather than on the host (KeyBlockSummary + select_pages, the CPU
-    path)."""
-    return not q.is_cpu
+    """Whether a sparse decode step selects its pages with select_pages_at where the cache
+    lives (DecodePages: CPU and CUDA, nothing read back to the host) rather than with
+    KeyBlockSummary + select_pages on the host (MPS, which has no kernel for the op)."""
+    return q.device.type != "mps"
 
 
 class RMSNorm(nn.Module):
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         end = pos + n
         mask = None
         if self.sparse is not None and n == 1 and _pages_on_device(q):
-            # Decode off the CPU: pages chosen on the device (nothing read back to the host).
+            # Decode: pages chosen where the cache lives (nothing read back to the host).
             kept = self.decode_pages_kept()
             if pos // attn.KeyBlockSummary.DEFAULT_BLOCK_K + 1 > kept:
                 pages = cache.decode_pages(self.layer, pos)
