@@ -413,6 +413,11 @@ class DecodePages:
             self.kmin[:, :, :nb] = torch.where(valid, k, float("inf")).amin(3)
         self.length = length
 
+    def invalidate(self) -> None:
+        """Marks the summaries stale (the cached keys changed): the next rebuild refills the
+        same tensors, so CUDA graphs captured on them stay valid."""
+        self.length = -1
+
     def covered(self, length: int) -> None:
         """Records that the summaries now cover keys [0, length) (after select steps)."""
         self.length = length

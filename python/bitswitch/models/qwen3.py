@@ -167,9 +167,13 @@ class KVCache:
         return p
 
     def drop_summaries(self) -> None:
-        """Forgets every layer's key summaries (the cached keys they describe changed)."""
+        """Forgets every layer's key summaries (the cached keys they describe changed). The
+        device-side ones keep their tensors, marked stale: a captured CUDA graph holds their
+        addresses, and the next step rebuilds them in place."""
         self.summaries = [None] * len(self.summaries)
-        self.pages = [None] * len(self.pages)
+        for p in self.pages:
+            if p is not None:
+                p.invalidate()
 
 
 class Attention(nn.Module):
