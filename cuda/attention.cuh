@@ -9,7 +9,9 @@
 //   attention_rows_kernel     (attention_decode.cuh) SIMT, up to 8 query rows per CTA against
 //                             one range of the key list: decode (split-KV), float32, and
 //                             16-bit inputs whose addresses are not 16-byte aligned.
-//   attention_combine_kernel  (attention_decode.cuh) merges the split-KV partials.
+//   attention_combine_kernel  (attention_decode.cuh) merges the split-KV partials (of the
+//                             rows kernel, or of the prefill kernel when a short query
+//                             chunk over a long cache leaves the GPU underfilled).
 //
 // Query rows are "packed" per kv head: the mask is per (batch, kv head, query block), so the
 // G = Hq / Hkv query heads that share a kv head also share its mask row and its K/V. Packed
@@ -62,8 +64,9 @@ struct AttentionParams {
   int64_t kv_splits;        // decode: forced number of key ranges (split-KV), 0 = choose
 };
 
-// Bytes of scratch the split-KV decode path wants for p on a GPU with num_sms SMs (0 when p
-// takes no split path). Depends only on shapes, dtype, block sizes and kv_splits.
+// Bytes of scratch the split-KV paths (decode, and bf16/f16 prefill with too few CTAs to
+// fill the GPU) want for p on a GPU with num_sms SMs (0 when p takes no split path).
+// Depends only on shapes, dtype, block sizes and kv_splits.
 inline size_t attention_workspace_bytes(const AttentionParams& p, int num_sms);
 
 // Launches attention on `stream`. `workspace` (workspace_bytes of device memory, 16-byte
@@ -205,31 +208,47 @@ namespace attn {
 // pointers, agrees with the launch).
 struct Plan {
   bool decode = false;  // one query block of <= kDecodeMaxRows packed rows: split-KV rows kernel
-  int64_t rows = 0;     // decode: packed rows Lq * G
-  int64_t splits = 1;   // decode: key ranges wanted
-  size_t split_bytes = 0;  // decode: workspace per split
+  int64_t rows = 0;     // packed rows Lq * G (every query block's)
+  int64_t splits = 1;   // key ranges wanted per CTA (decode, and bf16/f16 prefill)
+  size_t split_bytes = 0;  // workspace per split: [B, Hkv, rows] x (D + 1) floats
 };
+
+// Packed rows of one CTA of the tensor-core prefill kernel (PrefillConfig::kRows).
+constexpr int kPrefillRows = 64;
 
 inline Plan plan(const AttentionParams& p, int num_sms) {
   Plan pl;
   const int64_t group = p.hq / p.hkv, nqb = ceil_div(p.lq, p.block_q);
   pl.decode = nqb == 1 && group * p.lq <= kDecodeMaxRows;
-  if (!pl.decode) return pl;
   pl.rows = group * p.lq;
   pl.split_bytes = size_t(p.b * p.hkv * pl.rows) * size_t(p.d + 1) * sizeof(float);
-  if (p.kv_splits > 0) {
-    pl.splits = p.kv_splits;
-  } else {
-    // Two CTAs per SM (what the rows kernel's registers allow) hide one key range's load
-    // latency behind the other's math; each split keeps at least two sub-blocks (64 keys)
-    // so the combine stays a small fraction of the work.
-    const int64_t sms = num_sms > 0 ? num_sms : 100;
-    const int64_t ctas = p.b * p.hkv * ceil_div(pl.rows, kRowsPerCta);
-    const int64_t want = ceil_div(2 * sms, ctas), most = ceil_div(ceil_div(p.lk, kSubBlock), 2);
-    pl.splits = want < most ? want : most;
-    if (pl.splits > kMaxSplits) pl.splits = kMaxSplits;
-    if (pl.splits < 1) pl.splits = 1;
+  const int64_t sms = num_sms > 0 ? num_sms : 100;
+  if (pl.decode) {
+    if (p.kv_splits > 0) {
+      pl.splits = p.kv_splits;
+    } else {
+      // Two CTAs per SM (what the rows kernel's registers allow) hide one key range's load
+      // latency behind the other's math; each split keeps at least two sub-blocks (64 keys)
+      // so the combine stays a small fraction of the work.
+      const int64_t ctas = p.b * p.hkv * ceil_div(pl.rows, kRowsPerCta);
+      const int64_t want = ceil_div(2 * sms, ctas), most = ceil_div(ceil_div(p.lk, kSubBlock), 2);
+      pl.splits = want < most ? want : most;
+    }
+  } else if (p.dtype != DType::kFloat32) {
+    // Prefill on tensor cores: a short chunk against a long cache (a chat turn, speculative
+    // tokens) has few CTAs, each walking every key; split their key lists until the GPU
+    // holds two CTAs per SM, each split keeping at least four 64-key tiles.
+    if (p.kv_splits > 0) {
+      pl.splits = p.kv_splits;
+    } else {
+      const int64_t tiles = ceil_div(group * (p.lq < p.block_q ? p.lq : p.block_q), kPrefillRows);
+      const int64_t ctas = p.b * p.hkv * nqb * tiles;
+      const int64_t want = ceil_div(2 * sms, ctas), most = ceil_div(p.lk, 2 * kSubBlock) / 4;
+      pl.splits = want < most ? want : most;
+    }
   }
+  if (pl.splits > kMaxSplits) pl.splits = kMaxSplits;
+  if (pl.splits < 1) pl.splits = 1;
   return pl;
 }
 
@@ -286,8 +305,13 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
   if constexpr (sizeof(T) == 2) {
     if (aligned) {
       using C = PrefillConfig<T, D>;
+      static_assert(C::kRows == kPrefillRows, "plan() sizes prefill CTAs by kPrefillRows");
       const int64_t tiles = ceil_div(group * (p.lq < p.block_q ? p.lq : p.block_q), C::kRows);
-      const int64_t grid = p.b * p.hkv * nqb * tiles;
+      int64_t splits = pl.splits;
+      const int64_t fit = int64_t(workspace ? workspace_bytes / pl.split_bytes : 0);
+      if (splits > fit) splits = fit;
+      if (splits < 1) splits = 1;
+      const int64_t grid = p.b * p.hkv * nqb * tiles * splits;
       if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
       if (C::kSmemBytes > 48 * 1024) {
         // Above 48 KiB a kernel must opt in to dynamic shared memory; the attribute is per
@@ -296,8 +320,17 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
         if (e != cudaSuccess) return e;
       }
-      return BS_LAUNCH((attention_prefill_kernel<T, D>), grid, C::kThreads, C::kSmemBytes, stream, p, int(tiles),
-                       scale_log2);
+      float* part_o = nullptr;
+      float* part_lse = nullptr;
+      if (splits > 1) {
+        part_o = static_cast<float*>(workspace);
+        part_lse = part_o + p.b * p.hkv * pl.rows * splits * D;
+      }
+      const cudaError_t e = BS_LAUNCH((attention_prefill_kernel<T, D>), grid, C::kThreads, C::kSmemBytes, stream, p,
+                                      int(tiles), int(splits), scale_log2, part_o, part_lse);
+      if (e != cudaSuccess || splits == 1) return e;
+      return BS_LAUNCH((attention_combine_kernel<T, D>), p.b * p.hkv * pl.rows, D, 0, stream, p, int(splits),
+                       static_cast<const float*>(part_o), static_cast<const float*>(part_lse));
     }
   }
 
@@ -333,7 +366,7 @@ cudaError_t attention_dispatch_d(const AttentionParams& p, void* ws, size_t ws_b
 inline size_t attention_workspace_bytes(const AttentionParams& p, int num_sms) {
   if (p.b <= 0 || p.hq <= 0 || p.hkv <= 0 || p.lq <= 0 || p.lk <= 0 || p.block_q <= 0 || p.d <= 0) return 0;
   const attn::Plan pl = attn::plan(p, num_sms);
-  return pl.decode && pl.splits > 1 ? size_t(pl.splits) * pl.split_bytes : 0;
+  return pl.splits > 1 ? size_t(pl.splits) * pl.split_bytes : 0;
 }
 
 inline cudaError_t attention(const AttentionParams& p, void* workspace, size_t workspace_bytes, int num_sms,

@@ -71,10 +71,15 @@ BS_DEVICE void load_kv_tile(T* dst, const T* src, int64_t stride, int s0, int s1
 // causal masking the CTAs with the most keys start first. Block: 128 threads; dynamic shared
 // memory PrefillConfig::kSmemBytes.
 // tiles: CTAs per query block, ceil(G * min(block_q, Lq) / 64).
+// splits: key ranges per CTA (split-KV, the split fastest in blockIdx.x); 1 writes out and
+//         lse directly, more write each range's normalized output and base-2 log-sum-exp to
+//         part_o [B, Hkv, G * Lq, splits, D] / part_lse [B, Hkv, G * Lq, splits] (packed row
+//         q * G + head), which attention_combine_kernel merges.
 // scale_log2: p.scale * log2(e), so the softmax runs on exp2f (one MUFU instruction).
 // Requires every row of q, k, v and out to start 16-byte aligned (cp.async, 16-byte stores).
 template <class T, int D>
-__global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionParams p, int tiles, float scale_log2) {
+__global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionParams p, int tiles, int splits,
+                                                                float scale_log2, float* part_o, float* part_lse) {
   using C = PrefillConfig<T, D>;
   BS_DYNAMIC_SMEM(T, smem);
   T* sq = smem;                      // [64][D] Q tile (swizzled, PrefillConfig::at), later the output
@@ -85,6 +90,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row g (and g + 8), column pair tq
 
   int64_t t = blockIdx.x;
+  const int split = int(t % splits);
+  t /= splits;
   const int tile = int(t % tiles);
   t /= tiles;
   const int64_t nqb = ceil_div(p.lq, p.block_q);
@@ -109,7 +116,11 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const int warp_hi = warp_rows > 0 ? row_limit(warp * 16 + (warp_rows < 16 ? warp_rows : 16) - 1) : -1;
 
   const KeyList keys = key_list(p, b, kvh, qb, row_limit(nrows - 1));
-  const int64_t ntiles = ceil_div(keys.count, 2);
+  // This split's tiles [n_begin, n_end) of the list's ceil(count / 2); every split of a CTA
+  // sees the same list, so the ranges partition it (an empty range writes an empty partial).
+  const int64_t ntiles_all = ceil_div(keys.count, 2), per = ceil_div(ntiles_all, splits);
+  const int64_t n_begin = split * per < ntiles_all ? split * per : ntiles_all;
+  const int64_t n_end = n_begin + per < ntiles_all ? n_begin + per : ntiles_all;
   const int lk = int(p.lk);
   auto sub_start = [&](int64_t s) -> int { return s < keys.count ? keys.start(s) : -1; };
 
@@ -132,11 +143,11 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   }
   // Sub-block starts of the current tile (cur) and the next one (nxt): the index reads of
   // tile n + 2 are issued one iteration before they are needed, off the critical path.
-  int cur0 = sub_start(0), cur1 = sub_start(1);
-  int nxt0 = sub_start(2), nxt1 = sub_start(3);
-  if (ntiles > 0) load_kv_tile<T, D>(sk, kbase, kstride, cur0, cur1, lk, tid);
+  int cur0 = sub_start(2 * n_begin), cur1 = sub_start(2 * n_begin + 1);
+  int nxt0 = sub_start(2 * n_begin + 2), nxt1 = sub_start(2 * n_begin + 3);
+  if (n_end > n_begin) load_kv_tile<T, D>(sk, kbase, kstride, cur0, cur1, lk, tid);
   ptx::cp_async_commit();
-  if (ntiles > 0) load_kv_tile<T, D>(sv, vbase, vstride, cur0, cur1, lk, tid);
+  if (n_end > n_begin) load_kv_tile<T, D>(sv, vbase, vstride, cur0, cur1, lk, tid);
   ptx::cp_async_commit();
 
   uint32_t qf[D / 16][4];   // A fragments of this warp's 16 Q rows, one per 16-wide k step
@@ -146,21 +157,21 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   float m0 = -INFINITY, m1 = -INFINITY;  // running max (base 2) of rows g and g + 8
   float l0 = 0.0f, l1 = 0.0f;            // this thread's part of their running sums
 
-  for (int64_t n = 0; n < ntiles; ++n) {
-    const int stage = int(n & 1);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int stage = int((n - n_begin) & 1);
     T* ks = sk + stage * C::kTileElems;
     T* vs = sv + stage * C::kTileElems;
     ptx::cp_async_wait<1>();  // Q and K(n) have landed; V(n) may still be in flight
     __syncthreads();          // ... for every thread's copies, and tile n - 1 is done by all
-    if (n == 0) {
+    if (n == n_begin) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         ptx::ldmatrix_x4(qf[kk], sq + C::at(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * kk + lane / 16));
     }
     // Tile n + 1 into the other buffer, which held tile n - 1 (finished: barrier above).
-    if (n + 1 < ntiles) load_kv_tile<T, D>(sk + (stage ^ 1) * C::kTileElems, kbase, kstride, nxt0, nxt1, lk, tid);
+    if (n + 1 < n_end) load_kv_tile<T, D>(sk + (stage ^ 1) * C::kTileElems, kbase, kstride, nxt0, nxt1, lk, tid);
     ptx::cp_async_commit();
-    if (n + 1 < ntiles) load_kv_tile<T, D>(sv + (stage ^ 1) * C::kTileElems, vbase, vstride, nxt0, nxt1, lk, tid);
+    if (n + 1 < n_end) load_kv_tile<T, D>(sv + (stage ^ 1) * C::kTileElems, vbase, vstride, nxt0, nxt1, lk, tid);
     ptx::cp_async_commit();
     const int nn0 = sub_start(2 * n + 4), nn1 = sub_start(2 * n + 5);
 
@@ -278,6 +289,27 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  if (splits > 1) {
+    // This split's partial: rows normalized by their own sums, in float32, and the base-2
+    // log-sum-exp (-inf for a row that saw no key in this range, whose partial is 0).
+    const int64_t rows_total = group * p.lq;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = warp * 16 + g + 8 * half;
+      if (r - warp * 16 >= warp_rows) continue;
+      const int64_t slot = ((b * p.hkv + kvh) * rows_total + q0 * group + p0 + r) * splits + split;
+      const float inv = half ? inv1 : inv0;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<float2*>(part_o + slot * D + j * 8 + 2 * tq) =
+            make_float2(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
+      if (tq == 0) {
+        const float l = half ? l1 : l0, mm = half ? m1 : m0;
+        part_lse[slot] = l > 0.0f ? mm + log2f(l) : -INFINITY;
+      }
+    }
+    return;
+  }
   // Stage the warp's 16 output rows in its own rows of the Q tile, then write whole 16-byte
   // chunks: a row's D elements are contiguous in out, 4-byte fragment stores are not.
 #pragma unroll

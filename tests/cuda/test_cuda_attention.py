@@ -241,6 +241,54 @@ def test_prefill_tiles(rng, lib, shape, dtype):
         assert np.isnan(np.asarray(big[:, :, 3 + lq:], np.float32)).all(), "wrote outside out"
 
 
+# group, lq, lk, d, q_offset, block_q, block_k: short chunks against longer caches, the shapes
+# whose prefill CTAs split their key lists; 5 x 4 = 20 packed rows (just past decode), a chunk
+# with two query blocks, rows that see no key (q_offset 0, masks without early blocks).
+SPLIT_SHAPES = [(4, 5, 700, 128, 695, 64, 64), (2, 40, 1000, 64, 960, 64, 32), (8, 70, 900, 128, 830, 64, 128),
+                (1, 100, 700, 64, 0, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_prefill_splits(rng, lib, shape):
+    """Split-KV on the tensor-core prefill: automatic, 1, 3 and 11 key ranges per CTA (more
+    than some CTAs have tiles: empty ranges), and workspaces too small for the splits asked
+    (none: one range; room for two), into poisoned outputs and lse; the workspace asked for
+    is whole splits of [B, Hkv, G * Lq] x (D + 1) floats."""
+    group, lq, lk, d, qo, bq, bk = shape
+    b, hkv = 2, 2
+    dtype = "bfloat16" if d == 128 else "float16"
+    q, k, v = make_qkv(rng, b, group * hkv, hkv, lq, lk, d, dtype)
+    dims = _dims(q, k)
+    assert lib.bs_attention_is_decode(dims.ctypes.data, bq) == 0
+    per_split = b * hkv * group * lq * (d + 1) * 4
+    for kind in ["none", "random"]:
+        mask = make_mask(kind, rng, q, k, qo, bq, bk)
+        for causal in (True, False):
+            ref, ref_lse = A.attention_reference(q, k, v, mask, causal=causal, q_offset=qo)
+            for splits, ws in [(0, None), (1, None), (3, None), (11, None), (11, 0), (11, 2 * per_split + 7)]:
+                if ws is None and splits > 1:
+                    assert lib.bs_attention_workspace(DTYPE_CODE[dtype], dims.ctypes.data, bq, bk, splits,
+                                                      NUM_SMS) == splits * per_split
+                out, lse = attention(lib, q, k, v, mask, causal, qo, kv_splits=splits, ws_bytes=ws, block_q=bq,
+                                     block_k=bk)
+                check(out, lse, ref, ref_lse, dtype, f"{kind} causal {causal} splits {splits} ws {ws}")
+
+
+def test_prefill_split_plan(lib):
+    """Which prefill shapes split on their own: a short chunk over a long cache on a big GPU
+    does, a long prefill (enough CTAs) or a short cache (under four tiles per split) does not,
+    and float32 (the SIMT kernel, one range) never asks for a workspace."""
+    def ws(dtype, b, hq, hkv, lq, lk, sms=132):
+        dims = np.array([b, hq, hkv, lq, lk, 128], np.int64)
+        return lib.bs_attention_workspace(DTYPE_CODE[dtype], dims.ctypes.data, 64, 64, 0, sms)
+
+    chunk = ws("bfloat16", 1, 32, 8, 64, 32768)  # 32 CTAs of 64 packed rows: 9 ranges fill 2 per SM
+    assert chunk == 9 * 8 * (4 * 64) * 129 * 4
+    assert ws("bfloat16", 1, 32, 8, 8192, 8192) == 0   # 1024 CTAs
+    assert ws("bfloat16", 1, 32, 8, 64, 200) == 0      # 4 tiles of keys: no split
+    assert ws("float32", 1, 32, 8, 64, 32768) == 0
+
+
 def test_running_max_moves(rng, lib):
     """Scores that grow along the keys by far more than float can exponentiate: the running
     max moves tile after tile and everything accumulated is rescaled each time."""
