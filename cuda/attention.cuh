@@ -313,11 +313,12 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
       if (splits < 1) splits = 1;
       const int64_t grid = p.b * p.hkv * nqb * tiles * splits;
       if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+      const auto kernel = splits > 1 ? attention_prefill_kernel<T, D, true> : attention_prefill_kernel<T, D, false>;
       if (C::kSmemBytes > 48 * 1024) {
         // Above 48 KiB a kernel must opt in to dynamic shared memory; the attribute is per
         // function and per device, cheap to set, and not a stream operation (graph-safe).
-        const cudaError_t e = cudaFuncSetAttribute(attention_prefill_kernel<T, D>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
+        const cudaError_t e =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
         if (e != cudaSuccess) return e;
       }
       float* part_o = nullptr;
@@ -326,8 +327,8 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
         part_o = static_cast<float*>(workspace);
         part_lse = part_o + p.b * p.hkv * pl.rows * splits * D;
       }
-      const cudaError_t e = BS_LAUNCH((attention_prefill_kernel<T, D>), grid, C::kThreads, C::kSmemBytes, stream, p,
-                                      int(tiles), int(splits), scale_log2, part_o, part_lse);
+      const cudaError_t e = BS_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream, p, int(tiles), int(splits),
+                                      scale_log2, part_o, part_lse);
       if (e != cudaSuccess || splits == 1) return e;
       return BS_LAUNCH((attention_combine_kernel<T, D>), p.b * p.hkv * pl.rows, D, 0, stream, p, int(splits),
                        static_cast<const float*>(part_o), static_cast<const float*>(part_lse));

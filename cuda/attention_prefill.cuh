@@ -77,8 +77,10 @@ BS_DEVICE void load_kv_tile(T* dst, const T* src, int64_t stride, int s0, int s1
 //         q * G + head), which attention_combine_kernel merges.
 // scale_log2: p.scale * log2(e), so the softmax runs on exp2f (one MUFU instruction).
 // Requires every row of q, k, v and out to start 16-byte aligned (cp.async, 16-byte stores).
-template <class T, int D>
-__global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionParams p, int tiles, int splits,
+// kSplit: compiled twice, so the common unsplit launch carries none of the split path's
+// registers (the kernel sits at the 255-register limit at D = 128).
+template <class T, int D, bool kSplit>
+__global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionParams p, int tiles, int splits_arg,
                                                                 float scale_log2, float* part_o, float* part_lse) {
   using C = PrefillConfig<T, D>;
   BS_DYNAMIC_SMEM(T, smem);
@@ -89,9 +91,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row g (and g + 8), column pair tq
 
-  int64_t t = blockIdx.x;
-  const int split = int(t % splits);
-  t /= splits;
+  const int splits = kSplit ? splits_arg : 1;
+  int64_t t = blockIdx.x / splits;  // the split (blockIdx.x % splits) is recomputed where needed
   const int tile = int(t % tiles);
   t /= tiles;
   const int64_t nqb = ceil_div(p.lq, p.block_q);
@@ -118,9 +119,10 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const KeyList keys = key_list(p, b, kvh, qb, row_limit(nrows - 1));
   // This split's tiles [n_begin, n_end) of the list's ceil(count / 2); every split of a CTA
   // sees the same list, so the ranges partition it (an empty range writes an empty partial).
-  const int64_t ntiles_all = ceil_div(keys.count, 2), per = ceil_div(ntiles_all, splits);
-  const int64_t n_begin = split * per < ntiles_all ? split * per : ntiles_all;
-  const int64_t n_end = n_begin + per < ntiles_all ? n_begin + per : ntiles_all;
+  const int ntiles_all = int(ceil_div(keys.count, 2)), per = (ntiles_all + splits - 1) / splits;
+  const int split0 = int(blockIdx.x % splits) * per;
+  const int n_begin = split0 < ntiles_all ? split0 : ntiles_all;
+  const int n_end = n_begin + per < ntiles_all ? n_begin + per : ntiles_all;
   const int lk = int(p.lk);
   auto sub_start = [&](int64_t s) -> int { return s < keys.count ? keys.start(s) : -1; };
 
@@ -157,8 +159,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   float m0 = -INFINITY, m1 = -INFINITY;  // running max (base 2) of rows g and g + 8
   float l0 = 0.0f, l1 = 0.0f;            // this thread's part of their running sums
 
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int stage = int((n - n_begin) & 1);
+  int stage = 0;
+  for (int n = n_begin; n < n_end; ++n, stage ^= 1) {
     T* ks = sk + stage * C::kTileElems;
     T* vs = sv + stage * C::kTileElems;
     ptx::cp_async_wait<1>();  // Q and K(n) have landed; V(n) may still be in flight
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-  if (splits > 1) {
+  if constexpr (kSplit) {
     // This split's partial: rows normalized by their own sums, in float32, and the base-2
     // log-sum-exp (-inf for a row that saw no key in this range, whose partial is 0).
     const int64_t rows_total = group * p.lq;
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
     for (int half = 0; half < 2; ++half) {
       const int r = warp * 16 + g + 8 * half;
       if (r - warp * 16 >= warp_rows) continue;
-      const int64_t slot = ((b * p.hkv + kvh) * rows_total + q0 * group + p0 + r) * splits + split;
+      const int64_t slot = ((b * p.hkv + kvh) * rows_total + q0 * group + p0 + r) * splits + blockIdx.x % splits;
       const float inv = half ? inv1 : inv0;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
