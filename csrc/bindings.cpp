@@ -506,7 +506,7 @@ clamped, not checked.)doc");
 
   m.def(
       "rms_norm",
-      [](py::handle x, py::handle delta, py::handle weight, double eps, py::handle out) {
+      [](py::handle x, py::handle delta, py::handle weight, double eps, py::handle out, uintptr_t stream) {
         const char* op = "rms_norm";
         Arg ax, ad, aw, ao;
         to_arg(x, ax, op, "x");
@@ -514,19 +514,22 @@ clamped, not checked.)doc");
         if (has_delta) to_arg(delta, ad, op, "delta");
         to_arg(weight, aw, op, "weight");
         to_arg(out, ao, op, "out");
+        const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
         py::gil_scoped_release nogil;
-        bs::rms_norm(ax.v, has_delta ? &ad.v : nullptr, aw.v, eps, ao.v);
+        bs::rms_norm(ax.v, has_delta ? &ad.v : nullptr, aw.v, eps, ao.v, &launch);
       },
-      py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+      py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("out"), py::arg("stream") = 0,
       R"doc(x += delta (in place, when delta is not None), then out = RMSNorm(x) * weight over the
-last dimension, rounded as transformers rounds (see bitswitch.ops.rms_norm). out may be x.)doc");
+last dimension, rounded as transformers rounds (see bitswitch.ops.rms_norm). out may be x.
+CUDA arrays: queued on `stream` (a cudaStream_t as an integer, 0: the default stream).)doc");
 
   m.def(
       "rope_qkv",
       [](py::handle qkv, py::handle q_weight, py::handle k_weight, double eps, py::handle cos, py::handle sin,
-         int64_t pos, py::handle q_out, py::handle k_cache, py::handle v_cache) {
+         int64_t pos, py::handle q_out, py::handle k_cache, py::handle v_cache, uintptr_t stream,
+         py::handle positions) {
         const char* op = "rope_qkv";
-        Arg a_qkv, aqw, akw, acos, asin, aq, ak, av;
+        Arg a_qkv, aqw, akw, acos, asin, aq, ak, av, apos;
         to_arg(qkv, a_qkv, op, "qkv");
         const bool norm = !q_weight.is_none() || !k_weight.is_none();
         if (norm) {
@@ -540,24 +543,32 @@ last dimension, rounded as transformers rounds (see bitswitch.ops.rms_norm). out
         to_arg(q_out, aq, op, "q_out");
         to_arg(k_cache, ak, op, "k_cache");
         to_arg(v_cache, av, op, "v_cache");
+        const bool has_positions = !positions.is_none();
+        if (has_positions) to_arg(positions, apos, op, "positions");
+        const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
         py::gil_scoped_release nogil;
         bs::rope_qkv(a_qkv.v, norm ? &aqw.v : nullptr, norm ? &akw.v : nullptr, eps, acos.v, asin.v, pos, aq.v, ak.v,
-                     av.v);
+                     av.v, &launch, has_positions ? &apos.v : nullptr);
       },
       py::arg("qkv"), py::arg("q_weight"), py::arg("k_weight"), py::arg("eps"), py::arg("cos"), py::arg("sin"),
-      py::arg("pos"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"),
-      "q/k RMSNorm, RoPE and the KV-cache write of a fused q|k|v projection (see bitswitch.ops.rope_qkv).");
+      py::arg("pos"), py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("stream") = 0,
+      py::arg("positions") = py::none(),
+      R"doc(q/k RMSNorm, RoPE and the KV-cache write of a fused q|k|v projection (see bitswitch.ops.rope_qkv).
+positions: None or int32 [B] on qkv's device, each batch row's position (replacing pos).
+CUDA arrays: queued on `stream`; positions are clamped to the cache and tables there.)doc");
 
   m.def(
       "silu_mul",
-      [](py::handle gate_up, py::handle out) {
+      [](py::handle gate_up, py::handle out, uintptr_t stream) {
         Arg ag, ao;
         to_arg(gate_up, ag, "silu_mul", "gate_up");
         to_arg(out, ao, "silu_mul", "out");
+        const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
         py::gil_scoped_release nogil;
-        bs::silu_mul(ag.v, ao.v);
+        bs::silu_mul(ag.v, ao.v, &launch);
       },
-      py::arg("gate_up"), py::arg("out"), "out[..., I] = silu(gate_up[..., :I]) * gate_up[..., I:].");
+      py::arg("gate_up"), py::arg("out"), py::arg("stream") = 0,
+      "out[..., I] = silu(gate_up[..., :I]) * gate_up[..., I:]. CUDA arrays: queued on `stream`.");
 
   m.def(
       "read_stream",

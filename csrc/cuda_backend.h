@@ -14,7 +14,7 @@ namespace bitswitch {
 
 // Bump when the layout of anything below (or of the argument structs) changes; _C refuses
 // a table of another version.
-constexpr int32_t kCudaBackendAbi = 2;
+constexpr int32_t kCudaBackendAbi = 3;
 
 // Where a CUDA op runs: the caller's stream on the caller's device, with scratch memory
 // the caller allocated (from torch's allocator, so launches stay graph-capturable).
@@ -31,6 +31,9 @@ struct CudaBackend {
   int32_t (*qmatmul)(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
   int32_t (*attention)(const cpu::AttentionArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
   int32_t (*select_pages)(const cpu::PageSelectArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
+  int32_t (*rms_norm)(const cpu::RmsNormArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
+  int32_t (*rope)(const cpu::RopeArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
+  int32_t (*silu_mul)(const cpu::SiluMulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
 };
 
 }  // namespace bitswitch

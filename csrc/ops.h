@@ -135,18 +135,23 @@ void select_pages_at(const TensorView& q, const TensorView& k, const TensorView&
 // kernel choose (it splits only when there are too few tasks for the threads).
 void set_attention_kv_splits(int64_t n);
 
-// Fused layer ops (cpu/layer_ops.h); every array C-contiguous, one float dtype.
+// Fused layer ops (cpu/layer_ops.h, cuda/layer_ops.cuh); every array C-contiguous, one
+// float dtype, one device (CPU memory or one CUDA device: then queued on cuda->stream).
 // x (+= delta, in place), out = RMSNorm(x) * weight over the last dimension; out may be x.
 void rms_norm(const TensorView& x, const TensorView* delta, const TensorView& weight, double eps,
-              const TensorView& out);
+              const TensorView& out, const CudaLaunch* cuda = nullptr);
 // From a fused projection qkv [B, n, (Hq + 2 Hkv) * D]: q (and k) RMSNorm over D when the
 // weights are given, RoPE with rows pos.. of the cos/sin tables [P, D]; q to q_out
 // [B, Hq, n, D], k and v to rows pos .. pos + n - 1 of the caches [B, Hkv, capacity, D].
+// positions, if given: int32 [B] on qkv's device, each batch row's pos (replacing pos), so
+// that a decode step captured in a CUDA graph reads its position from memory; on CUDA they
+// are not read here (the kernel clamps them to the cache and the tables).
 void rope_qkv(const TensorView& qkv, const TensorView* q_weight, const TensorView* k_weight, double eps,
               const TensorView& cos, const TensorView& sin, int64_t pos, const TensorView& q_out,
-              const TensorView& k_cache, const TensorView& v_cache);
+              const TensorView& k_cache, const TensorView& v_cache, const CudaLaunch* cuda = nullptr,
+              const TensorView* positions = nullptr);
 // out[..., I] = silu(gate_up[..., :I]) * gate_up[..., I:].
-void silu_mul(const TensorView& gate_up, const TensorView& out);
+void silu_mul(const TensorView& gate_up, const TensorView& out, const CudaLaunch* cuda = nullptr);
 
 // Reads a byte buffer on every pool thread; returns a checksum (the bandwidth anchor).
 double read_stream(const TensorView& buffer);

@@ -310,35 +310,35 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
         part_lse[slot] = l > 0.0f ? mm + log2f(l) : -INFINITY;
       }
     }
-    return;
-  }
-  // Stage the warp's 16 output rows in its own rows of the Q tile, then write whole 16-byte
-  // chunks: a row's D elements are contiguous in out, 4-byte fragment stores are not.
+  } else {
+    // Stage the warp's 16 output rows in its own rows of the Q tile, then write whole 16-byte
+    // chunks: a row's D elements are contiguous in out, 4-byte fragment stores are not.
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    *reinterpret_cast<uint32_t*>(sq + C::at(warp * 16 + g, j) + 2 * tq) = pack2<T>(o[j][0] * inv0, o[j][1] * inv0);
-    *reinterpret_cast<uint32_t*>(sq + C::at(warp * 16 + g + 8, j) + 2 * tq) = pack2<T>(o[j][2] * inv1, o[j][3] * inv1);
-  }
-  __syncwarp();
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int i = 0; i < 16 * C::kChunks / 32; ++i) {
-    const int c = lane + i * 32;
-    const int r = c / C::kChunks, ch = c % C::kChunks;
-    if (r < warp_rows) {
-      const int64_t pk = p0 + warp * 16 + r;
-      T* dst = out + row_offset(p.o_strides, b, kvh * group + pk % group, q0 + pk / group) + ch * 8;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sq + C::at(warp * 16 + r, ch));
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(sq + C::at(warp * 16 + g, j) + 2 * tq) = pack2<T>(o[j][0] * inv0, o[j][1] * inv0);
+      *reinterpret_cast<uint32_t*>(sq + C::at(warp * 16 + g + 8, j) + 2 * tq) = pack2<T>(o[j][2] * inv1, o[j][3] * inv1);
     }
-  }
-  if (p.lse && tq == 0) {
+    __syncwarp();
+    T* out = static_cast<T*>(p.out);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = g + 8 * half;
+    for (int i = 0; i < 16 * C::kChunks / 32; ++i) {
+      const int c = lane + i * 32;
+      const int r = c / C::kChunks, ch = c % C::kChunks;
       if (r < warp_rows) {
-        const float l = half ? l1 : l0, mm = half ? m1 : m0;
-        const int64_t pk = p0 + warp * 16 + r, h = kvh * group + pk % group, i = q0 + pk / group;
-        p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? (mm + log2f(l)) * kLn2 : -INFINITY;
+        const int64_t pk = p0 + warp * 16 + r;
+        T* dst = out + row_offset(p.o_strides, b, kvh * group + pk % group, q0 + pk / group) + ch * 8;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sq + C::at(warp * 16 + r, ch));
+      }
+    }
+    if (p.lse && tq == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = g + 8 * half;
+        if (r < warp_rows) {
+          const float l = half ? l1 : l0, mm = half ? m1 : m0;
+          const int64_t pk = p0 + warp * 16 + r, h = kvh * group + pk % group, i = q0 + pk / group;
+          p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? (mm + log2f(l)) * kLn2 : -INFINITY;
+        }
       }
     }
   }

@@ -9,6 +9,7 @@
 
 #include "attention.cuh"
 #include "backend.h"
+#include "layer_ops.cuh"
 #include "page_select.cuh"
 #include "qmatmul.cuh"
 
@@ -144,9 +145,87 @@ int32_t attention_entry(const cpu::AttentionArgs* a, const CudaLaunch* l, char* 
   return launch_on(l, attention_params(*a), &cuda::attention, "attention launch", err, errlen);
 }
 
+RmsNormParams rms_norm_params(const cpu::RmsNormArgs& a) {
+  RmsNormParams p;
+  p.x = a.x;
+  p.delta = a.delta;
+  p.weight = a.weight;
+  p.out = a.out;
+  p.rows = a.rows;
+  p.h = a.h;
+  p.x_stride = a.x_stride;
+  p.delta_stride = a.delta_stride;
+  p.out_stride = a.out_stride;
+  p.eps = a.eps;
+  p.dtype = to_cuda(a.dtype);
+  return p;
+}
+
+RopeParams rope_params(const cpu::RopeArgs& a) {
+  RopeParams p;
+  p.qkv = a.qkv;
+  p.qkv_strides[0] = a.qkv_strides[0];
+  p.qkv_strides[1] = a.qkv_strides[1];
+  p.b = a.b;
+  p.n = a.n;
+  p.hq = a.hq;
+  p.hkv = a.hkv;
+  p.d = a.d;
+  p.q_weight = a.q_weight;
+  p.k_weight = a.k_weight;
+  p.eps = a.eps;
+  p.cos = a.cos;
+  p.sin = a.sin;
+  p.table_rows = a.table_rows;
+  p.pos = a.pos;
+  p.positions = a.positions;
+  p.q_out = a.q_out;
+  p.k_cache = a.k_cache;
+  p.v_cache = a.v_cache;
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = a.q_strides[i];
+    p.k_strides[i] = a.k_strides[i];
+    p.v_strides[i] = a.v_strides[i];
+  }
+  p.capacity = a.capacity;
+  p.dtype = to_cuda(a.dtype);
+  return p;
+}
+
+SiluMulParams silu_mul_params(const cpu::SiluMulArgs& a) {
+  SiluMulParams p;
+  p.gate_up = a.gate_up;
+  p.out = a.out;
+  p.rows = a.rows;
+  p.i = a.i;
+  p.gu_stride = a.gu_stride;
+  p.out_stride = a.out_stride;
+  p.dtype = to_cuda(a.dtype);
+  return p;
+}
+
+// An entry for a launcher that takes (params, stream) only (no scratch).
+template <class Params, cudaError_t (*Launch)(const Params&, cudaStream_t)>
+int32_t stream_entry(const CudaLaunch* l, const Params& p, const char* what, char* err, int32_t errlen) {
+  auto launch = [](const Params& q, void*, size_t, int, cudaStream_t s) { return Launch(q, s); };
+  return launch_on(l, p, launch, what, err, errlen);
+}
+
+int32_t rms_norm_entry(const cpu::RmsNormArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  return stream_entry<RmsNormParams, &cuda::rms_norm>(l, rms_norm_params(*a), "rms_norm launch", err, errlen);
+}
+
+int32_t rope_entry(const cpu::RopeArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  return stream_entry<RopeParams, &cuda::rope>(l, rope_params(*a), "rope_qkv launch", err, errlen);
+}
+
+int32_t silu_mul_entry(const cpu::SiluMulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  return stream_entry<SiluMulParams, &cuda::silu_mul>(l, silu_mul_params(*a), "silu_mul launch", err, errlen);
+}
+
 int32_t select_pages_entry(const cpu::PageSelectArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
-  auto launch = [](const PageSelectParams& p, void*, size_t, int, cudaStream_t s) { return cuda::select_pages(p, s); };
-  return launch_on(l, select_pages_params(*a), launch, "select_pages_at launch", err, errlen);
+  return stream_entry<PageSelectParams, &cuda::select_pages>(l, select_pages_params(*a), "select_pages_at launch", err,
+                                                             errlen);
 }
 
 }  // namespace
@@ -157,6 +236,9 @@ const CudaBackend* backend_table() {
     t.qmatmul = qmatmul_entry;
     t.attention = attention_entry;
     t.select_pages = select_pages_entry;
+    t.rms_norm = rms_norm_entry;
+    t.rope = rope_entry;
+    t.silu_mul = silu_mul_entry;
     return t;
   }();
   return &table;

@@ -242,6 +242,39 @@ def test_sparse_decode_step_in_a_cuda_graph(rng):
     assert torch.equal(graph_pages.kmin, eager_pages.kmin) and torch.equal(graph_pages.kmax, eager_pages.kmax)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_layer_ops_match_the_cpu_kernels(rng, dtype):
+    """rms_norm (with the residual add), rope_qkv_at (positions on the GPU) and silu_mul on
+    CUDA tensors run bitswitch's CUDA kernels: the CPU kernels' values up to rounding."""
+    from test_layer_ops import close, rope_tables
+
+    t = DT[dtype]
+    x = torch.from_numpy(rng.standard_normal((3, 4096)).astype(np.float32)).to(t)
+    dl = torch.randn_like(x)
+    w = torch.randn(4096, dtype=t)
+    xc, xg = x.clone(), x.to(DEV)
+    want = bt.rms_norm(xc, w, 1e-6, dl)
+    got = bt.rms_norm(xg, w.to(DEV), 1e-6, dl.to(DEV))
+    assert torch.equal(xg.cpu(), xc)
+    close(got.cpu(), want, dtype)
+    b, hq, hkv, d, cap = 2, 8, 2, 128, 64
+    qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, dtype=t)
+    qw, kw = torch.randn(d, dtype=t), torch.randn(d, dtype=t)
+    cos, sin = rope_tables(cap, d, t)
+    pos = torch.tensor([37, 37], dtype=torch.int32)
+    kc, vc = torch.zeros(b, hkv, cap, d, dtype=t), torch.zeros(b, hkv, cap, d, dtype=t)
+    kg, vg = kc.to(DEV), vc.to(DEV)
+    want = bt.rope_qkv_at(qkv, hq, qw, kw, 1e-6, cos, sin, pos, kc, vc)
+    got = bt.rope_qkv_at(qkv.to(DEV), hq, qw.to(DEV), kw.to(DEV), 1e-6, cos.to(DEV), sin.to(DEV), pos.to(DEV), kg, vg)
+    close(got.cpu(), want, dtype, scale=2)
+    close(kg.cpu(), kc, dtype, scale=2)
+    assert torch.equal(vg.cpu(), vc)
+    gu = torch.randn(5, 2 * 3072, dtype=t) * 4
+    close(bt.silu_mul(gu.to(DEV)).cpu(), bt.silu_mul(gu), dtype)
+    with pytest.raises(ValueError, match="rope_qkv: k_cache is in CPU memory but the other arrays are in cuda"):
+        bt.rope_qkv_at(qkv.to(DEV), hq, qw.to(DEV), kw.to(DEV), 1e-6, cos.to(DEV), sin.to(DEV), pos.to(DEV), kc, vg)
+
+
 def test_cuda_graph_capture_and_replay(rng):
     """qmatmul (GEMV and GEMM) and attention (prefill and split-KV decode) captured in one
     CUDA graph, replayed on new inputs written in place: the replay equals eager."""

@@ -91,6 +91,43 @@ def test_rope_qkv(variant, rng, dtype, b, n, hq, hkv, d, norm):
         assert torch.isnan(c[:, :, :pos]).all() and torch.isnan(c[:, :, pos + n:]).all()
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_rope_qkv_with_positions_in_memory(variant, rng, dtype):
+    """rope_qkv_at (the decode step captured in CUDA graphs; on the CPU the same native kernel
+    reading positions from a tensor): per batch row, rope_qkv at that row's position; and the
+    torch ops it replaces elsewhere give the same values."""
+    t = DTYPES[dtype]
+    b, hq, hkv, d, cap = 3, 4, 2, 64, 40
+    qkv = torch.from_numpy(rng.standard_normal((b, 1, (hq + 2 * hkv) * d)).astype(np.float32)).to(t)
+    qw, kw = (torch.from_numpy(rng.standard_normal(d).astype(np.float32)).to(t) for _ in range(2))
+    cos, sin = rope_tables(cap, d, t)
+    positions = torch.tensor([5, 39, 0], dtype=torch.int32)
+    kc, vc = poisoned((b, hkv, cap, d), t), poisoned((b, hkv, cap, d), t)
+    q = bt.rope_qkv_at(qkv, hq, qw, kw, 1e-6, cos, sin, positions, kc, vc)
+    for bi, pos in enumerate(positions.tolist()):
+        kr, vr = poisoned((1, hkv, cap, d), t), poisoned((1, hkv, cap, d), t)
+        qr = bt.rope_qkv(qkv[bi:bi + 1], hq, qw, kw, 1e-6, cos, sin, pos, kr, vr)
+        assert torch.equal(q[bi:bi + 1], qr)  # the same kernel, one row at a time
+        assert torch.equal(kc[bi:bi + 1, :, pos], kr[:, :, pos]) and torch.equal(vc[bi:bi + 1, :, pos], vr[:, :, pos])
+    same = torch.full((b,), 17, dtype=torch.int32)  # the torch-ops path takes one position for all rows
+    kc2, vc2, kr2, vr2 = (poisoned((b, hkv, cap, d), t) for _ in range(4))
+    got = bt.rope_qkv_at(qkv, hq, qw, kw, 1e-6, cos, sin, same, kc2, vc2)
+    saved = bt._native
+    bt._native = lambda x: False
+    try:
+        ref = bt.rope_qkv_at(qkv, hq, qw, kw, 1e-6, cos, sin, same, kr2, vr2)
+    finally:
+        bt._native = saved
+    close(got, ref, dtype, scale=2)
+    close(kc2[:, :, 17], kr2[:, :, 17], dtype, scale=2)
+    for bad, err, match in [(torch.tensor([5, 40, 0], dtype=torch.int32), ValueError, "positions plus the 1 new"),
+                            (torch.tensor([5, -1, 0], dtype=torch.int32), ValueError, "positions must be >= 0"),
+                            (torch.tensor([5, 1], dtype=torch.int32), ValueError, r"positions must be a contiguous int32 array of shape \(3,\)"),
+                            (torch.tensor([5, 1, 0]), ValueError, "positions must be a contiguous int32")]:
+        with pytest.raises(err, match=match):
+            bt.rope_qkv_at(qkv, hq, qw, kw, 1e-6, cos, sin, bad, kc, vc)
+
+
 def reference_rope(qkv, hq, qw, kw, cos, sin, pos, kc, vc):
     """bitswitch.torch.rope_qkv with the native path switched off."""
     saved = bt._native

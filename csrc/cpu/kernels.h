@@ -100,6 +100,66 @@ struct PageSelectArgs {
 // The scalar kernel (the selection is a few thousand multiply-adds per kv head).
 Status select_pages_scalar(const PageSelectArgs& a, ThreadPool& pool);
 
+// -- fused layer ops (cpu/layer_ops.h has the kernels and the rounding contract) ------------
+
+// x (+= delta), out = rms_norm(x) * weight, row by row.
+//   s = round(x + delta)            (written back to x when delta is given)
+//   r = 1 / sqrt(mean(s^2) + eps)   (float32)
+//   out = round(round(s * r) * weight)
+struct RmsNormArgs {
+  void* x;              // x: [rows, h], dtype; updated in place when delta is not null
+  const void* delta;    // delta: [rows, h] or null
+  const void* weight;   // weight: [h]
+  void* out;            // out: [rows, h]; may be x itself
+  int64_t rows, h;
+  int64_t x_stride, delta_stride, out_stride;  // elements between consecutive rows
+  float eps;
+  DType dtype;          // of x, delta, weight and out
+};
+
+// The attention inputs of a Qwen3/Qwen2 layer from its fused q|k|v projection:
+//   q, k: per head, RMSNorm over head_dim (when weights are given; Qwen2 has none), then
+//         RoPE: round(round(x * cos) + round(rot(x) * sin)), rot(x) = x rolled by d/2,
+//         with sin's first half negated (rotate_half as a roll and a sign);
+//   q goes to q_out, k and v to row pos + t of the caches.
+struct RopeArgs {
+  const void* qkv;      // qkv: [b, n, (hq + 2 hkv) * d]: q heads, k heads, v heads per token
+  int64_t qkv_strides[2];  // elements between batches and tokens; heads are contiguous
+  int64_t b, n, hq, hkv, d;
+  const void* q_weight;  // q_weight, k_weight: [d] or both null
+  const void* k_weight;
+  float eps;
+  const void* cos;      // cos: [>= pos + n, d] rows by absolute position
+  const void* sin;      // sin: [>= pos + n, d], first half negated
+  int64_t pos;          // absolute position of token 0
+  // [b] in device memory: position of token 0 per batch row, replacing pos (a CUDA decode
+  // step captured in a graph reads it there); the CPU glue runs one call per row instead.
+  const int32_t* positions = nullptr;
+  int64_t table_rows = 0;  // rows of cos / sin, and the caches' capacity: bounds the CUDA
+  int64_t capacity = 0;    // kernel clamps positions to (the glue cannot read them)
+  void* q_out;          // q_out: [b, hq, n, d]
+  int64_t q_strides[3];
+  void* k_cache;        // k_cache, v_cache: [b, hkv, capacity, d]; rows pos .. pos + n - 1 written
+  void* v_cache;
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  DType dtype;          // of every array
+};
+
+// out = round(round(silu(g)) * u) for each row [g | u] of gate_up.
+struct SiluMulArgs {
+  const void* gate_up;  // gate_up: [rows, 2 i]
+  void* out;            // out: [rows, i]
+  int64_t rows, i;
+  int64_t gu_stride, out_stride;
+  DType dtype;
+};
+
+// Largest row an RMSNorm takes (rows are held in float32 on the stack) and largest
+// head_dim of the RoPE op; the glue rejects larger ones.
+constexpr int64_t kMaxNormWidth = 16384;
+constexpr int64_t kMaxHeadDim = 256;
+
 // Which implementation runs a kernel (values are stable; kAvx512Bf16 came last).
 enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAvx512Bf16 = 4 };
 // Every variant, each needing more of the CPU than the one before (for messages and listings).

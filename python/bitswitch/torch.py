@@ -443,14 +443,23 @@ def qmatmul(x: torch.Tensor, qw: QWeight, bits: Optional[int] = None, act_bits: 
 
 # -- fused layer ops ---------------------------------------------------------------------
 #
-# Each runs the native kernel on CPU tensors in eager mode (a decode step then makes a few
-# native calls per layer instead of dozens of small torch ops) and the same computation
-# as torch ops otherwise (under torch.compile, on other devices, with autograd): the torch
+# Each runs the native kernel on CPU tensors, and bitswitch's CUDA kernel on CUDA tensors,
+# in eager mode (a decode step then makes a few native calls or launches per layer instead
+# of dozens of small torch ops) and the same computation as torch ops otherwise (under
+# torch.compile, on other devices, with autograd): the torch
 # code is the reference the native kernels are tested against, and it follows Hugging Face
 # transformers' Qwen3 op for op, so both round where transformers rounds.
 
 def _native(x: torch.Tensor) -> bool:
     return x.is_cpu and not _is_compiling() and not x.requires_grad
+
+
+def _cuda_stream(x: torch.Tensor) -> Optional[int]:
+    """The current stream of x's device when the fused op runs bitswitch's CUDA kernel on x
+    (eager, no autograd, bitswitch._cuda loaded), else None."""
+    if x.is_cuda and not _is_compiling() and not x.requires_grad and _C._has_cuda_backend():
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -463,9 +472,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RMSNorm over the last dimension; with delta, x += delta (in place) first: the
     residual add before each norm of a transformer layer."""
-    if _native(x):
+    stream = None if _native(x) else _cuda_stream(x)
+    if stream is not None or _native(x):
         out = torch.empty_like(x)
-        _C.rms_norm(x, delta, weight, eps, out)
+        _C.rms_norm(x, delta, weight, eps, out, stream=stream or 0)
         return out
     if delta is not None:
         x.add_(delta)
@@ -486,9 +496,10 @@ def rope_qkv(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Tenso
     of cos / signed sin [P, D]; k and v are written to those rows of the caches [B, Hkv, cap, D]."""
     b, n, _ = qkv.shape
     hkv, d = k_cache.shape[1], k_cache.shape[3]
-    if _native(qkv):
+    stream = None if _native(qkv) else _cuda_stream(qkv)
+    if stream is not None or _native(qkv):
         q = qkv.new_empty((b, num_q_heads, n, d))
-        _C.rope_qkv(qkv, q_weight, k_weight, eps, cos, sin, pos, q, k_cache, v_cache)
+        _C.rope_qkv(qkv, q_weight, k_weight, eps, cos, sin, pos, q, k_cache, v_cache, stream=stream or 0)
         return q
     x = qkv.view(b, n, num_q_heads + 2 * hkv, d)
     qk, v = x[:, :, : num_q_heads + hkv], x[:, :, num_q_heads + hkv:]
@@ -504,10 +515,17 @@ def rope_qkv_at(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Te
                 k_weight: Optional[torch.Tensor], eps: float, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """rope_qkv at a position held in memory: positions int32 [B] (every row the same, the
-    cache's length) on qkv's device. Only torch ops, all on the device, so a decode step built
-    from it can be captured once in a CUDA graph and replayed at every position."""
+    cache's length) on qkv's device. The fused kernel reads the position where it lives (CPU,
+    CUDA); elsewhere torch ops on the device. Nothing is read back to the host, so a decode
+    step built from it can be captured once in a CUDA graph and replayed at every position."""
     b, n, _ = qkv.shape
     hkv, d = k_cache.shape[1], k_cache.shape[3]
+    stream = None if _native(qkv) else _cuda_stream(qkv)
+    if stream is not None or _native(qkv):
+        q = qkv.new_empty((b, num_q_heads, n, d))
+        _C.rope_qkv(qkv, q_weight, k_weight, eps, cos, sin, 0, q, k_cache, v_cache, stream=stream or 0,
+                    positions=positions)
+        return q
     idx = positions[:1].long() + torch.arange(n, device=qkv.device)  # the rows this step writes
     x = qkv.view(b, n, num_q_heads + 2 * hkv, d)
     qk, v = x[:, :, : num_q_heads + hkv], x[:, :, num_q_heads + hkv:]
@@ -522,9 +540,10 @@ def rope_qkv_at(qkv: torch.Tensor, num_q_heads: int, q_weight: Optional[torch.Te
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
     i = gate_up.shape[-1] // 2
-    if _native(gate_up):
+    stream = None if _native(gate_up) else _cuda_stream(gate_up)
+    if stream is not None or _native(gate_up):
         out = gate_up.new_empty(gate_up.shape[:-1] + (i,))
-        _C.silu_mul(gate_up, out)
+        _C.silu_mul(gate_up, out, stream=stream or 0)
         return out
     return F.silu(gate_up[..., :i]) * gate_up[..., i:]
 
