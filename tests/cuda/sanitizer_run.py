@@ -2,7 +2,7 @@
 `compute-sanitizer --tool memcheck --error-exitcode 3 python tests/cuda/sanitizer_run.py`):
 the GEMV with and without split-K, the tensor-core GEMM with ragged edges, prefill attention
 with a block mask and strided KV-cache views, decode with forced splits, a garbage mask,
-decode page selection (positions in and out of range)."""
+decode page selection (positions in and out of range), prefill split-KV, the fused layer ops."""
 
 import numpy as np
 import torch
@@ -49,5 +49,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):  # decode page sele
     for pos in (0, 500, 999, 5000, -4):
         pages.select(torch.randn(2, 8, 1, 128, dtype=dtype, device=dev), k,
                      torch.full((2,), pos, dtype=torch.int32, device=dev), 7)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # prefill split-KV: a short chunk, a long cache
+    kc = torch.randn(1, 2, 3000, 128, dtype=dtype, device=dev)
+    bt.attention(torch.randn(1, 8, 40, 128, dtype=dtype, device=dev), kc, kc, None, causal=True, q_offset=2960)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the fused layer ops, positions in and out of range
+    x = torch.randn(3, 1000, dtype=dtype, device=dev)
+    bt.rms_norm(x, torch.randn(1000, dtype=dtype, device=dev), 1e-6, torch.randn_like(x))
+    bt.silu_mul(torch.randn(5, 2 * 300, dtype=dtype, device=dev))
+    kc, vc = (torch.zeros(2, 2, 16, 64, dtype=dtype, device=dev) for _ in range(2))
+    cos, sin = (torch.randn(16, 64, dtype=dtype, device=dev) for _ in range(2))
+    for pos in (0, 15, 99, -3):
+        bt.rope_qkv_at(torch.randn(2, 1, 8 * 64, dtype=dtype, device=dev), 4, torch.ones(64, dtype=dtype, device=dev),
+                       torch.ones(64, dtype=dtype, device=dev), 1e-6, cos, sin,
+                       torch.full((2,), pos, dtype=torch.int32, device=dev), kc, vc)
 torch.cuda.synchronize()
 print("sanitizer run done")
