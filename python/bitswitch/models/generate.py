@@ -157,6 +157,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, generated: Itera
 def sample(logits: torch.Tensor, params: SamplingParams, generated: Iterable[int] = (),
            generator: Optional[torch.Generator] = None) -> int:
     """One token id from a logits row (see filter_logits)."""
+    if params.greedy and not params.presence_penalty:
+        # The argmax where the logits live: from a GPU one id comes over, not the whole row.
+        return int(torch.argmax(logits.detach().reshape(-1)))
     ids, x = filter_logits(logits, params, generated)
     if ids.numel() == 1:
         return int(ids[0])
