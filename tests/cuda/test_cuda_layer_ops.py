@@ -179,3 +179,13 @@ def test_silu_mul(rng, lib, dtype, rows, i):
     ok(lib, lib.bs_silu_mul(ptr(gu), ptr(out), rows, i, CODE[t]))
     close(out, torch.nn.functional.silu(gu[:, :i]) * gu[:, i:], dtype, scale=2)
     close(out, bt.silu_mul(gu), dtype)  # the CPU kernel
+
+
+def test_threads_mode(rng, lib):
+    """One OS thread per GPU thread: the reductions and the RoPE half exchange still agree."""
+    emulator.set_threads_mode(lib, True)
+    try:
+        test_rms_norm(rng, lib, "bfloat16", 2, 1000)
+        test_rope(rng, lib, "float32", 2, 2, 4, 2, 64, True)
+    finally:
+        emulator.set_threads_mode(lib, False)

@@ -62,7 +62,10 @@ DTYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    lib = emulator.build("page_select", SOURCE, tmp_path_factory.mktemp("cuda_pages"))
+    return _load(emulator.build("page_select", SOURCE, tmp_path_factory.mktemp("cuda_pages")))
+
+
+def _load(lib):
     p = ctypes.c_void_p
     lib.bs_select_pages.argtypes = [p, p, p, p, p, p, ctypes.c_int, p, p, ctypes.c_int, ctypes.c_int]
     lib.bs_select_pages.restype = ctypes.c_int
@@ -209,3 +212,30 @@ def test_rejects_what_it_cannot_run(rng, lib):
     rc = lib.bs_select_pages(q.ctypes.data, k.ctypes.data, kmin.ctypes.data, kmax.ctypes.data, out.ctypes.data,
                              positions.ctypes.data, 1, dims.ctypes.data, strides.ctypes.data, 48, 1)
     assert rc != 0
+
+
+def check_small(lib):
+    """A few small selections (more key blocks than threads in one, GQA 4, ties), for the
+    threads-mode runs."""
+    rng = np.random.default_rng(7)
+    for b, hq, hkv, cap, d, bk, dtype in ((1, 8, 2, 640, 64, 32, "bfloat16"), (1, 4, 1, 20000, 64, 64, "float32")):
+        positions = rng.integers(bk, cap, size=b)
+        q, k, kmin, kmax = case(rng, b, hq, hkv, cap, d, dtype, bk, positions)
+        check_call(lib, q, k, kmin, kmax, positions, 7, 1, bk, f"threads {cap}")
+
+
+def test_threads_mode(lib):
+    """One OS thread per GPU thread (real concurrency between the barriers)."""
+    emulator.set_threads_mode(lib, True)
+    try:
+        check_small(lib)
+    finally:
+        emulator.set_threads_mode(lib, False)
+
+
+def test_threads_mode_under_tsan(tmp_path_factory):
+    """The same under ThreadSanitizer: the kernel's shared-memory reductions, scans and
+    threshold search are free of data races."""
+    flags, _ = emulator.SANITIZERS["thread"]
+    path = emulator.build_library("page_select_tsan", SOURCE, tmp_path_factory.mktemp("cuda_pages_tsan"), flags)
+    emulator.run_sanitized("thread", path, "test_cuda_page_select", "m.check_small(m._load(lib))")
