@@ -130,6 +130,16 @@ def attention(q: Any, k: Any, v: Any, mask: Optional["BlockMask"] = None, causal
     return res, (A.from_numpy(lse, kind, q) if kind != A.NUMPY else lse)
 
 
+def _stream(x: Any) -> int:
+    """The current CUDA stream of a torch CUDA tensor's device (where the fused layer ops queue
+    their kernels), else 0."""
+    if A.framework(x) == A.TORCH and x.is_cuda:
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return 0
+
+
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6, delta: Any = None, out: Any = None) -> Any:
     """RMSNorm over the last dimension: weight * x / sqrt(mean(x^2) + eps), rounded as
     transformers' Qwen3/Llama RMSNorm rounds (float32 math, the normalized value rounded to
@@ -138,13 +148,14 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6, delta: Any = None, out: Any
     delta: when given, x is first replaced by x + delta in place (rounded to x's dtype), the
     residual add that precedes every norm of a transformer layer; x must then be writable
     (numpy or torch). out: optional result array (may be x itself). Arrays C-contiguous, one
-    float dtype, last dimension at most 16384.
+    float dtype, last dimension at most 16384; torch CUDA tensors run bitswitch's CUDA kernel
+    on the current stream.
     """
     kind = A.framework(x)
     if delta is not None and kind == A.MLX:
         raise TypeError("rms_norm: delta= updates x in place, which MLX arrays do not allow")
     y = _output("rms_norm", out, tuple(x.shape), x, "x", kind)
-    _C.rms_norm(x, delta, weight, float(eps), y)
+    _C.rms_norm(x, delta, weight, float(eps), y, stream=_stream(x))
     return y if out is not None else A.finish_output(y, kind)
 
 
@@ -166,7 +177,7 @@ def rope_qkv(qkv: Any, cos: Any, sin: Any, pos: int, k_cache: Any, v_cache: Any,
     b, n = int(qkv.shape[0]), int(qkv.shape[1])
     d = int(k_cache.shape[-1])
     q = _output("rope_qkv", out, (b, int(num_q_heads), n, d), qkv, "qkv", kind)
-    _C.rope_qkv(qkv, q_weight, k_weight, float(eps), cos, sin, int(pos), q, k_cache, v_cache)
+    _C.rope_qkv(qkv, q_weight, k_weight, float(eps), cos, sin, int(pos), q, k_cache, v_cache, stream=_stream(qkv))
     return q
 
 
@@ -179,7 +190,7 @@ def silu_mul(gate_up: Any, out: Any = None) -> Any:
     if not shape or shape[-1] % 2:
         raise ValueError(f"silu_mul: gate_up must have an even last dimension [gate | up], got shape {shape}")
     y = _output("silu_mul", out, shape[:-1] + (shape[-1] // 2,), gate_up, "gate_up", kind)
-    _C.silu_mul(gate_up, y)
+    _C.silu_mul(gate_up, y, stream=_stream(gate_up))
     return y if out is not None else A.finish_output(y, kind)
 
 
