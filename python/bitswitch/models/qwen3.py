@@ -225,7 +225,8 @@ class Attention(nn.Module):
                 pages.covered(pos + 1)
         kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
         if self.sparse is not None and mask is None and (n > 1 or not _pages_on_device(q)):
-            cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
+            if not _pages_on_device(q):  # host-side summaries: only the MPS decode reads them
+                cache.summary(self.layer, pos).append(kc.narrow(2, pos, n))
             mask = ctx["plan"](self, q, kc, cache, pos)
         if torch.compiler.is_compiling() or not q.is_cpu:  # traced, or on a GPU (MPS): the op
             o = bt.attention(q, kc, vc, mask, causal=True, q_offset=pos).transpose(1, 2)
