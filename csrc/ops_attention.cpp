@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <sstream>
+#include <vector>
 
 #include "cpu/convert.h"
 #include "cpu/cpu_features.h"
@@ -220,8 +221,10 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
     check_status(kOp, s);
   };
   if (!q_offsets) return run(a);
-  // Per-row offsets on the CPU: one call per batch row, each with its own q_offset.
-  const int32_t* offs = static_cast<const int32_t*>(q_offsets->data);
+  // Per-row offsets on the CPU: one call per batch row, each with its own q_offset (copied
+  // first: an output that overlaps them cannot change them between rows).
+  const int32_t* src = static_cast<const int32_t*>(q_offsets->data);
+  const std::vector<int32_t> offs(src, src + B);
   for (int64_t bi = 0; bi < B; ++bi)
     if (offs[bi] < 0) throw ValueError(pre("q_offsets") + "must be >= 0, got " + std::to_string(offs[bi]));
   const int64_t es = cpu::dtype_size(q.dtype);

@@ -3,6 +3,7 @@
 // device (CPU memory, or one CUDA device: then the CUDA kernels run on the caller's stream).
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/layer_ops.h"
@@ -131,7 +132,7 @@ void rope_qkv(const TensorView& qkv, const TensorView* q_weight, const TensorVie
   check_shape(op, "qkv", qkv, {b, n, (hq + 2 * hkv) * d});
   check_shape(op, "k_cache", k_cache, {b, hkv, cap, d});
   check_shape(op, "v_cache", v_cache, {b, hkv, cap, d});
-  const int32_t* offs = nullptr;  // positions read here: CPU memory only
+  std::vector<int64_t> offs;  // positions, copied (CPU memory only): the writes below cannot change them
   if (positions) {
     if (!positions->same_device(qkv))
       throw ValueError(pre(op, "positions") + "is in " + positions->where() + " but qkv is in " + qkv.where() +
@@ -142,11 +143,12 @@ void rope_qkv(const TensorView& qkv, const TensorView* q_weight, const TensorVie
                        ",) (the position of token 0 per batch row), got " + positions->type_str() + " " +
                        positions->shape_str());
     if (qkv.device == Device::kCPU) {
-      offs = static_cast<const int32_t*>(positions->data);
+      const int32_t* src = static_cast<const int32_t*>(positions->data);
+      offs.assign(src, src + b);
       pos = 0;
-      for (int64_t i = 0; i < b; ++i) {
-        if (offs[i] < 0) throw ValueError(pre(op, "positions") + "must be >= 0, got " + std::to_string(offs[i]));
-        pos = offs[i] > pos ? offs[i] : pos;  // the largest must fit the cache and tables
+      for (int64_t v : offs) {
+        if (v < 0) throw ValueError(pre(op, "positions") + "must be >= 0, got " + std::to_string(v));
+        pos = v > pos ? v : pos;  // the largest must fit the cache and tables
       }
     }
   }
@@ -208,7 +210,7 @@ void rope_qkv(const TensorView& qkv, const TensorView* q_weight, const TensorVie
     return run_cuda(op, "qkv", qkv, cuda, a, [](const CudaBackend& be) { return be.rope; });
   }
   auto pool = cpu::pool();
-  if (!offs) return check_status(op, unit(op).rope(a, *pool));
+  if (offs.empty()) return check_status(op, unit(op).rope(a, *pool));
   // Per-row positions on the CPU: one call per batch row, each at its own position.
   const int64_t es = cpu::dtype_size(t);
   for (int64_t bi = 0; bi < b; ++bi) {
