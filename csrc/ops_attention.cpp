@@ -17,7 +17,8 @@ const char* kOp = "attention";
 
 std::atomic<int64_t> g_kv_splits{0};  // set_attention_kv_splits
 
-std::string pre(const char* arg) { return std::string(kOp) + ": " + arg + " "; }
+// "op: arg " for messages; the checks below serve attention and select_pages_at.
+std::string pre(const char* arg, const char* op = kOp) { return std::string(op) + ": " + arg + " "; }
 
 // No two elements share memory: sorted by stride, each stride covers the dims below it.
 bool non_overlapping(const TensorView& t) {
@@ -39,26 +40,26 @@ bool non_overlapping(const TensorView& t) {
 }
 
 // Every array of a call lives where q does: CPU memory or one CUDA device.
-void check_with_q(const char* arg, const TensorView& t, const TensorView& q) {
+void check_with_q(const char* arg, const TensorView& t, const TensorView& q, const char* op = kOp) {
   if (q.device == Device::kOther)
-    throw ValueError(pre("q") + "must be in CPU memory or on a CUDA device (this op has no kernel for its device)");
+    throw ValueError(pre("q", op) + "must be in CPU memory or on a CUDA device (this op has no kernel for its device)");
   if (!t.same_device(q))
-    throw ValueError(pre(arg) + "is in " + t.where() + " but q is in " + q.where() +
-                     "; put q, the KV cache and the mask on one device");
+    throw ValueError(pre(arg, op) + "is in " + t.where() + " but q is in " + q.where() +
+                     "; put every array of the call on one device");
 }
 
-void check_4d(const char* arg, const TensorView& t) {
+void check_4d(const char* arg, const TensorView& t, const char* op = kOp) {
   if (t.ndim != 4)
-    throw ValueError(pre(arg) + "must be 4-D [batch, heads, length, head_dim], got shape " + t.shape_str());
+    throw ValueError(pre(arg, op) + "must be 4-D [batch, heads, length, head_dim], got shape " + t.shape_str());
   for (int i = 0; i < 4; ++i)
     if (t.shape[i] <= 0 || t.shape[i] >= (int64_t(1) << 31))
-      throw ValueError(pre(arg) + "has an empty or too large dimension: shape " + t.shape_str());
+      throw ValueError(pre(arg, op) + "has an empty or too large dimension: shape " + t.shape_str());
   if (t.strides[3] != 1)
-    throw ValueError(pre(arg) + "must have unit stride on head_dim (the last dimension); make it contiguous");
+    throw ValueError(pre(arg, op) + "must have unit stride on head_dim (the last dimension); make it contiguous");
   for (int i = 0; i < 3; ++i)
-    if (t.strides[i] < 0) throw ValueError(pre(arg) + "must not have negative strides");
-  if (!t.is_float()) throw TypeError(pre(arg) + "must be float32, bfloat16 or float16, got " + t.type_str());
-  if (t.data == nullptr) throw ValueError(pre(arg) + "has no data");
+    if (t.strides[i] < 0) throw ValueError(pre(arg, op) + "must not have negative strides");
+  if (!t.is_float()) throw TypeError(pre(arg, op) + "must be float32, bfloat16 or float16, got " + t.type_str());
+  if (t.data == nullptr) throw ValueError(pre(arg, op) + "has no data");
 }
 
 void check_index_array(const char* arg, const TensorView& t, int64_t b, int64_t h) {
@@ -254,13 +255,10 @@ namespace {
 
 const char* kSelectOp = "select_pages_at";
 
-std::string spre(const char* arg) { return std::string(kSelectOp) + ": " + arg + " "; }
-
 // A C-contiguous array of `dtype` with exactly `shape`, on q's device (writable if asked).
 void check_exact(const char* arg, const TensorView& t, const TensorView& q, DType dtype,
                  std::initializer_list<int64_t> shape, bool writable) {
-  if (q.device != Device::kOther && !t.same_device(q))
-    throw ValueError(spre(arg) + "is in " + t.where() + " but q is in " + q.where() + "; put every array on one device");
+  check_with_q(arg, t, q, kSelectOp);
   std::ostringstream want;
   want << "(";
   int i = 0;
@@ -272,11 +270,11 @@ void check_exact(const char* arg, const TensorView& t, const TensorView& q, DTyp
   }
   want << (shape.size() == 1 ? ",)" : ")");
   if (!t.dtype_known || t.dtype != dtype)
-    throw TypeError(spre(arg) + "must be " + dtype_str(dtype) + ", got " + t.type_str());
-  if (!ok) throw ValueError(spre(arg) + "must have shape " + want.str() + ", got " + t.shape_str());
-  if (!t.row_contiguous()) throw ValueError(spre(arg) + "must be C-contiguous");
-  if (t.data == nullptr) throw ValueError(spre(arg) + "has no data");
-  if (writable && !t.writable) throw ValueError(spre(arg) + "must be writable");
+    throw TypeError(pre(arg, kSelectOp) + "must be " + dtype_str(dtype) + ", got " + t.type_str());
+  if (!ok) throw ValueError(pre(arg, kSelectOp) + "must have shape " + want.str() + ", got " + t.shape_str());
+  if (!t.row_contiguous()) throw ValueError(pre(arg, kSelectOp) + "must be C-contiguous");
+  if (t.data == nullptr) throw ValueError(pre(arg, kSelectOp) + "has no data");
+  if (writable && !t.writable) throw ValueError(pre(arg, kSelectOp) + "must be writable");
 }
 
 }  // namespace
@@ -284,42 +282,30 @@ void check_exact(const char* arg, const TensorView& t, const TensorView& q, DTyp
 void select_pages_at(const TensorView& q, const TensorView& k, const TensorView& kmin, const TensorView& kmax,
                      const TensorView& positions, const TensorView& indices, int64_t sinks, int64_t block_k,
                      const CudaLaunch* cuda) {
-  if (q.device == Device::kOther)
-    throw ValueError(spre("q") + "must be in CPU memory or on a CUDA device (this op has no kernel for its device)");
-  if (!k.same_device(q))
-    throw ValueError(spre("k") + "is in " + k.where() + " but q is in " + q.where() + "; put every array on one device");
-  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"q", &q}, {"k", &k}}) {
-    if (t->ndim != 4)
-      throw ValueError(spre(name) + "must be 4-D [batch, heads, length, head_dim], got shape " + t->shape_str());
-    if (!t->is_float()) throw TypeError(spre(name) + "must be float32, bfloat16 or float16, got " + t->type_str());
-    if (t->strides[3] != 1) throw ValueError(spre(name) + "must have unit stride on head_dim (the last dimension)");
-    for (int i = 0; i < 4; ++i) {
-      if (t->shape[i] <= 0 || t->shape[i] >= (int64_t(1) << 31))
-        throw ValueError(spre(name) + "has an empty or too large dimension: shape " + t->shape_str());
-      if (i < 3 && t->strides[i] < 0) throw ValueError(spre(name) + "must not have negative strides");
-    }
-    if (t->data == nullptr) throw ValueError(spre(name) + "has no data");
-  }
+  check_with_q("q", q, q, kSelectOp);
+  check_with_q("k", k, q, kSelectOp);
+  check_4d("q", q, kSelectOp);
+  check_4d("k", k, kSelectOp);
   const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[3], Hkv = k.shape[1], cap = k.shape[2];
   if (q.shape[2] != 1)
-    throw ValueError(spre("q") + "must hold one query per batch row and head ([B, Hq, 1, D]), got shape " + q.shape_str());
-  if (D != 64 && D != 128) throw ValueError(spre("q") + "head_dim must be 64 or 128, got " + std::to_string(D));
+    throw ValueError(pre("q", kSelectOp) + "must hold one query per batch row and head ([B, Hq, 1, D]), got shape " + q.shape_str());
+  if (D != 64 && D != 128) throw ValueError(pre("q", kSelectOp) + "head_dim must be 64 or 128, got " + std::to_string(D));
   if (k.shape[0] != B || k.shape[3] != D)
-    throw ValueError(spre("k") + "must have q's batch and head_dim: q " + q.shape_str() + ", k " + k.shape_str());
+    throw ValueError(pre("k", kSelectOp) + "must have q's batch and head_dim: q " + q.shape_str() + ", k " + k.shape_str());
   if (Hq % Hkv != 0)
-    throw ValueError(spre("q") + "heads (" + std::to_string(Hq) + ") must be a multiple of k's heads (" +
+    throw ValueError(pre("q", kSelectOp) + "heads (" + std::to_string(Hq) + ") must be a multiple of k's heads (" +
                      std::to_string(Hkv) + ")");
-  if (k.dtype != q.dtype) throw TypeError(spre("k") + "must have q's dtype " + q.type_str() + ", got " + k.type_str());
+  if (k.dtype != q.dtype) throw TypeError(pre("k", kSelectOp) + "must have q's dtype " + q.type_str() + ", got " + k.type_str());
   if (block_k != 32 && block_k != 64 && block_k != 128)
-    throw ValueError(spre("block_k") + "must be 32, 64 or 128, got " + std::to_string(block_k));
-  if (sinks < 0 || sinks >= (int64_t(1) << 31)) throw ValueError(spre("sinks") + "must be >= 0, got " + std::to_string(sinks));
+    throw ValueError(pre("block_k", kSelectOp) + "must be 32, 64 or 128, got " + std::to_string(block_k));
+  if (sinks < 0 || sinks >= (int64_t(1) << 31)) throw ValueError(pre("sinks", kSelectOp) + "must be >= 0, got " + std::to_string(sinks));
   const int64_t nkb = (cap + block_k - 1) / block_k;
   check_exact("kmin", kmin, q, DType::kFloat32, {B, Hkv, nkb, D}, true);
   check_exact("kmax", kmax, q, DType::kFloat32, {B, Hkv, nkb, D}, true);
   check_exact("positions", positions, q, DType::kInt32, {B}, false);
   if (indices.ndim != 3 || indices.shape[2] < 1 || indices.shape[2] > nkb) {
     std::ostringstream s;
-    s << spre("indices") << "must have shape (" << B << ", " << Hkv << ", n) with 1 <= n <= " << nkb
+    s << pre("indices", kSelectOp) << "must have shape (" << B << ", " << Hkv << ", n) with 1 <= n <= " << nkb
       << " (the cache's key blocks), got " << indices.shape_str();
     throw ValueError(s.str());
   }
@@ -355,17 +341,17 @@ void select_pages_at(const TensorView& q, const TensorView& k, const TensorView&
   if (q.device == Device::kCUDA) {
     // The kernel keeps a kv head's queries and block scores in shared memory.
     if ((Hq / Hkv) * D > 2048 || nkb > 8192)
-      throw ValueError(spre("q") + "on CUDA takes at most 2048 / head_dim query heads per kv head and 8192 key "
+      throw ValueError(pre("q", kSelectOp) + "on CUDA takes at most 2048 / head_dim query heads per kv head and 8192 key "
                        "blocks; got " + std::to_string(Hq / Hkv) + " and " + std::to_string(nkb));
     for (auto [name, t] : {std::pair<const char*, const TensorView*>{"kmin", &kmin}, {"kmax", &kmax}})
       if (reinterpret_cast<uintptr_t>(t->data) % 16 != 0)
-        throw ValueError(spre(name) + "must start 16-byte aligned on CUDA (the kernel reads it in 16-byte loads)");
+        throw ValueError(pre(name, kSelectOp) + "must start 16-byte aligned on CUDA (the kernel reads it in 16-byte loads)");
     return run_cuda(kSelectOp, "q", q, cuda, a, [](const CudaBackend& b) { return b.select_pages; });
   }
   const int32_t* pos = a.positions;
   for (int64_t bi = 0; bi < B; ++bi)
     if (pos[bi] < 0 || pos[bi] >= cap)
-      throw ValueError(spre("positions") + "must be in [0, " + std::to_string(cap) + ") (the cache's capacity), got " +
+      throw ValueError(pre("positions", kSelectOp) + "must be in [0, " + std::to_string(cap) + ") (the cache's capacity), got " +
                        std::to_string(pos[bi]));
   check_status(kSelectOp, cpu::select_pages_scalar(a, *cpu::pool()));
 }

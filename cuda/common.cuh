@@ -65,6 +65,21 @@ template <> BS_DEVICE float from_float<float>(float v) { return v; }
 template <> BS_DEVICE __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> BS_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Sum of v (int or float) over the CTA, returned to every thread. blockDim.x must be a
+// multiple of 32; red: blockDim.x / 32 values of shared memory, reusable by the next call
+// (the first barrier waits for the previous call's readers).
+template <class V> BS_DEVICE V block_sum(V v, V* red) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  V t = 0;
+  for (int w = 0; w < warps; ++w) t += red[w];
+  return t;
+}
+
 // The raw 16 bits of a half / bfloat16 value and back.
 template <class T> BS_DEVICE uint16_t bits16(T v) {
   static_assert(sizeof(T) == 2, "16-bit float types only");

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bitswitch/exp_approx.h"
 #include "common.cuh"
 
 namespace bitswitch {
@@ -78,38 +79,6 @@ constexpr int kMaxWarps = 8;  // CTAs here have at most 256 threads
 
 // f rounded to T, as a float.
 template <class T> BS_DEVICE float round_to(float f) { return to_float(from_float<T>(f)); }
-
-// Sum of v over the CTA (blockDim.x a multiple of 32, at most 256), returned to every thread.
-BS_DEVICE float block_sum(float v, float* red) {
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = 0.0f;
-  for (int w = 0; w < warps; ++w) t += red[w];
-  return t;
-}
-
-// e^x as csrc/cpu/layer_ops.h computes it for the SiLU (the same polynomial).
-BS_DEVICE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.4426950408889634f;
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float f = t - n;
-  float p = 1.5403530393381608e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const uint32_t e = uint32_t(int32_t(n) + 127) << 23;
-  float s;
-  memcpy(&s, &e, 4);
-  return p * s;
-}
 
 // Grid: one CTA per row; block: kNormThreads.
 template <class T>
@@ -184,7 +153,7 @@ __global__ void __launch_bounds__(256) silu_mul_kernel(const SiluMulParams p) {
     const int64_t r = e / p.i, j = e % p.i;
     const T* gu = static_cast<const T*>(p.gate_up) + r * p.gu_stride;
     const float g = to_float(gu[j]), u = to_float(gu[p.i + j]);
-    static_cast<T*>(p.out)[r * p.out_stride + j] = from_float<T>(round_to<T>(round_to<T>(g / (1.0f + exp_approx(-g))) * u));
+    static_cast<T*>(p.out)[r * p.out_stride + j] = from_float<T>(round_to<T>(round_to<T>(g / (1.0f + bitswitch::exp_approx(-g))) * u));
   }
 }
 

@@ -59,20 +59,6 @@ BS_DEVICE uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Sum of v over the CTA, returned to every thread. red: kWarps ints of shared memory.
-BS_DEVICE int block_sum(int v, int* red) {
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // the previous call's readers of red are done
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  int t = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) t += red[w];
-  return t;
-}
-
 // Exclusive prefix sum of v over the CTA's threads in thread order.
 BS_DEVICE int block_exclusive_scan(int v, int* red) {
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;

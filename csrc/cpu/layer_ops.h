@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bitswitch/exp_approx.h"
 #include "convert.h"
 #include "kernels.h"
 #include "thread_pool.h"
@@ -110,28 +111,6 @@ template <DType T>
 inline void round_chunk(float* v, int64_t n) {
   if constexpr (T != DType::kFloat32)
     for (int64_t i = 0; i < n; ++i) v[i] = round_to<T>(v[i]);
-}
-
-// e^x for the SiLU, relative error < 2e-7 over the range that matters (below -87 the
-// result is a denormal or 0 and the SiLU is -0 to float32 precision; above 88 it is inf).
-// Written without branches or library calls so that the loop around it vectorizes.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.4426950408889634f;
-  // Round to nearest with the 1.5 * 2^23 trick (exact for |t| < 2^22).
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float f = t - n;  // [-0.5, 0.5]
-  float p = 1.5403530393381608e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const uint32_t e = uint32_t(int32_t(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &e, 4);
-  return p * s;
 }
 
 // Runs f(row) for rows [0, rows), on the pool when there is enough work.
