@@ -220,7 +220,9 @@ class Attention(nn.Module):
             kept = self.decode_pages_kept()
             if pos // attn.KeyBlockSummary.DEFAULT_BLOCK_K + 1 > kept:
                 pages = cache.decode_pages(self.layer, pos)
-                where = torch.full((b,), pos, dtype=torch.int32, device=q.device)
+                where = ctx.get("where")  # the position as a tensor, made once per forward
+                if where is None:
+                    where = ctx["where"] = torch.full((b,), pos, dtype=torch.int32, device=q.device)
                 mask = pages.select(q, kc, where, kept)
                 pages.covered(pos + 1)
         kc, vc = kc.narrow(2, 0, end), vc.narrow(2, 0, end)
