@@ -7,12 +7,14 @@
 #include <pybind11/numpy.h>
 
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <vector>
 
 #include "bitswitch/format.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
+#include "decode_step.h"
 #include "dlpack.h"
 #include "ops.h"
 
@@ -249,6 +251,41 @@ void to_arg(py::handle obj, Arg& a, const char* op, const char* name) {
                       type_name(obj));
 }
 
+// A native decode step and the arrays it reads: each converted once, kept alive (with its
+// storage, as for PackedWeight) for as long as the step lives.
+struct DecodeStepHolder {
+  std::deque<Arg> args;  // a deque: the Args never move
+  std::vector<py::object> storages;
+  std::unique_ptr<bs::DecodeStep> step;
+
+  const bs::TensorView& keep(py::handle obj, const char* name) {
+    args.emplace_back();
+    to_arg(obj, args.back(), "DecodeStep", name);
+    if (py::hasattr(obj, "untyped_storage")) storages.push_back(obj.attr("untyped_storage")());
+    return args.back().v;
+  }
+
+  // (plane0, plane1 or None, scales, biases, group_size, bits, act_bits, bias or None)
+  bs::DecodeLinear linear(py::handle spec, const char* name) {
+    py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
+    if (!py::isinstance<py::tuple>(spec) || t.size() != 8)
+      throw bs::ValueError(std::string("DecodeStep: ") + name +
+                           " must be (plane0, plane1, scales, biases, group_size, bits, act_bits, bias)");
+    bs::DecodeLinear l;
+    l.w.plane0 = keep(t[0], name);
+    l.w.has_plane1 = !t[1].is_none();
+    if (l.w.has_plane1) l.w.plane1 = keep(t[1], name);
+    l.w.scales = keep(t[2], name);
+    l.w.biases = keep(t[3], name);
+    l.w.group_size = t[4].cast<int64_t>();
+    l.bits = t[5].cast<int64_t>();
+    l.act_bits = t[6].cast<int64_t>();
+    l.has_bias = !t[7].is_none();
+    if (l.has_bias) l.bias = keep(t[7], name);
+    return l;
+  }
+};
+
 bs::CudaLaunch cuda_launch(uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
   if (workspace_bytes < 0 || (workspace == 0 && workspace_bytes != 0))
     throw bs::ValueError("workspace_bytes must be >= 0, and 0 when there is no workspace");
@@ -394,6 +431,94 @@ all in CPU memory or all on one CUDA device. For CUDA arrays (act_bits 16 only) 
 is queued on `stream` (a cudaStream_t as an integer, 0: the default stream) with
 `workspace_bytes` of scratch at device address `workspace` (see
 bitswitch._cuda.qmatmul_workspace_bytes); nothing waits for it to finish.)doc");
+
+  py::class_<DecodeStepHolder>(m, "DecodeStep", R"doc(One decode step of a Qwen3 / Qwen2 model in one native call (CPU).
+
+Built once from the model's arrays (bitswitch.models.qwen3 does it; rebuilt when the precision,
+the cache or the RoPE tables change), then run() per token: embedding, every layer (norms,
+projections, q/k norm + RoPE + cache write, dense or page-selected attention, SiLU) and the
+lm_head, through the same kernels as the Python path, so the logits are the same bit for bit.
+
+dims: (batch, hidden, heads, kv_heads, head_dim, intermediate, vocab). A linear is (plane0,
+plane1 or None, scales, biases, group_size, bits, act_bits, bias or None); q|k|v and gate|up
+are fused along N. layers: (qkv, o_proj, gate_up, down_proj, input_norm, post_norm, q_norm or
+None, k_norm or None, k_cache, v_cache) per layer.)doc")
+      .def(py::init([](py::tuple dims, double eps, py::handle embed, py::handle lm_head, py::handle final_norm,
+                       py::handle cos, py::handle sin, py::list layers) {
+             auto h = std::make_unique<DecodeStepHolder>();
+             if (dims.size() != 7)
+               throw bs::ValueError("DecodeStep: dims must be (batch, hidden, heads, kv_heads, head_dim, intermediate, vocab)");
+             bs::DecodeModel dm;
+             int64_t* d[] = {&dm.batch, &dm.hidden, &dm.heads, &dm.kv_heads, &dm.head_dim, &dm.intermediate, &dm.vocab};
+             for (size_t i = 0; i < 7; ++i) *d[i] = dims[i].cast<int64_t>();
+             dm.eps = eps;
+             dm.embed = h->linear(embed, "embed");
+             dm.lm_head = h->linear(lm_head, "lm_head");
+             dm.final_norm = h->keep(final_norm, "final_norm");
+             if (!dm.final_norm.dtype_known) throw bs::TypeError("DecodeStep: final_norm must be a float array");
+             dm.dtype = dm.final_norm.dtype;
+             dm.cos = h->keep(cos, "cos");
+             dm.sin = h->keep(sin, "sin");
+             for (py::handle layer : layers) {
+               py::tuple t = py::reinterpret_borrow<py::tuple>(layer);
+               if (!py::isinstance<py::tuple>(layer) || t.size() != 10)
+                 throw bs::ValueError("DecodeStep: a layer must be (qkv, o_proj, gate_up, down_proj, input_norm, "
+                                      "post_norm, q_norm, k_norm, k_cache, v_cache)");
+               bs::DecodeLayer l;
+               l.qkv = h->linear(t[0], "qkv");
+               l.o = h->linear(t[1], "o_proj");
+               l.gate_up = h->linear(t[2], "gate_up");
+               l.down = h->linear(t[3], "down_proj");
+               l.input_norm = h->keep(t[4], "input_norm");
+               l.post_norm = h->keep(t[5], "post_norm");
+               l.qk_norm = !t[6].is_none();
+               if (l.qk_norm != !t[7].is_none())
+                 throw bs::ValueError("DecodeStep: q_norm and k_norm must be given together or both be None");
+               if (l.qk_norm) {
+                 l.q_norm = h->keep(t[6], "q_norm");
+                 l.k_norm = h->keep(t[7], "k_norm");
+               }
+               l.k_cache = h->keep(t[8], "k_cache");
+               l.v_cache = h->keep(t[9], "v_cache");
+               dm.layers.push_back(l);
+             }
+             h->step = std::make_unique<bs::DecodeStep>(std::move(dm));
+             return h;
+           }),
+           py::arg("dims"), py::arg("eps"), py::arg("embed"), py::arg("lm_head"), py::arg("final_norm"), py::arg("cos"),
+           py::arg("sin"), py::arg("layers"))
+      .def(
+          "run",
+          [](DecodeStepHolder& h, py::list id_list, int64_t pos, py::list pages, py::handle logits) {
+            std::vector<int64_t> ids;
+            for (py::handle i : id_list) ids.push_back(i.cast<int64_t>());
+            std::deque<Arg> keep;
+            std::vector<bs::DecodePagesArg> pa;
+            for (py::handle p : pages) {
+              py::tuple t = py::reinterpret_borrow<py::tuple>(p);
+              if (!py::isinstance<py::tuple>(p) || t.size() != 5)
+                throw bs::ValueError("DecodeStep.run: pages must be (layer, kmin, kmax, n, block_k) tuples");
+              bs::DecodePagesArg a;
+              a.layer = t[0].cast<int64_t>();
+              keep.emplace_back();
+              to_arg(t[1], keep.back(), "DecodeStep", "kmin");
+              a.kmin = keep.back().v;
+              keep.emplace_back();
+              to_arg(t[2], keep.back(), "DecodeStep", "kmax");
+              a.kmax = keep.back().v;
+              a.n = t[3].cast<int64_t>();
+              a.block_k = t[4].cast<int64_t>();
+              pa.push_back(a);
+            }
+            Arg al;
+            to_arg(logits, al, "DecodeStep", "logits");
+            py::gil_scoped_release nogil;
+            h.step->run(ids, pos, pa, al.v);
+          },
+          py::arg("ids"), py::arg("pos"), py::arg("pages"), py::arg("logits"),
+          R"doc(Logits [batch, 1, vocab] (written into `logits`) of one token per batch row at cache
+position pos; pages: (layer, kmin, kmax, n, block_k) for each layer that selects pages this step
+(bitswitch.torch.DecodePages' summaries, updated in place).)doc");
 
   m.def(
       "qmatmul_packed",

@@ -246,11 +246,11 @@ def _bitswitch_runner(model):
     @torch.inference_mode()
     def prefill(ids):
         model.reset()
-        return model(ids, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        return model(ids, logits_to_keep=1)[:, -1].float().argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def step(tok):
-        return model(tok)[:, -1].argmax(-1, keepdim=True)
+        return model(tok)[:, -1].float().argmax(-1, keepdim=True)
 
     return prefill, step
 
@@ -266,13 +266,13 @@ def _hf_runner(model):
     def prefill(ids):
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         state["cache"] = out.past_key_values
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+        return out.logits[:, -1].float().argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def step(tok):
         out = model(input_ids=tok, past_key_values=state["cache"], use_cache=True)
         state["cache"] = out.past_key_values
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+        return out.logits[:, -1].float().argmax(-1, keepdim=True)
 
     return prefill, step
 

@@ -287,6 +287,9 @@ def apply(model, a: Assignment) -> None:
             lins[path].__dict__["_bits"] = b
     for layer, att in zip(model.layers, a.attention):
         layer.self_attn.__dict__["sparse"] = att
+    from .torch import QLinear
+
+    QLinear.settings_version += 1  # as the bits setter does: the native decode step rebuilds
 
 
 # -- reporting ----------------------------------------------------------------------------

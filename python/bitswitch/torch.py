@@ -580,6 +580,10 @@ class QLinear(nn.Module):
     planes for the "full" tier.
     """
 
+    # Bumped by every change of any QLinear's bits or act_bits: what a model's native decode
+    # step (bitswitch.models.qwen3) compares to know its baked-in settings are current.
+    settings_version = 0
+
     def __init__(self, qweight: QWeight, bias: Optional[torch.Tensor] = None, bits=None,
                  act_bits: int = 16, weight: Optional[torch.Tensor] = None):
         super().__init__()
@@ -618,10 +622,12 @@ class QLinear(nn.Module):
                 raise ValueError("QLinear.bits: 'full' asked of a layer without a kept float weight "
                                  "(load with keep_float=True)")
             self._bits = FULL
+            QLinear.settings_version += 1
             return
         if isinstance(value, bool) or value not in self.bits_available:
             self.qweight.check_bits(value, "QLinear.bits")  # raises with the reason
         self._bits = int(value)
+        QLinear.settings_version += 1
 
     @property
     def bits_available(self) -> tuple:
@@ -636,6 +642,7 @@ class QLinear(nn.Module):
     def act_bits(self, value: int) -> None:
         check_act_bits(value, "QLinear.act_bits")
         self._act_bits = int(value)
+        QLinear.settings_version += 1
 
     @property
     def qweight(self) -> QWeight:

@@ -159,7 +159,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generated: Iterable[int
     """One token id from a logits row (see filter_logits)."""
     if params.greedy and not params.presence_penalty:
         # The argmax where the logits live: from a GPU one id comes over, not the whole row.
-        return int(torch.argmax(logits.detach().reshape(-1)))
+        # On the CPU in float32: torch's bfloat16 argmax takes ~0.6 ms over a 152K vocabulary,
+        # the conversion and a float32 argmax ~0.1 ms (the same id: the conversion is exact).
+        row = logits.detach().reshape(-1)
+        return int(torch.argmax(row.float() if row.is_cpu else row))
     ids, x = filter_logits(logits, params, generated)
     if ids.numel() == 1:
         return int(ids[0])

@@ -37,6 +37,16 @@ def _pages_on_device(q: torch.Tensor) -> bool:
     return q.device.type != "mps"
 
 
+def _has_hooks(modules) -> bool:
+    """Whether any of the modules (or torch globally) has forward hooks, which only the
+    layer-by-layer path runs."""
+    from torch.nn.modules import module as M
+
+    if M._global_forward_hooks or M._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -319,6 +329,15 @@ class Qwen3(nn.Module):
         # A bitswitch.models.cuda_graph.GraphDecoder that generation uses for decode steps
         # (set by the CLI with --device cuda); None: every step is an eager forward.
         self.graph_decoder = None
+        # Eager decode steps on the CPU run as one native call (_C.DecodeStep, the same kernels
+        # and results as the layer-by-layer path); False: always the Python path.
+        self.native_decode = True
+        self._native: Optional[tuple] = None  # (key, the objects it names, _C.DecodeStep or None)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (.to(), .float(), ...): the native decode step holds the old arrays."""
+        self._native = None
+        return super()._apply(fn, recurse)
 
     # -- cache ------------------------------------------------------------------------------
     def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
@@ -410,6 +429,11 @@ class Qwen3(nn.Module):
         self._forward_begin()
         try:
             rope = self._rope_tables(cache.length + n)
+            if (n == 1 and self.native_decode and ids.is_cpu and _pages_on_device(ids)
+                    and not torch.compiler.is_compiling()):
+                step = self._native_step()
+                if step is not None:
+                    return self._native_forward(step, ids)
             ctx = {"plan": self._plan()}
             h = self.embed_tokens(ids)  # the residual stream [B, n, hidden], updated in place
             delta = None
@@ -421,6 +445,76 @@ class Qwen3(nn.Module):
             return self.lm_head(self.norm(h, delta))
         finally:
             self._forward_end()
+
+    def _native_step(self):
+        """The _C.DecodeStep of this model's current arrays and settings (built, or rebuilt when
+        the precision, the cache or the RoPE tables changed), or None when a decode step must
+        take the layer-by-layer path: some projection reads its float weight, q|k|v or
+        gate|up are set to different views, or a module under the model has hooks."""
+        if _has_hooks(self._native[1][-1] if self._native is not None else list(self.modules())[1:]):
+            return None
+        key = (id(self.cache), id(self._rope[0]), QLinear.settings_version, self.embed_tokens.bits)
+        if self._native is None or self._native[0] != key:
+            step = self._build_native_step()
+            # The cache and tables are held, so the ids in the key cannot be reused.
+            self._native = (key, (self.cache, self._rope, list(self.modules())[1:]), step)
+        return self._native[2]
+
+    def _build_native_step(self):
+        cfg, layers = self.config, []
+
+        def linear(q: QLinear, bits=None, act_bits=None):
+            bits = q.bits if bits is None else bits
+            return (q.plane0, q.plane1, q.scales, q.biases, q.group_size, bits,
+                    q.act_bits if act_bits is None else act_bits, q.bias)
+
+        def fused(f: Fused):
+            bits, act = f.parts[0].bits, f.parts[0].act_bits
+            if f.qlinear is None or any(p.bits != bits or p.act_bits != act for p in f.parts[1:]):
+                return None
+            return linear(f.qlinear, bits, act)
+
+        singles = [self.lm_head] + [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        if FULL in [q.bits for q in singles] + [self.embed_tokens.bits]:
+            return None
+        lin = self.embed_tokens.lin
+        embed = (lin.plane0, lin.plane1, lin.scales, lin.biases, lin.group_size, self.embed_tokens.bits, 16, None)
+        for i, layer in enumerate(self.layers):
+            at, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = fused(at.qkv), fused(mlp.gate_up)
+            if qkv is None or gate_up is None or FULL in (qkv[5], gate_up[5]):
+                return None
+            qn, kn = (at.q_norm.weight, at.k_norm.weight) if at.q_norm is not None else (None, None)
+            layers.append((qkv, linear(at.o_proj), gate_up, linear(mlp.down_proj), layer.input_layernorm.weight,
+                           layer.post_attention_layernorm.weight, qn, kn, self.cache.k_layers[i],
+                           self.cache.v_layers[i]))
+        dims = (self.cache.k.shape[1], cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                cfg.head_dim, cfg.intermediate_size, self.lm_head.out_features)
+        return _C.DecodeStep(dims, self.norm.eps, embed, linear(self.lm_head), self.norm.weight,
+                             self._rope[0], self._rope[1], layers)
+
+    def _native_forward(self, step, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, vocab] of a decode step run by `step`: the layers that attend
+        sparsely past their page budget select pages from their DecodePages summaries, as
+        Attention.forward does."""
+        cache = self.cache
+        pos, b = cache.length, ids.shape[0]
+        pages, used = [], []
+        for i, layer in enumerate(self.layers):
+            at = layer.self_attn
+            if at.sparse is None:
+                continue
+            kept = at.decode_pages_kept()
+            if pos // attn.KeyBlockSummary.DEFAULT_BLOCK_K + 1 > kept:
+                p = cache.decode_pages(i, pos)
+                pages.append((i, p.kmin, p.kmax, max(1, min(kept, p.nkb)), p.block_k))
+                used.append(p)
+        logits = torch.empty((b, 1, self.lm_head.out_features), dtype=self.dtype)
+        step.run(ids.reshape(-1).tolist(), pos, pages, logits)
+        for p in used:
+            p.covered(pos + 1)
+        cache.length += 1
+        return logits
 
     @torch.no_grad()
     def forward_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -501,7 +595,7 @@ class Qwen3(nn.Module):
             if self._in_forward:
                 self._pending = a
             else:
-                self._apply(a)
+                self._apply_assignment(a)
         return P.report(self, a)
 
     def precision(self) -> "P.PrecisionReport":
@@ -526,7 +620,7 @@ class Qwen3(nn.Module):
             return P.report(self).bytes_per_token
         return P.report(self, P.resolve(self, {"*": {"bits": bits}})).bytes_per_token
 
-    def _apply(self, a: "P.Assignment") -> None:  # with _switch_lock held
+    def _apply_assignment(self, a: "P.Assignment") -> None:  # with _switch_lock held
         P.apply(self, a)
         self._applied = a
         self._pending = None
@@ -534,7 +628,7 @@ class Qwen3(nn.Module):
     def _forward_begin(self) -> None:
         with self._switch_lock:
             if self._pending is not None:
-                self._apply(self._pending)
+                self._apply_assignment(self._pending)
             self._in_forward = True
             self.forward_precision = self._applied
 
@@ -542,7 +636,7 @@ class Qwen3(nn.Module):
         with self._switch_lock:
             self._in_forward = False
             if self._pending is not None:
-                self._apply(self._pending)
+                self._apply_assignment(self._pending)
 
 
 def build_linear(w: torch.Tensor, bias: Optional[torch.Tensor], group_size: int, keep_float: bool,
