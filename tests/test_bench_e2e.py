@@ -15,7 +15,7 @@ from bitswitch import bench_e2e, cli  # noqa: E402
 def test_smoke_report(tmp_path, capsys):
     report = tmp_path / "e2e.json"
     rc = cli.main(["bench", "e2e", "--preset", "smoke", "--modes", "int8,int4,hf_bf16", "--bandwidth-bytes", "4e6",
-                   "--json", str(report), "--markdown"])
+                   "--json", str(report), "--markdown", "--layerwise"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "read bandwidth" in out and "| model | mode | prefill tok/s |" in out
@@ -29,6 +29,9 @@ def test_smoke_report(tmp_path, capsys):
         assert r["rss_peak"] >= r["rss_imports"] > 0 and r["rss_delta"] == r["rss_peak"] - r["rss_imports"]
         assert r["rss_ratio"] == pytest.approx(r["rss_delta"] / (r["weight_bytes"] + r["kv_bytes"]))
     assert rows["hf_bf16"]["x_hf_decode"] == pytest.approx(1.0)
+    # --layerwise: the layer-by-layer path timed too (it generated the same tokens, or the run fails)
+    assert rows["hf_bf16"]["x_layerwise"] is None and rows["int4"]["x_layerwise"] > 0
+    assert "| × layerwise |" in out
     # INT4 holds plane 0 only: its resident weights and the bytes a token reads are ~half of INT8's.
     assert 0.45 < rows["int4"]["weight_bytes"] / rows["int8"]["weight_bytes"] < 0.6
     assert 0.45 < rows["int4"]["read_bytes_per_token"] / rows["int8"]["read_bytes_per_token"] < 0.6

@@ -214,7 +214,8 @@ def run_mode(spec: dict) -> dict:
     tok = prefill(ids[:, :8])
     for _ in range(3):
         tok = step(tok)
-    prefill_s, decode_s, tokens = [], [], []
+    prefill_s, decode_s, tokens, layerwise_s = [], [], [], []
+    layerwise = spec.get("layerwise") and spec["mode"] != ANCHOR
     for _ in range(spec["reps"]):
         t0 = time.perf_counter()
         tok = prefill(ids)
@@ -227,10 +228,24 @@ def run_mode(spec: dict) -> dict:
         prefill_s.append(t1 - t0)
         decode_s.append(t2 - t1)
         tokens = out
+        if layerwise:  # the same generation with the layer-by-layer decode path, right after
+            model.native_decode = False
+            tok = prefill(ids)
+            t1 = time.perf_counter()
+            again = [int(tok)]
+            for _ in range(new - 1):
+                tok = step(tok)
+                again.append(int(tok))
+            layerwise_s.append(time.perf_counter() - t1)
+            model.native_decode = True
+            if again != tokens:
+                raise RuntimeError("bench e2e: the layer-by-layer decode path generated other tokens")
     peak = _rss_peak_bytes()
     p, d = statistics.median(prefill_s), statistics.median(decode_s)
     per_token = d / max(1, new - 1)
-    return dict(model=name, mode=spec["mode"], prompt=prompt, new_tokens=new, build_s=build_s,
+    layer_ms = statistics.median(layerwise_s) / max(1, new - 1) * 1e3 if layerwise_s else None
+    return dict(layerwise_ms_per_token=layer_ms, x_layerwise=layer_ms / (per_token * 1e3) if layer_ms else None,
+                model=name, mode=spec["mode"], prompt=prompt, new_tokens=new, build_s=build_s,
                 prefill_s=p, decode_s=d, prefill_tps=prompt / p, decode_tps=1.0 / per_token,
                 decode_ms_per_token=per_token * 1e3, read_bytes_per_token=read_bytes,
                 gbs=read_bytes / per_token / 1e9, tokens=tokens,
@@ -296,8 +311,11 @@ def run_worker(spec: dict, log=print) -> dict:
 
 
 def run(models: Sequence[str], modes: Sequence[str], prompt: int, new_tokens: int, threads: int,
-        group_size: int, reps: int, seed: int = 0, bandwidth_bytes: int = 1 << 30, log=print) -> dict:
-    """Every (model, mode) in its own process; the read bandwidth measured before each model."""
+        group_size: int, reps: int, seed: int = 0, bandwidth_bytes: int = 1 << 30, log=print,
+        layerwise: bool = False) -> dict:
+    """Every (model, mode) in its own process; the read bandwidth measured before each model.
+    layerwise: each bitswitch generation is followed by the same one on the layer-by-layer
+    decode path (Qwen3.native_decode off), timed in the same process."""
     rows, bws = [], []
     for name in models:
         bw = read_bandwidth(threads, bandwidth_bytes) * 1e9
@@ -306,7 +324,7 @@ def run(models: Sequence[str], modes: Sequence[str], prompt: int, new_tokens: in
         model_rows = []
         for mode in modes:
             r = run_worker(dict(model=name, mode=mode, prompt=prompt, new_tokens=new_tokens, threads=threads,
-                                group_size=group_size, reps=reps, seed=seed))
+                                group_size=group_size, reps=reps, seed=seed, layerwise=layerwise))
             r["bandwidth_gbs"] = bw / 1e9
             r["roofline_ms_per_token"] = r["read_bytes_per_token"] / bw * 1e3
             r["roofline_frac"] = r["roofline_ms_per_token"] / r["decode_ms_per_token"]
@@ -340,17 +358,17 @@ def _x(v: Optional[float]) -> str:
 
 
 COLUMNS = ("model", "mode", "prefill tok/s", "decode tok/s", "GB/s", "% roofline", "x HF decode",
-           "x HF prefill", "peak RSS ratio")
+           "x HF prefill", "peak RSS ratio", "x layerwise")
 
 
 def _cells(r: dict) -> list:
     return [r["model"], r["mode"], f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.2f}", f"{r['gbs']:.1f}",
             f"{r['roofline_frac'] * 100:.0f}%", _x(r["x_hf_decode"]), _x(r["x_hf_prefill"]),
-            f"{r['rss_ratio']:.2f}"]
+            f"{r['rss_ratio']:.2f}", _x(r.get("x_layerwise"))]
 
 
 def table(rows: Sequence[dict]) -> str:
-    widths = [7, 9, 14, 13, 7, 11, 12, 13, 15]
+    widths = [7, 9, 14, 13, 7, 11, 12, 13, 15, 12]
     lines = ["".join(f"{c:>{w}}" if i > 1 else f"{c:<{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths)))]
     for r in rows:
         lines.append("".join(f"{c:>{w}}" if i > 1 else f"{c:<{w}}" for i, (c, w) in enumerate(zip(_cells(r), widths))))
@@ -358,7 +376,8 @@ def table(rows: Sequence[dict]) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(c.replace("x HF", "× HF") for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(c.replace("x ", "× ", 1) if c.startswith("x ") else c for c in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -379,6 +398,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=float, default=float(1 << 30),
                    help="buffer read to measure the bandwidth (above the L3)")
+    p.add_argument("--layerwise", action="store_true",
+                   help="also time each bitswitch generation on the layer-by-layer decode path (Python, one "
+                        "native call per op) in the same process: column 'x layerwise' is its decode time over "
+                        "the native decode step's")
     p.add_argument("--json", type=str, help="write the report here")
     p.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
     p.add_argument("--worker", type=str, help=argparse.SUPPRESS)
@@ -414,13 +437,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(greedy), torch {torch.__version__}" + (f", transformers {transformers.__version__}" if ANCHOR in modes
                                                      else ""), flush=True)
     report = run(models, modes, prompt, new, a.threads, a.group_size, a.reps, a.seed, int(a.bandwidth_bytes),
-                 log=lambda s: print(s, flush=True))
+                 log=lambda s: print(s, flush=True), layerwise=a.layerwise)
     report["command"] = "bitswitch bench e2e " + " ".join(sys.argv[3:] if argv is None else argv)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     print("GB/s: weight bytes per decode token over the time per token; % roofline: of the read bandwidth; "
-          "x HF: speed-up over transformers bf16; peak RSS ratio: (peak - after imports) / (weights + KV cache)")
+          "x HF: speed-up over transformers bf16; peak RSS ratio: (peak - after imports) / (weights + KV cache); "
+          "x layerwise (--layerwise): the layer-by-layer decode path's time over the native decode step's")
     print(table(report["rows"]))
     if a.markdown:
         print(markdown_table(report["rows"]))
