@@ -37,14 +37,17 @@ def _pages_on_device(q: torch.Tensor) -> bool:
     return q.device.type != "mps"
 
 
-def _has_hooks(modules) -> bool:
-    """Whether any of the modules (or torch globally) has forward hooks, which only the
-    layer-by-layer path runs."""
+def _hook_dicts(model: nn.Module) -> list:
+    """The forward (pre-)hook dicts of every module under the model (not its own) and torch's
+    global ones: hooks only the layer-by-layer path runs. Registering a hook adds to one of
+    these dicts, so `any(dicts)` (a C loop, ~5 us for a 28-layer model) tells whether some
+    module has one now."""
     from torch.nn.modules import module as M
 
-    if M._global_forward_hooks or M._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    dicts = [M._global_forward_hooks, M._global_forward_pre_hooks]
+    for m in list(model.modules())[1:]:
+        dicts += [m._forward_hooks, m._forward_pre_hooks]
+    return dicts
 
 
 class RMSNorm(nn.Module):
@@ -451,13 +454,13 @@ class Qwen3(nn.Module):
         the precision, the cache or the RoPE tables changed), or None when a decode step must
         take the layer-by-layer path: some projection reads its float weight, q|k|v or
         gate|up are set to different views, or a module under the model has hooks."""
-        if _has_hooks(self._native[1][-1] if self._native is not None else list(self.modules())[1:]):
+        if any(self._native[1][-1] if self._native is not None else _hook_dicts(self)):
             return None
         key = (id(self.cache), id(self._rope[0]), QLinear.settings_version, self.embed_tokens.bits)
         if self._native is None or self._native[0] != key:
             step = self._build_native_step()
             # The cache and tables are held, so the ids in the key cannot be reused.
-            self._native = (key, (self.cache, self._rope, list(self.modules())[1:]), step)
+            self._native = (key, (self.cache, self._rope, _hook_dicts(self)), step)
         return self._native[2]
 
     def _build_native_step(self):
