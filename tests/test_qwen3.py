@@ -328,3 +328,33 @@ def test_device_pages_in_eager_decode(tmp_path, monkeypatch):
     ref = run()
     assert all(p.length == -1 for p in model.cache.pages)  # truncate marked them stale; host path since
     assert rel(got, ref) <= 3e-4
+
+
+def test_to_moves_and_converts_the_fused_weights(tmp_path):
+    """model.to(dtype / device) converts q|k|v and gate|up once, leaving the parts row views of
+    the fused copy (no fused copy left behind, no copy per part); a new dtype becomes the
+    model's (activations, cache, logits)."""
+    make_hf("qwen3", tied=True).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype="float32", group_size=32)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    ref = model(ids)
+
+    def views(model, dtype, device):
+        for layer in model.layers:
+            for f in (layer.self_attn.qkv, layer.mlp.gate_up):
+                q = f.qlinear
+                assert q.scales.dtype == dtype and q.plane0.device.type == device
+                row = 0
+                for p in f.parts:
+                    for n in ("plane0", "scales", "biases"):
+                        assert getattr(p, n).data_ptr() == getattr(q, n)[row:].data_ptr(), n
+                    row += p.out_features
+
+    assert model.to(torch.float16) is model
+    views(model, torch.float16, "cpu")
+    out = model(ids)
+    assert out.dtype == torch.float16 and model.cache.k.dtype == torch.float16
+    assert rel(out.float(), ref) <= 1e-2
+    model.to("meta")  # what .to("cuda") does to every buffer, without a GPU
+    views(model, torch.float16, "meta")
+    assert model.norm.weight.device.type == "meta" and model.lm_head.plane0.device.type == "meta"

@@ -683,21 +683,29 @@ class QLinear(nn.Module):
             if not same:
                 raise ValueError("QLinear.fuse: parts must share in_features, group_size, the scales' dtype and "
                                  f"which planes / float weights they hold; got {first.extra_repr()} and {p.extra_repr()}")
-        names = ("plane0", "plane1", "scales", "biases", "weight_full")
-        cat = {n: None if getattr(first, n) is None else _concat_rows([getattr(p, n) for p in parts]) for n in names}
+        cat = {n: None if getattr(first, n) is None else _concat_rows([getattr(p, n) for p in parts])
+               for n in cls._FUSED_BUFFERS}
         bias = None
         if any(p.bias is not None for p in parts):
             bias = torch.cat([p.bias if p.bias is not None else p.scales.new_zeros(p.out_features) for p in parts])
         fused = cls(QWeight(cat["plane0"], cat["plane1"], cat["scales"], cat["biases"], first.group_size), bias,
                     weight=cat["weight_full"])
+        fused.view_parts(parts)
+        return fused
+
+    _FUSED_BUFFERS = ("plane0", "plane1", "scales", "biases", "weight_full")
+
+    def view_parts(self, parts: Sequence["QLinear"]) -> None:
+        """Makes the parts' weight buffers row views of this fused module's, in order (what
+        fuse leaves, and what a fused module moved or converted by .to() restores)."""
         row = 0
         for p in parts:
-            for n in names:
-                if cat[n] is not None:
-                    setattr(p, n, cat[n][row:row + p.out_features])
+            for n in self._FUSED_BUFFERS:
+                t = getattr(self, n)
+                if t is not None:
+                    setattr(p, n, t[row:row + p.out_features])
             p._packed = None
             row += p.out_features
-        return fused
 
     def _packed_weight(self):
         """The weight resolved once for the eager fast path, rebuilt when a buffer is

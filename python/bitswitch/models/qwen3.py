@@ -91,6 +91,15 @@ class Fused:
         except ValueError:  # e.g. an MLX checkpoint quantizing them differently: separate calls
             self.qlinear = None
 
+    def apply(self, fn) -> None:
+        """nn.Module._apply for the fused copy, which no module registers: fn (a .to(), .half(),
+        ...) converts the fused weight once and the parts become row views of it again, so
+        the owner's own _apply then finds them converted (one copy on the new device, not a
+        fused copy left behind plus one per part)."""
+        if self.qlinear is not None:
+            self.qlinear._apply(fn)
+            self.qlinear.view_parts(self.parts)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         first, fused = self.parts[0], self.qlinear
         bits, act = first.bits, first.act_bits
@@ -201,6 +210,11 @@ class Attention(nn.Module):
         # None: dense; a dict for block-sparse attention: {"prefill": plan options, "pages": n}
         self.sparse: Optional[dict] = None
 
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            self.qkv.apply(fn)
+        return super()._apply(fn, recurse)
+
     def decode_pages_kept(self) -> int:
         """Key blocks a sparse decode step reads: the page budget, at least the first block
         and the newest one (select_pages keeps those two always)."""
@@ -264,6 +278,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
         self.gate_up = Fused([getattr(self, n) for n in FUSED_GROUPS[1][1]])
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            self.gate_up.apply(fn)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(bt.silu_mul(self.gate_up(x)))
@@ -338,9 +357,18 @@ class Qwen3(nn.Module):
         self._native: Optional[tuple] = None  # (key, the objects it names, _C.DecodeStep or None)
 
     def _apply(self, fn, recurse=True):
-        """nn.Module._apply (.to(), .float(), ...): the native decode step holds the old arrays."""
+        """nn.Module._apply (.to(), .half(), ...): the fused weights follow (Fused.apply); a new
+        dtype becomes the model's (activations, KV cache); the cache and RoPE tables are made
+        again on the next forward, and the native decode step, which holds the old arrays, is
+        rebuilt."""
+        out = super()._apply(fn, recurse)
         self._native = None
-        return super()._apply(fn, recurse)
+        self._rope = None
+        dtype = self.norm.weight.dtype
+        if dtype != self.dtype:
+            self.dtype = self.embed_tokens.dtype = dtype
+            self.cache = None
+        return out
 
     # -- cache ------------------------------------------------------------------------------
     def reset(self, batch: int = 1, capacity: Optional[int] = None) -> None:
