@@ -6,6 +6,10 @@
 #
 #   bash bench/gpu_check.sh [--quick] [--e2e 0.6b]      (arguments go to bench/gpu.py)
 #
+# The tests and the benchmark each run under a time limit (TEST_TIMEOUT, BENCH_TIMEOUT
+# seconds; 240 and 200 by default), so that one command fits a 10-minute device call with
+# the build, and a hang or a slow first run of one part still leaves the other's output.
+#
 # Uses the python3 that holds torch; needs cmake, pybind11, numpy, ml_dtypes, safetensors,
 # tokenizers and pytest there (no network access is needed).
 set -uo pipefail
@@ -20,10 +24,13 @@ cp build/gpu/_C*.so build/gpu/cuda/_cuda*.so python/bitswitch/ || exit 1
 export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 $py -c "import bitswitch as bs; print(bs.info()['cuda'])"
 echo "== GPU tests"
-$py -m pytest tests/test_cuda.py tests/test_cuda_build.py -q -p no:cacheprovider -rs
+timeout "${TEST_TIMEOUT:-240}" $py -m pytest tests/test_cuda.py tests/test_cuda_build.py -q -p no:cacheprovider -rs \
+  --durations=10
 tests_rc=$?
+[ $tests_rc -eq 124 ] && echo "tests: stopped after ${TEST_TIMEOUT:-240} s (TEST_TIMEOUT)"
 echo "== benchmark"
-$py bench/gpu.py "$@"
+timeout "${BENCH_TIMEOUT:-200}" $py bench/gpu.py "$@"
 bench_rc=$?
+[ $bench_rc -eq 124 ] && echo "benchmark: stopped after ${BENCH_TIMEOUT:-200} s (BENCH_TIMEOUT)"
 echo "tests rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -299,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"cuda {info()['cuda']}")
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
-    rows: list = []
+    rows = _Rows()
     if not args.no_qmatmul:
         bench_qmatmul(rows, args.quick, copy_gbs)
     if not args.no_attention:
@@ -310,10 +310,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "qmatmul anchors: cuBLAS bf16, tinygemm int4; attention: SDPA flash, flex_attention")
     print(f"| {'op':9} | {'case':34} | {'us':>9} | {'vs anchor 1':>11} | {'vs anchor 2':>11} | notes |")
     print(f"|{'-' * 11}|{'-' * 36}|{'-' * 11}|{'-' * 13}|{'-' * 13}|-------|")
-    fmt = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
-    for op, case, us, r1, r2, note in rows:
-        print(f"| {op:9} | {case:34} | {us:9.1f} | {fmt(r1):>11} | {fmt(r2):>11} | {note} |")
+    for row in rows:
+        print(_row_line(row))
     return 0
+
+
+def _row_line(row: tuple) -> str:
+    op, case, us, r1, r2, note = row
+    fmt = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+    return f"| {op:9} | {case:34} | {us:9.1f} | {fmt(r1):>11} | {fmt(r2):>11} | {note} |"
+
+
+class _Rows(list):
+    """The table's rows, each also printed as soon as it is measured (a run stopped by a time
+    limit keeps what it measured)."""
+
+    def append(self, row: tuple) -> None:
+        print("  " + _row_line(row), flush=True)
+        super().append(row)
 
 
 if __name__ == "__main__":
