@@ -67,8 +67,15 @@ def test_precision_switches_and_int8_activations(tmp_path):
         40: lambda m: m.set_precision({"model.layers.0.self_attn.v_proj": {"bits": 4}}),
     }
     assert_same_as_python(model, ids, 20, switch)
-    model.set_precision({"model.layers.0.self_attn.v_proj": {"bits": 8}, "model.layers.0.self_attn.q_proj": {"bits": 4}})
+    # a setting seen before reuses its step (a controller switching back and forth builds none)
     model.native_decode = True
+    seen = {}
+    for bits in (4, 8, 4, 8):
+        model.set_bits(bits)
+        model(ids[:, :1])
+        assert seen.setdefault(bits, model._native[2]) is model._native[2]
+    assert seen[4] is not seen[8]
+    model.set_precision({"model.layers.0.self_attn.v_proj": {"bits": 8}, "model.layers.0.self_attn.q_proj": {"bits": 4}})
     model(ids[:, :1])
     assert model._native[2] is None  # q|k|v set to different views: the layer-by-layer path
 
