@@ -22,6 +22,10 @@ split-KV), against SDPA.
 (INT8) and efficiency (INT4) modes, with the step captured in CUDA graphs and eager, against
 transformers bf16 holding the same weights (INT8 view dequantized).
 
+split-k: M = 1 at Qwen3-0.6B and 8B shapes inside a CUDA graph, the plan's split-K GEMV
+(two launches: partials, then the reduce) against one launch without a workspace; "vs anchor
+1" is the single launch's time over the split's.
+
 Times are medians of CUDA-event timings after a warm-up. Prints a table last.
 """
 
@@ -127,6 +131,50 @@ def bench_qmatmul(rows: list, quick: bool, copy_gbs: float) -> None:
                 rows.append(("qmatmul", f"{name} M={m} int{bits}", t * 1e6, t_cublas / t,
                              None if t_tiny is None else t_tiny / t,
                              f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% copy) {flops:.1f} TF/s"))
+
+
+SPLIT_K_SHAPES = {  # M = 1 projections of a small and a large model
+    "0.6b.qkv": (4096, 1024), "0.6b.o": (1024, 2048), "0.6b.gate_up": (6144, 1024), "0.6b.down": (1024, 3072),
+    "8b.qkv": (6144, 4096), "8b.down": (4096, 12288),
+}
+
+
+def bench_split_k(rows: list, calls: int = 32) -> None:
+    """M = 1 qmatmul inside a CUDA graph (as a captured decode step runs it), with the plan's
+    split-K (the GEMV writing float32 partials, then the reduce: two launches) against the
+    same GEMV without a workspace (one launch over every K, fewer blocks). `calls` calls over
+    rotating weight copies are captured in one graph; the time is per call. Decides whether
+    small layers should split at all (a split saves bandwidth time, a launch costs ~2 us)."""
+    from . import _C
+    from . import torch as bt
+
+    cu = bt._cuda_module()
+    dev = torch.cuda.current_device()
+    for si, (name, (n, k)) in enumerate(SPLIT_K_SHAPES.items()):
+        qws = Rotating(lambda i: _random_qweight(n, k, 5000 + 100 * si + i), n * k)
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        for bits in (4, 8):
+            per_call = {}
+            for split in (True, False):
+                nbytes = int(cu.qmatmul_workspace_bytes(1, n, k, 64, bits, 1, 1, dev)) if split else 0
+                ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+                out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+
+                def one(qw):
+                    _C.qmatmul(x, qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, 64, bits, out,
+                               16, stream=torch.cuda.current_stream().cuda_stream,
+                               workspace=ws.data_ptr() if nbytes else 0, workspace_bytes=nbytes)
+
+                one(qws.next())  # first-launch set-up outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        one(qws.next())
+                per_call[split] = cuda_time(graph.replay, reps=20) / calls
+            rows.append(("split-k", f"{name} M=1 int{bits} (graph)", per_call[True] * 1e6,
+                         per_call[False] / per_call[True], None,
+                         f"one launch, no split: {per_call[False] * 1e6:.1f} us"))
 
 
 def _density_mask(density: float, lq: int, block: int, hkv: int):
@@ -302,6 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = _Rows()
     if not args.no_qmatmul:
         bench_qmatmul(rows, args.quick, copy_gbs)
+        bench_split_k(rows)
     if not args.no_attention:
         bench_attention(rows, args.quick)
     if args.e2e:
