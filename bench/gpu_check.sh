@@ -6,9 +6,10 @@
 #
 #   bash bench/gpu_check.sh [--quick] [--e2e 0.6b]      (arguments go to bench/gpu.py)
 #
-# The tests and the benchmark each run under a time limit (TEST_TIMEOUT, BENCH_TIMEOUT
-# seconds; 240 and 200 by default), so that one command fits a 10-minute device call with
-# the build, and a hang or a slow first run of one part still leaves the other's output.
+# The tests, the compute-sanitizer run and the benchmark each run under a time limit
+# (TEST_TIMEOUT, SANITIZER_TIMEOUT, BENCH_TIMEOUT seconds; 200, 120 and 180 by default), so
+# that one command fits a 10-minute device call with the build, and a hang or a slow first
+# run of one part still leaves the others' output.
 #
 # Uses the python3 that holds torch; needs cmake, pybind11, numpy, ml_dtypes, safetensors,
 # tokenizers and pytest there (no network access is needed).
@@ -24,13 +25,17 @@ cp build/gpu/_C*.so build/gpu/cuda/_cuda*.so python/bitswitch/ || exit 1
 export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1
 $py -c "import bitswitch as bs; print(bs.info()['cuda'])"
 echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-240}" $py -m pytest tests/test_cuda.py tests/test_cuda_build.py -q -p no:cacheprovider -rs \
-  --durations=10
+timeout "${TEST_TIMEOUT:-200}" $py -m pytest tests/test_cuda.py tests/test_cuda_build.py -q -p no:cacheprovider -rs \
+  --durations=10 -k "not compute_sanitizer"
 tests_rc=$?
-[ $tests_rc -eq 124 ] && echo "tests: stopped after ${TEST_TIMEOUT:-240} s (TEST_TIMEOUT)"
+[ $tests_rc -eq 124 ] && echo "tests: stopped after ${TEST_TIMEOUT:-200} s (TEST_TIMEOUT)"
+echo "== compute-sanitizer memcheck"
+timeout "${SANITIZER_TIMEOUT:-120}" $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -k compute_sanitizer
+san_rc=$?
+[ $san_rc -eq 124 ] && echo "compute-sanitizer: stopped after ${SANITIZER_TIMEOUT:-120} s (SANITIZER_TIMEOUT)"
 echo "== benchmark"
-timeout "${BENCH_TIMEOUT:-200}" $py bench/gpu.py "$@"
+timeout "${BENCH_TIMEOUT:-180}" $py bench/gpu.py "$@"
 bench_rc=$?
-[ $bench_rc -eq 124 ] && echo "benchmark: stopped after ${BENCH_TIMEOUT:-200} s (BENCH_TIMEOUT)"
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+[ $bench_rc -eq 124 ] && echo "benchmark: stopped after ${BENCH_TIMEOUT:-180} s (BENCH_TIMEOUT)"
+echo "tests rc=$tests_rc sanitizer rc=$san_rc bench rc=$bench_rc"
+exit $(( tests_rc || san_rc || bench_rc ))

@@ -352,7 +352,7 @@ def expand(mask: Optional[BlockMask], b: int, hkv: int, lq: int, lk: int, causal
     return vis
 
 
-def attention_reference(q: Any, k: Any, v: Any, mask: Optional[BlockMask] = None, causal: bool = True,
+def attention_reference(q: Any, k: Any, v: Any, mask: Optional[BlockMask] = None, causal: bool = True, *,
                         scale: Optional[float] = None, q_offset: int = 0) -> tuple:
     """float64 dense attention with the block mask expanded: (out [B, Hq, Lq, D], lse [B, Hq, Lq]).
     Rows that see no key give 0 and -inf."""
