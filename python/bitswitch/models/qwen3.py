@@ -524,6 +524,8 @@ class Qwen3(nn.Module):
         singles = [self.lm_head] + [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
         if FULL in [q.bits for q in singles] + [self.embed_tokens.bits]:
             return None
+        if any(type(q).forward is not QLinear.forward for q in self._setting_modules()):
+            return None  # a projection with a forward of its own (tensor parallelism's all-reduce)
         lin = self.embed_tokens.lin
         embed = (lin.plane0, lin.plane1, lin.scales, lin.biases, lin.group_size, self.embed_tokens.bits, 16, None)
         for i, layer in enumerate(self.layers):
@@ -535,8 +537,9 @@ class Qwen3(nn.Module):
             layers.append((qkv, linear(at.o_proj), gate_up, linear(mlp.down_proj), layer.input_layernorm.weight,
                            layer.post_attention_layernorm.weight, qn, kn, self.cache.k_layers[i],
                            self.cache.v_layers[i]))
-        dims = (self.cache.k.shape[1], cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                cfg.head_dim, cfg.intermediate_size, self.lm_head.out_features)
+        at = self.layers[0].self_attn  # heads and sizes as the modules hold them (a shard holds fewer)
+        dims = (self.cache.k.shape[1], cfg.hidden_size, at.hq, at.hkv, at.d, self.layers[0].mlp.down_proj.in_features,
+                self.lm_head.out_features)
         return _C.DecodeStep(dims, self.norm.eps, embed, linear(self.lm_head), self.norm.weight,
                              self._rope[0], self._rope[1], layers)
 
