@@ -6,6 +6,7 @@ another thread is generating."""
 import json
 import random
 import threading
+import time
 
 import pytest
 
@@ -147,9 +148,15 @@ def test_switching_while_generating_keeps_each_token_consistent(folder, rng):
     t = threading.Thread(target=switcher)
     t.start()
     steps = []
+    def after_a_switch():  # the switcher has moved on since the last step (a decode step can be
+        n = switches[0]    # shorter than one set_precision call: without this, a fast generation
+        while switches[0] == n and t.is_alive():  # may see a single setting)
+            time.sleep(0)
+
     try:
         steps.append((model(torch.tensor([ids[:8]])), model.forward_precision))
         for tok in ids[8:]:
+            after_a_switch()
             steps.append((model(torch.tensor([[tok]])), model.forward_precision))
     finally:
         stop.set()
