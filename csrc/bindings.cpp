@@ -284,6 +284,17 @@ struct DecodeStepHolder {
     if (l.has_bias) l.bias = keep(t[7], name);
     return l;
   }
+
+  // One linear spec, or a list of them (the parts of a fused projection).
+  std::vector<bs::DecodeLinear> parts(py::handle spec, const char* name) {
+    std::vector<bs::DecodeLinear> out;
+    if (py::isinstance<py::list>(spec)) {
+      for (py::handle s : spec) out.push_back(linear(s, name));
+    } else {
+      out.push_back(linear(spec, name));
+    }
+    return out;
+  }
 };
 
 bs::CudaLaunch cuda_launch(uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
@@ -441,7 +452,7 @@ lm_head, through the same kernels as the Python path, so the logits are the same
 
 dims: (batch, hidden, heads, kv_heads, head_dim, intermediate, vocab). A linear is (plane0,
 plane1 or None, scales, biases, group_size, bits, act_bits, bias or None); q|k|v and gate|up
-are fused along N. layers: (qkv, o_proj, gate_up, down_proj, input_norm, post_norm, q_norm or
+are one fused linear or a list of their parts (outputs side by side along N). layers: (qkv, o_proj, gate_up, down_proj, input_norm, post_norm, q_norm or
 None, k_norm or None, k_cache, v_cache) per layer.)doc")
       .def(py::init([](py::tuple dims, double eps, py::handle embed, py::handle lm_head, py::handle final_norm,
                        py::handle cos, py::handle sin, py::list layers) {
@@ -465,9 +476,9 @@ None, k_norm or None, k_cache, v_cache) per layer.)doc")
                  throw bs::ValueError("DecodeStep: a layer must be (qkv, o_proj, gate_up, down_proj, input_norm, "
                                       "post_norm, q_norm, k_norm, k_cache, v_cache)");
                bs::DecodeLayer l;
-               l.qkv = h->linear(t[0], "qkv");
+               l.qkv = h->parts(t[0], "qkv");
                l.o = h->linear(t[1], "o_proj");
-               l.gate_up = h->linear(t[2], "gate_up");
+               l.gate_up = h->parts(t[2], "gate_up");
                l.down = h->linear(t[3], "down_proj");
                l.input_norm = h->keep(t[4], "input_norm");
                l.post_norm = h->keep(t[5], "post_norm");

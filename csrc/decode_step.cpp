@@ -7,6 +7,7 @@
 #include "decode_step.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -82,6 +83,19 @@ void check_linear(const char* arg, const DecodeLinear& l, int64_t n, int64_t k, 
   if (l.has_bias && !l.bias.is_float()) throw TypeError(pre(arg) + "bias must be a float array");
 }
 
+// Parts of a fused projection: each a [n_i, k] weight, the n_i adding up to n.
+void check_parts(const char* arg, const std::vector<DecodeLinear>& parts, int64_t n, int64_t k) {
+  if (parts.empty()) throw ValueError(pre(arg) + "must have at least one weight");
+  int64_t total = 0;
+  for (const DecodeLinear& l : parts) {
+    if (l.w.plane0.ndim != 2) throw ValueError(pre(arg) + "plane0 must be 2-D, got " + l.w.plane0.shape_str());
+    check_linear(arg, l, l.w.plane0.shape[0], k, false);
+    total += l.w.plane0.shape[0];
+  }
+  if (total != n)
+    throw ValueError(pre(arg) + "outputs must add up to " + std::to_string(n) + ", got " + std::to_string(total));
+}
+
 float round_to(DType t, float v) {
   float out = 0.0f;
   cpu::store_f32(&out, t, 0, v);
@@ -119,9 +133,9 @@ DecodeStep::DecodeStep(DecodeModel model) : m_(std::move(model)) {
   if (kc0.ndim != 4) throw ValueError(pre("k_cache") + "must be 4-D [batch, kv_heads, capacity, head_dim]");
   const int64_t capacity = kc0.shape[2];
   for (const DecodeLayer& l : m.layers) {
-    check_linear("qkv", l.qkv, qkv_n, m.hidden, false);
+    check_parts("qkv", l.qkv, qkv_n, m.hidden);
     check_linear("o_proj", l.o, m.hidden, hd, false);
-    check_linear("gate_up", l.gate_up, 2 * m.intermediate, m.hidden, false);
+    check_parts("gate_up", l.gate_up, 2 * m.intermediate, m.hidden);
     check_linear("down_proj", l.down, m.hidden, m.intermediate, false);
     check_exact("input_norm", l.input_norm, m.dtype, {m.hidden});
     check_exact("post_norm", l.post_norm, m.dtype, {m.hidden});
@@ -141,6 +155,7 @@ DecodeStep::DecodeStep(DecodeModel model) : m_(std::move(model)) {
   o_ = alloc(b * hd * es);
   gate_up_ = alloc(b * 2 * m.intermediate * es);
   act_ = alloc(b * m.intermediate * es);
+  part_ = alloc(b * (qkv_n > 2 * m.intermediate ? qkv_n : 2 * m.intermediate) * es);
   max_pages_ = (capacity + 31) / 32;  // the most blocks any block_k (>= 32) gives
   positions_ = static_cast<int32_t*>(alloc(b * 4));
   indptr_ = static_cast<int32_t*>(alloc(b * m.kv_heads * 2 * 4));
@@ -158,6 +173,22 @@ void DecodeStep::linear(const DecodeLinear& l, const TensorView& x, const Tensor
       const float bias = round_to(y.dtype, cpu::load_f32(l.bias.data, l.bias.dtype, j));
       cpu::store_f32(y.data, y.dtype, r * n + j, cpu::load_f32(y.data, y.dtype, r * n + j) + bias);
     }
+}
+
+// y = [x W_0^T | x W_1^T | ...]: one call for a fused weight; parts computed one by one (as
+// torch.cat of the parts' outputs) into part_, then copied to their columns.
+void DecodeStep::linears(const std::vector<DecodeLinear>& parts, const TensorView& x, const TensorView& y) const {
+  if (parts.size() == 1) return linear(parts[0], x, y);
+  const int64_t rows = x.numel() / x.shape[x.ndim - 1], n = y.shape[y.ndim - 1], es = cpu::dtype_size(y.dtype);
+  int64_t col = 0;
+  for (const DecodeLinear& l : parts) {
+    const int64_t np = l.w.plane0.shape[0];
+    linear(l, x, view(part_, y.dtype, {rows, 1, np}));
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(y.data) + (r * n + col) * es, static_cast<const char*>(part_) + r * np * es,
+                  size_t(np * es));
+    col += np;
+  }
 }
 
 // h[b] = the dequantized embedding row ids[b], computed as QEmbedding does in float32:
@@ -234,7 +265,7 @@ void DecodeStep::run(const std::vector<int64_t>& ids, int64_t pos, const std::ve
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const DecodeLayer& l = m.layers[i];
     rms_norm(h, has_delta ? &delta : nullptr, l.input_norm, m.eps, x);
-    linear(l.qkv, x, qkv);
+    linears(l.qkv, x, qkv);
     rope_qkv(qkv, l.qk_norm ? &l.q_norm : nullptr, l.qk_norm ? &l.k_norm : nullptr, m.eps, m.cos, m.sin, pos, q,
              l.k_cache, l.v_cache);
     BlockMaskViews mask;
@@ -255,7 +286,7 @@ void DecodeStep::run(const std::vector<int64_t>& ids, int64_t pos, const std::ve
     attention(q, k, v, mask, true, std::numeric_limits<double>::quiet_NaN(), pos, o_heads, nullptr);
     linear(l.o, o_rows, delta);
     rms_norm(h, &delta, l.post_norm, m.eps, x);
-    linear(l.gate_up, x, gate_up);
+    linears(l.gate_up, x, gate_up);
     silu_mul(gate_up, act);
     linear(l.down, act, delta);
     has_delta = true;

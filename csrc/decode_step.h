@@ -34,7 +34,10 @@ struct DecodeLinear {
 };
 
 struct DecodeLayer {
-  DecodeLinear qkv, o, gate_up, down;  // q|k|v and gate|up fused along N
+  // q|k|v and gate|up: one fused weight, or the parts (each its own view), whose outputs lie
+  // side by side along N.
+  std::vector<DecodeLinear> qkv, gate_up;
+  DecodeLinear o, down;
   TensorView input_norm, post_norm;    // [hidden]
   bool qk_norm = false;
   TensorView q_norm, k_norm;           // [head_dim] (Qwen3)
@@ -81,12 +84,13 @@ class DecodeStep {
   };
   void* alloc(int64_t bytes);
   void linear(const DecodeLinear& l, const TensorView& x, const TensorView& y) const;
+  void linears(const std::vector<DecodeLinear>& parts, const TensorView& x, const TensorView& y) const;
   void embed(const std::vector<int64_t>& ids, void* h) const;
 
   DecodeModel m_;
   std::vector<Buffer> buffers_;
   void *h_ = nullptr, *delta_ = nullptr, *x_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *o_ = nullptr,
-       *gate_up_ = nullptr, *act_ = nullptr;
+       *gate_up_ = nullptr, *act_ = nullptr, *part_ = nullptr;
   int32_t *positions_ = nullptr, *indptr_ = nullptr, *indices_ = nullptr;
   int64_t max_pages_ = 0;
   std::mutex mutex_;  // one step at a time: the buffers are the object's

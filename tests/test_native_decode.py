@@ -52,8 +52,9 @@ def test_equals_python_path(tmp_path, kind, tied, dtype):
 
 
 def test_precision_switches_and_int8_activations(tmp_path):
-    """Per-layer views and int8 activations, switched mid-decode (the step is rebuilt), and a
-    layer whose q|k|v parts read different views (that step takes the Python path)."""
+    """Per-layer views and int8 activations, switched mid-decode (the step is rebuilt), and
+    q|k|v and gate|up parts reading different views (computed part by part, as torch.cat of
+    the parts' outputs)."""
     make_hf("qwen3", tied=False).save_pretrained(tmp_path)
     model = load(tmp_path, dtype="bfloat16", group_size=64)
     ids = torch.randint(0, VOCAB, (1, 60))
@@ -65,6 +66,9 @@ def test_precision_switches_and_int8_activations(tmp_path):
                                                            m.layers[0].mlp.down_proj, m.lm_head)],
         38: lambda m: m.set_precision({"model.layers.0.mlp.*": {"bits": 8}, "lm_head": {"bits": 8}}),
         40: lambda m: m.set_precision({"model.layers.0.self_attn.v_proj": {"bits": 4}}),
+        45: lambda m: m.set_precision({"model.layers.1.self_attn.k_proj": {"bits": 8},
+                                       "model.layers.0.mlp.up_proj": {"bits": 4}}),
+        50: lambda m: setattr(m.layers[1].self_attn.q_proj, "act_bits", 8),
     }
     assert_same_as_python(model, ids, 20, switch)
     # a setting seen before reuses its step (a controller switching back and forth builds none)
@@ -75,9 +79,10 @@ def test_precision_switches_and_int8_activations(tmp_path):
         model(ids[:, :1])
         assert seen.setdefault(bits, model._native[2]) is model._native[2]
     assert seen[4] is not seen[8]
-    model.set_precision({"model.layers.0.self_attn.v_proj": {"bits": 8}, "model.layers.0.self_attn.q_proj": {"bits": 4}})
-    model(ids[:, :1])
-    assert model._native[2] is None  # q|k|v set to different views: the layer-by-layer path
+    # parts that could not be fused at load (an MLX checkpoint quantizing them differently)
+    model.layers[1].self_attn.qkv.qlinear = None
+    model.layers[0].mlp.gate_up.qlinear = None
+    assert_same_as_python(model, ids, 20, {"init": lambda m: m.set_bits(8), 30: lambda m: m.set_bits(4)})
 
 
 def test_sparse_pages(tmp_path):

@@ -480,8 +480,8 @@ class Qwen3(nn.Module):
     def _native_step(self):
         """The _C.DecodeStep of this model's current arrays and settings (built, or rebuilt when
         the precision, the cache or the RoPE tables changed), or None when a decode step must
-        take the layer-by-layer path: some projection reads its float weight, q|k|v or
-        gate|up are set to different views, or a module under the model has hooks."""
+        take the layer-by-layer path: some projection reads its float weight or has a forward
+        of its own, or a module under the model has hooks."""
         if any(self._native[1][-1] if self._native is not None else _hook_dicts(self)):
             return None
         key = (id(self.cache), id(self._rope[0]), QLinear.settings_version, self.embed_tokens.bits)
@@ -516,9 +516,10 @@ class Qwen3(nn.Module):
                     q.act_bits if act_bits is None else act_bits, q.bias)
 
         def fused(f: Fused):
+            """The fused weight when the parts read one view (as Fused.__call__), else the parts."""
             bits, act = f.parts[0].bits, f.parts[0].act_bits
             if f.qlinear is None or any(p.bits != bits or p.act_bits != act for p in f.parts[1:]):
-                return None
+                return [linear(p) for p in f.parts]
             return linear(f.qlinear, bits, act)
 
         singles = [self.lm_head] + [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
@@ -531,7 +532,7 @@ class Qwen3(nn.Module):
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = fused(at.qkv), fused(mlp.gate_up)
-            if qkv is None or gate_up is None or FULL in (qkv[5], gate_up[5]):
+            if FULL in [q.bits for q in at.qkv.parts + mlp.gate_up.parts]:
                 return None
             qn, kn = (at.q_norm.weight, at.k_norm.weight) if at.q_norm is not None else (None, None)
             layers.append((qkv, linear(at.o_proj), gate_up, linear(mlp.down_proj), layer.input_layernorm.weight,
