@@ -452,8 +452,9 @@ lm_head, through the same kernels as the Python path, so the logits are the same
 
 dims: (batch, hidden, heads, kv_heads, head_dim, intermediate, vocab). A linear is (plane0,
 plane1 or None, scales, biases, group_size, bits, act_bits, bias or None); q|k|v and gate|up
-are one fused linear or a list of their parts (outputs side by side along N). layers: (qkv, o_proj, gate_up, down_proj, input_norm, post_norm, q_norm or
-None, k_norm or None, k_cache, v_cache) per layer.)doc")
+are one fused linear or a list of their parts (outputs side by side along N). layers: (qkv,
+o_proj, gate_up, down_proj, input_norm, post_norm, q_norm or None, k_norm or None, k_cache,
+v_cache) per layer.)doc")
       .def(py::init([](py::tuple dims, double eps, py::handle embed, py::handle lm_head, py::handle final_norm,
                        py::handle cos, py::handle sin, py::list layers) {
              auto h = std::make_unique<DecodeStepHolder>();

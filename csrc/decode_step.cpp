@@ -88,8 +88,7 @@ void check_parts(const char* arg, const std::vector<DecodeLinear>& parts, int64_
   if (parts.empty()) throw ValueError(pre(arg) + "must have at least one weight");
   int64_t total = 0;
   for (const DecodeLinear& l : parts) {
-    if (l.w.plane0.ndim != 2) throw ValueError(pre(arg) + "plane0 must be 2-D, got " + l.w.plane0.shape_str());
-    check_linear(arg, l, l.w.plane0.shape[0], k, false);
+    check_linear(arg, l, l.w.plane0.shape[0], k, false);  // validate_weight checks plane0 is 2-D
     total += l.w.plane0.shape[0];
   }
   if (total != n)

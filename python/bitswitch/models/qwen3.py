@@ -522,18 +522,16 @@ class Qwen3(nn.Module):
                 return [linear(p) for p in f.parts]
             return linear(f.qlinear, bits, act)
 
-        singles = [self.lm_head] + [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-        if FULL in [q.bits for q in singles] + [self.embed_tokens.bits]:
+        mods = self._setting_modules()
+        if FULL in [q.bits for q in mods] + [self.embed_tokens.bits]:
             return None
-        if any(type(q).forward is not QLinear.forward for q in self._setting_modules()):
+        if any(type(q).forward is not QLinear.forward for q in mods):
             return None  # a projection with a forward of its own (tensor parallelism's all-reduce)
         lin = self.embed_tokens.lin
         embed = (lin.plane0, lin.plane1, lin.scales, lin.biases, lin.group_size, self.embed_tokens.bits, 16, None)
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = fused(at.qkv), fused(mlp.gate_up)
-            if FULL in [q.bits for q in at.qkv.parts + mlp.gate_up.parts]:
-                return None
             qn, kn = (at.q_norm.weight, at.k_norm.weight) if at.q_norm is not None else (None, None)
             layers.append((qkv, linear(at.o_proj), gate_up, linear(mlp.down_proj), layer.input_layernorm.weight,
                            layer.post_attention_layernorm.weight, qn, kn, self.cache.k_layers[i],
