@@ -29,11 +29,17 @@ namespace {
 // Largest M served by the GEMV path. Above it unpacking the weights once per x row is no
 // longer cheap and the FMA GEMM wins (measured with `bitswitch bench kernels`).
 constexpr int64_t kGemvMaxM = 8;
-// How far ahead (bytes of one plane's stream) rows are prefetched into L1. Measured on the
-// 0.6B model's decode GEMVs (INT8, 2 threads, Sapphire Rapids VM): no prefetch 40.5 ms,
-// 2 KB 28.7, 4 KB 27.1, 8 KB 27.7, 16 KB 31.7, 64 KB 34.8: far prefetches are evicted
-// before use, near ones do not cover the DRAM latency.
-constexpr int64_t kPrefetchBytes = 8192;
+// How far ahead each weight row's stream is prefetched into L1, in bytes of one plane: the
+// kGemvRows rows of a pass advance in lockstep, so the bytes in flight per thread are about
+// kGemvRows times this, and a row's prefetch runs on into the same row of a later pass.
+// Measured on the 0.6B model's decode GEMVs (INT8, 2 threads, Sapphire Rapids VM) as a
+// distance in memory, which at K = 1024 is 4x this: no prefetch 40.5 ms, 8 KB 27.7 ms,
+// 4 KB 27.1, 16 KB 31.7, 64 KB 34.8. An earlier version prefetched a fixed distance ahead
+// in memory, which for rows longer than 4 KB landed on rows of the pass being read: the
+// down_proj GEMVs of 4B / 8B (K = 9728 / 12288) ran at 1/1.3 (INT4) and 1/1.16 (INT8) of
+// their speed now, interleaved A/B on an AVX-512 EPYC; 1 / 2 / 4 / 8 KB per row measured
+// within 3% of each other on every shape there.
+constexpr int64_t kPrefetchBytes = 2048;
 // GEMM blocking: kNB output columns per task, kKB deep panels (64 x 256 float32 = 64 KB,
 // resident in L2 while every row of x streams past it).
 constexpr int kNB = 64;
@@ -124,8 +130,12 @@ BITSWITCH_INLINE void gemv_rows(const GemvCtx& ctx, int64_t row, int64_t m0, flo
     for (int r = 0; r < R; ++r) {
       const uint32_t* s0 = w0 + r * words + s * kStepWords;
       const uint32_t* s1 = w1 + r * words + s * kStepWords;
-      _mm_prefetch(reinterpret_cast<const char*>(s0 + ctx.prefetch_words), _MM_HINT_T0);
-      if (BITS == fmt::kInt8Bits) _mm_prefetch(reinterpret_cast<const char*>(s1 + ctx.prefetch_words), _MM_HINT_T0);
+      // The word this row's stream reads prefetch_words from now: further along the row,
+      // or in the same row of a later group of R (the R rows advance in lockstep).
+      const int64_t ahead = s * kStepWords + ctx.prefetch_words;
+      const int64_t pf = (r + R * (ahead / words)) * words + ahead % words;
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + pf), _MM_HINT_T0);
+      if (BITS == fmt::kInt8Bits) _mm_prefetch(reinterpret_cast<const char*>(w1 + pf), _MM_HINT_T0);
       for (int t = 0; t < MT; ++t) fs[r][t] = f + (r * MT + t) * ctx.gpad + s * kGroupsPerStep;
       Isa::template step<BITS, G, MT, LO>(s0, s1, fs[r], xq, acc[r]);
     }
@@ -178,9 +188,8 @@ Status gemv(const QMatmulArgs& a, ThreadPool& pool) {
     prep_x_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, a.act_bits, dx_mult, ctx.xp, m);
   ctx.gpad = ctx.xp.steps * (kStep / G);
 
-  const int64_t row_bytes = fmt::words_per_row(a.k) * 4;
-  ctx.prefetch_words = round_up(kPrefetchBytes, row_bytes) / 4;
-  ctx.prefetch_rows = ctx.prefetch_words / fmt::words_per_row(a.k);
+  ctx.prefetch_words = kPrefetchBytes / 4;
+  ctx.prefetch_rows = Isa::kGemvRows * (1 + ctx.prefetch_words / fmt::words_per_row(a.k));
   // Two tasks per thread: each task is one sequential stream, and every task start costs
   // a prefetch ramp (the first kPrefetchBytes are not prefetched, the hardware prefetcher
   // retrains). Measured on the 0.6B model's decode GEMVs, streamed from DRAM, 2 threads:
