@@ -174,6 +174,31 @@ def test_filters_match_references(rng):
         assert sample(logits, SamplingParams(temperature=0, presence_penalty=2.0), generated) == int(np.argmax(expect))
 
 
+def test_top_p_over_a_large_vocabulary(rng, monkeypatch):
+    """Top-p on a 151936-token row: decided by the 1024 most likely tokens when the nucleus ends
+    among them (peaked logits), by the whole sorted row otherwise (flat logits); either way the
+    kept tokens are the most likely ones and their float64 mass is the smallest reaching top_p."""
+    import importlib
+
+    gen = importlib.import_module("bitswitch.models.generate")
+    passes = []
+    size = gen._nucleus_size
+    monkeypatch.setattr(gen, "_nucleus_size", lambda *a, whole: passes.append(whole) or size(*a, whole=whole))
+    v = 151936
+    for scale, top_p, expect_passes in ((10.0, 0.9, [False]), (3.0, 0.5, [False]), (1.0, 0.8, [False, True])):
+        passes.clear()
+        logits = torch.from_numpy(rng.standard_normal(v) * scale).float()
+        ids, vals = filter_logits(logits, SamplingParams(top_p=top_p, top_k=0))
+        assert passes == expect_passes
+        x = logits.double().numpy()
+        assert np.array_equal(np.sort(vals.double().numpy())[::-1], np.sort(x)[::-1][:ids.numel()])  # a prefix
+        assert torch.equal(logits[ids], vals)
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        mass, least = probs[ids.numpy()].sum(), probs[ids.numpy()].min()
+        assert mass >= top_p - 1e-6 and mass - least < top_p + 1e-6
+
+
 def test_sampling_draws_from_the_filtered_softmax(rng):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -5.0])
     p = SamplingParams(temperature=0.8, top_k=4)
@@ -294,6 +319,33 @@ def test_stream_events_multibyte_thinking_and_eos(tmp_path):
     model = ScriptedModel(tok.vocab_size, script[1:], len(prompt) + 1)
     events = list(stream(model, tok, prompt + [think], SamplingParams(temperature=0), max_new_tokens=40))
     assert "".join(e.text for e in events if e.in_thinking) == "ü字\n</think>"
+
+
+def test_cpu_steps_run_torch_on_one_thread(tmp_path):
+    """Every prefill chunk and decode step of a CPU model runs with torch on one thread
+    (bitswitch.torch.torch_threads: torch's idle OpenMP workers would spin on the cores of
+    bitswitch's pool); the caller's thread count holds between the events and after."""
+
+    class ThreadCounting(ScriptedModel):
+        def __call__(self, ids, logits_to_keep=0):
+            self.threads.append(torch.get_num_threads())
+            return super().__call__(ids, logits_to_keep)
+
+    build_tokenizer(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    prompt = tok.encode("the quick brown fox")
+    model = ThreadCounting(tok.vocab_size, [5] * 64, len(prompt))
+    model.threads = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        between = [torch.get_num_threads() for _ in stream(model, tok, prompt, SamplingParams(temperature=0.5, seed=1),
+                                                            max_new_tokens=6, eos_ids=[], chunk_size=2)]
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert model.threads == [1] * (len(range(0, len(prompt), 2)) + 5)
+    assert between == [2] * 6 and after == 2
 
 
 def test_stream_rejects_bad_arguments(tmp_path, seed):

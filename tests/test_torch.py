@@ -149,3 +149,27 @@ def test_input_requiring_grad_goes_through_the_op(rng):
     assert y.shape == (2, 16)
     assert rel_err(y.detach().numpy(), bs.qmatmul_f64(x.detach().numpy(), q.qweight, 8)
                    + q.bias.detach().numpy()) < 3e-4
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    from bitswitch.torch import torch_threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            inside = torch.get_num_threads()
+        after = torch.get_num_threads()
+        with pytest.raises(KeyError):  # restored when the block raises
+            with torch_threads(1):
+                raise KeyError("x")
+        after_raise = torch.get_num_threads()
+        with torch_threads(2):
+            same = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert (inside, after, after_raise, same) == (1, 2, 2, 2)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="torch_threads: n must be a positive integer"):
+            with torch_threads(bad):
+                pass

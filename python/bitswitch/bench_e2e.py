@@ -255,17 +255,22 @@ def run_mode(spec: dict) -> dict:
 
 
 def _bitswitch_runner(model):
-    """(prefill(ids) -> next token, step(token) -> next token), greedy, on the static cache."""
+    """(prefill(ids) -> next token, step(token) -> next token), greedy, on the static cache,
+    with torch on one thread around each call as in generation (torch_threads)."""
     import torch
+
+    from .torch import torch_threads
 
     @torch.inference_mode()
     def prefill(ids):
-        model.reset()
-        return model(ids, logits_to_keep=1)[:, -1].float().argmax(-1, keepdim=True)
+        with torch_threads(1):
+            model.reset()
+            return model(ids, logits_to_keep=1)[:, -1].float().argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def step(tok):
-        return model(tok)[:, -1].float().argmax(-1, keepdim=True)
+        with torch_threads(1):
+            return model(tok)[:, -1].float().argmax(-1, keepdim=True)
 
     return prefill, step
 

@@ -7,7 +7,8 @@ call them as ``torch.ops.bitswitch.qmatmul``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from .ops import _DENSE_TILE
 from .quant import BITS, GROUP_SIZES, INT4, INT8, VALUES_PER_WORD, QWeight, check_act_bits, quantize
 
 __all__ = ["FULL", "DecodePages", "QLinear", "attention", "qmatmul", "quantize_model", "rms_norm", "rope_qkv",
-           "rope_qkv_at", "select_pages_at", "set_precision", "silu_mul"]
+           "rope_qkv_at", "select_pages_at", "set_precision", "silu_mul", "torch_threads"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -36,6 +37,29 @@ _lib.define(
     "select_pages_at(Tensor q, Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, Tensor positions, int n, "
     "int sinks=1, int block_k=64) -> Tensor"
 )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, the caller's restored after.
+
+    bitswitch's CPU kernels run on bitswitch's own thread pool. After every parallel torch op
+    on the CPU, torch's OpenMP workers keep spinning for a while (libgomp's default wait
+    policy), on the cores that pool needs: a torch argmax over the logits between two decode
+    steps then slows the next step down. Generation (bitswitch.models.generate) runs each
+    step and its sampling under ``torch_threads(1)`` on a CPU model; on 2 cores that made
+    a 0.6B INT4 decode step 1.5x faster. Wrap a hand-written decode loop the same way."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"torch_threads: n must be a positive integer, got {n!r}")
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _out_shape(x: torch.Tensor, plane0: torch.Tensor) -> tuple:

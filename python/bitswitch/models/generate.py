@@ -28,6 +28,7 @@ tokens are the same), and ChatSession then samples with Qwen's non-thinking sett
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from ..torch import torch_threads
 
 if TYPE_CHECKING:
     from .qwen3 import Qwen3
@@ -126,6 +129,35 @@ def _penalized(logits: torch.Tensor, params: SamplingParams, generated: Iterable
     return x
 
 
+# Top-p looks at this many most likely tokens first and sorts the whole row only when their
+# mass falls short of top_p: a float32 sort of a 152K vocabulary takes ~10 ms on one core.
+_NUCLEUS_HEAD = 1024
+
+
+def _nucleus(ids: torch.Tensor, x: torch.Tensor, top_p: float) -> tuple:
+    """(ids, x) of the smallest set of most likely tokens whose probability reaches top_p,
+    most likely first: a token is kept while the mass of the tokens before it is < top_p."""
+    logz = torch.logsumexp(x, dim=0)
+    if x.numel() > _NUCLEUS_HEAD:
+        xs, order = torch.topk(x, _NUCLEUS_HEAD)  # the head of the sorted row, in order
+        n = _nucleus_size(xs, logz, top_p, whole=False)
+        if n is not None:
+            return ids[order[:n]], xs[:n]
+    xs, order = torch.sort(x, descending=True)
+    n = _nucleus_size(xs, logz, top_p, whole=True)
+    return ids[order[:n]], xs[:n]
+
+
+def _nucleus_size(xs: torch.Tensor, logz: torch.Tensor, top_p: float, whole: bool) -> Optional[int]:
+    """How many of the sorted logits xs (the row, or its head when not `whole`) the nucleus
+    keeps; None when it may extend past the head."""
+    p = torch.exp((xs - logz).double())  # float64 sums: a 152K-token tail in float32 drifts
+    before = torch.cumsum(p, dim=0) - p  # the mass of the tokens before each
+    if not whole and float(before[-1]) < top_p:
+        return None
+    return max(1, int((before < top_p).sum()))
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams, generated: Iterable[int] = ()):
     """The tokens sampling may draw and their final logits: ``(ids, values)``, both 1-D, for a
     logits row of the vocabulary. Penalty, temperature, then top-k (ties with the k-th value
@@ -143,11 +175,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, generated: Itera
         keep = x >= kth
         ids, x = ids[keep], x[keep]
     if params.top_p < 1:
-        x, order = torch.sort(x, descending=True)
-        ids = ids[order]
-        p = torch.softmax(x, dim=0)
-        n = int(((torch.cumsum(p, dim=0) - p) < params.top_p).sum())  # mass before a token < top_p
-        ids, x = ids[:max(n, 1)], x[:max(n, 1)]
+        ids, x = _nucleus(ids, x, params.top_p)
     if params.min_p > 0:
         keep = x >= x.max() + math.log(params.min_p)  # p_i >= min_p * p_max, in logits
         ids, x = ids[keep], x[keep]
@@ -303,6 +331,10 @@ def stream(model: "Qwen3", tokenizer: "Tokenizer", prompt_ids, params: Optional[
 
 def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached, controller) -> Iterator[TokenEvent]:
     generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+    # On the CPU the model's kernels run on bitswitch's thread pool; the torch ops of each
+    # step (sampling) run on one thread, or torch's idle OpenMP workers would spin on the
+    # pool's cores into the next step (bitswitch.torch.torch_threads).
+    quiet = (lambda: torch_threads(1)) if model.cache.k.device.type == "cpu" else contextlib.nullcontext
     think = tokenizer.think_ids
     in_thinking = False
     if think is not None:  # a prompt that ends inside an open think block (a template may open it)
@@ -312,11 +344,12 @@ def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached,
 
     t0 = time.perf_counter()
     model.truncate(cached)
-    for start in range(cached, len(ids), chunk_size):
-        chunk = torch.tensor([ids[start:start + chunk_size]], dtype=torch.long)
-        logits = model(chunk, logits_to_keep=1)
     tokens: list = []
-    tok = sample(logits[0, -1], params, tokens, generator)
+    with quiet():
+        for start in range(cached, len(ids), chunk_size):
+            chunk = torch.tensor([ids[start:start + chunk_size]], dtype=torch.long)
+            logits = model(chunk, logits_to_keep=1)
+        tok = sample(logits[0, -1], params, tokens, generator)
     # One decode step: the model, or its CUDA-graph decoder when one is attached (same logits).
     decode = model.graph_decoder.step if getattr(model, "graph_decoder", None) is not None else model
     prefill_s, decode_s = time.perf_counter() - t0, 0.0
@@ -340,8 +373,9 @@ def _run(model, tokenizer, ids, params, max_new_tokens, eos, chunk_size, cached,
             return
         yield ev
         t0 = time.perf_counter()
-        logits = decode(torch.tensor([[tok]], dtype=torch.long))
-        tok = sample(logits[0, -1], params, tokens, generator)
+        with quiet():
+            logits = decode(torch.tensor([[tok]], dtype=torch.long))
+            tok = sample(logits[0, -1], params, tokens, generator)
         step = time.perf_counter() - t0
         decode_s += step
         if controller is not None:
