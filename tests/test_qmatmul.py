@@ -60,12 +60,13 @@ def test_int8_activations_cost_little_accuracy(rng, variant):
 
 def test_scalar_reference_is_float_grade(rng):
     """The oracle itself: plain float32 accumulation, ~1e-6 of float64 (a sequential sum's
-    rounding error grows with K: ~4e-6 was seen at K = 4224)."""
+    rounding error grows with K: ~4e-6 was seen at K = 4224; at K = 1056, 6000 draws had a
+    median of 1.0e-6 and a maximum of 2.3e-6)."""
     with bs.ops.use_cpu_variant("scalar"):
         for (m, n, k) in SHAPES:
             qw, x = make_case(rng, m, n, k, 32, "float32", "float32")
             for bits in (4, 8):
-                assert rel_err(bs.qmatmul(x, qw, bits), bs.qmatmul_f64(x, qw, bits)) < 2e-6 * max(1.0, k / 1056)
+                assert rel_err(bs.qmatmul(x, qw, bits), bs.qmatmul_f64(x, qw, bits)) < 3e-6 * max(1.0, k / 1056)
 
 
 @pytest.mark.parametrize("m", [5, 70])

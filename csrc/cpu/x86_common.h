@@ -133,6 +133,35 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+// One row of x (k elements of type t, k a multiple of g) as float32 into dst: x itself, or
+// at act_bits 8 its values v * dx (act_quant.h's fake_quantize_int8, bit for bit: the same
+// multiply by 1/dx, round-to-nearest-even and multiply by dx, 8 lanes at a time).
+inline void x_row_f32(const void* x, DType t, int64_t k, int g, int act_bits, float* dst) {
+  const char* src = static_cast<const char*>(x);
+  const int64_t es = dtype_size(t);
+  if (act_bits != kActBitsInt8) {
+    for (int64_t i = 0; i < k; i += 8) _mm256_storeu_ps(dst + i, load8(src + i * es, t));
+    return;
+  }
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t g0 = 0; g0 < k; g0 += g) {
+    __m256 mx = _mm256_setzero_ps();
+    for (int j = 0; j < g; j += 8) {
+      const __m256 v = load8(src + (g0 + j) * es, t);
+      _mm256_storeu_ps(dst + g0 + j, v);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+    }
+    const float amax = hmax(mx);
+    const __m256 inv = _mm256_set1_ps(act_inverse_step(amax, kActMaxInt8));
+    const __m256 dx = _mm256_set1_ps(amax / kActMaxInt8);
+    for (int j = 0; j < g; j += 8) {
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(dst + g0 + j), inv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_ps(dst + g0 + j, _mm256_mul_ps(q, dx));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // x prep for the integer GEMV.
 

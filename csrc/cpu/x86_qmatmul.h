@@ -248,9 +248,7 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
     if (!buf) return Status::kOutOfMemory;
     const int64_t es = dtype_size(a.x_dtype);
     pool.parallel_for(M, [&](int64_t m, int) {
-      const char* src = static_cast<const char*>(a.x) + m * K * es;
-      for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(buf + m * K + k, load8(src + k * es, a.x_dtype));
-      if (a.act_bits == kActBitsInt8) fake_quantize_int8(buf + m * K, K, a.group_size);
+      x_row_f32(static_cast<const char*>(a.x) + m * K * es, a.x_dtype, K, a.group_size, a.act_bits, buf + m * K);
     });
     xf = buf;
   }
