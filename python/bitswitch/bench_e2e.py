@@ -275,6 +275,20 @@ def _bitswitch_runner(model):
     return prefill, step
 
 
+def hf_forward(model, ids, cache=None, **kwargs) -> tuple:
+    """(logits, KV cache) of a transformers causal LM's forward over `ids` after `cache` (None:
+    a new one). The cache argument and output are `cache` from transformers 5.x on and
+    `past_key_values` before (the old name is deprecated, to be removed in 5.40)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    out = model(input_ids=ids, use_cache=True, **kwargs)
+    new = getattr(out, "cache", None)
+    return out.logits, new if new is not None else out.past_key_values
+
+
 def _hf_runner(model):
     """The same for transformers: its own KV cache (what generate uses), logits of the last
     position only in prefill (as generate asks)."""
@@ -284,15 +298,13 @@ def _hf_runner(model):
 
     @torch.inference_mode()
     def prefill(ids):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        state["cache"] = out.past_key_values
-        return out.logits[:, -1].float().argmax(-1, keepdim=True)
+        logits, state["cache"] = hf_forward(model, ids, logits_to_keep=1)
+        return logits[:, -1].float().argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def step(tok):
-        out = model(input_ids=tok, past_key_values=state["cache"], use_cache=True)
-        state["cache"] = out.past_key_values
-        return out.logits[:, -1].float().argmax(-1, keepdim=True)
+        logits, state["cache"] = hf_forward(model, tok, state["cache"])
+        return logits[:, -1].float().argmax(-1, keepdim=True)
 
     return prefill, step
 

@@ -284,7 +284,7 @@ def bench_e2e(rows: list, models: list, new_tokens: int = 64, context: int = 128
     graphs (GraphDecoder), eager bitswitch, and transformers bf16 (eager, dynamic cache).
     Efficiency mode attends block-sparsely: past its page budget (64 pages of 64 keys) every
     step selects pages on the GPU, inside the graph."""
-    from .bench_e2e import build_bitswitch, build_transformers
+    from .bench_e2e import build_bitswitch, build_transformers, hf_forward
     from .models.cuda_graph import GraphDecoder
 
     def timed(step, tok):
@@ -316,14 +316,13 @@ def bench_e2e(rows: list, models: list, new_tokens: int = 64, context: int = 128
         torch.cuda.empty_cache()
         hf = build_transformers(name, 64, 0).cuda()
         with torch.no_grad():
-            out = hf(prompt.cuda(), use_cache=True)
-            state = {"past": out.past_key_values}
+            logits, cache = hf_forward(hf, prompt.cuda())
+            state = {"cache": cache}
 
             def hf_step(t):
-                o = hf(t, past_key_values=state["past"], use_cache=True)
-                state["past"] = o.past_key_values
-                return o.logits[:, -1:].argmax(-1)
-            tps = timed(hf_step, out.logits[:, -1:].argmax(-1))
+                out, state["cache"] = hf_forward(hf, t, state["cache"])
+                return out[:, -1:].argmax(-1)
+            tps = timed(hf_step, logits[:, -1:].argmax(-1))
         rows.append(("e2e", f"qwen3-{name} transformers bf16 @{context}", 1e6 / tps, None, None, f"{tps:.1f} tok/s"))
         hf = None
         torch.cuda.empty_cache()
