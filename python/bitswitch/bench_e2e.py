@@ -21,6 +21,8 @@ With ``--reps`` above 1 every time is the median over the repetitions.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import resource
@@ -275,15 +277,18 @@ def _bitswitch_runner(model):
     return prefill, step
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_cache_kwarg(cls) -> str:
+    """The name a transformers model class's forward takes its KV cache by."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def hf_forward(model, ids, cache=None, **kwargs) -> tuple:
     """(logits, KV cache) of a transformers causal LM's forward over `ids` after `cache` (None:
     a new one). The cache argument and output are `cache` from transformers 5.x on and
     `past_key_values` before (the old name is deprecated, to be removed in 5.40)."""
-    import inspect
-
-    params = inspect.signature(type(model).forward).parameters
     if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        kwargs[_hf_cache_kwarg(type(model))] = cache
     out = model(input_ids=ids, use_cache=True, **kwargs)
     new = getattr(out, "cache", None)
     return out.logits, new if new is not None else out.past_key_values
