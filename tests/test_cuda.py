@@ -330,7 +330,10 @@ def test_cuda_graph_capture_and_replay(rng):
 
 def test_qlinear_compile_reduce_overhead(rng):
     """A QLinear stack under torch.compile(mode="reduce-overhead") (CUDA graphs) matches eager,
-    and follows a precision switch (the graph reads the switched view's tensors)."""
+    and follows a precision switch (the graph reads the switched view's tensors). Within 3e-2
+    of the output scale: the compiled SiLU rounds its own float32 math to bf16, so a bf16
+    output can differ by a couple of ulps (one ulp at the largest output is 2^-8 to 2^-7 of
+    it; 40 seeded runs on the CPU reached 7.9e-3, and a CI run exceeded the old 1e-2)."""
     lin = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 256))
     model = bt.quantize_model(lin.to(torch.bfloat16), bits=8, group_size=64).to(DEV)
     x = torch.randn(2, 512, dtype=torch.bfloat16, device=DEV)
@@ -338,12 +341,12 @@ def test_qlinear_compile_reduce_overhead(rng):
     compiled = torch.compile(model, mode="reduce-overhead")
     for _ in range(3):
         y = compiled(x)
-    assert rel_err(y.float().cpu().numpy(), eager.float().cpu().numpy()) <= 1e-2
+    assert rel_err(y.float().cpu().numpy(), eager.float().cpu().numpy()) <= 3e-2
     bt.set_precision(model, "efficiency")
     eager4 = model(x)
     for _ in range(3):
         y4 = torch.compile(model, mode="reduce-overhead")(x)
-    assert rel_err(y4.float().cpu().numpy(), eager4.float().cpu().numpy()) <= 1e-2
+    assert rel_err(y4.float().cpu().numpy(), eager4.float().cpu().numpy()) <= 3e-2
 
 
 def test_bad_input_raises_the_cpu_messages(rng):
