@@ -224,6 +224,42 @@ def test_bf16_dense_float_x_keeps_exact_codes(rng, variant):
         assert rel_err(bs.qmatmul(x, qw, 8, act_bits=8), bs.qmatmul_f64(x, qw, 8, act_bits=8)) < 3e-5
 
 
+# The int8 GEMM of the AVX-512 variants (act_bits 8, M above the GEMV's 8 rows): int8 x on
+# the weights' codes, exact integer sums per group, the affine map folded in float32.
+INT8_GEMM = ("avx512", "avx512bf16")
+
+
+@pytest.mark.parametrize("variant", INT8_GEMM)
+def test_int8_gemm_panels_split_along_k(rng, variant):
+    """x past 2 MB and N = 1024: panels of 256-512 outputs cover only part of K = 4224 at
+    any thread count up to 8, so the float32 sums are carried across panels; float-grade."""
+    needs(variant)
+    qw, x = make_case(rng, 520, 1024, 4224, 64, "float32", "float32")
+    with bs.ops.use_cpu_variant(variant):
+        for bits in (4, 8):
+            err = rel_err(bs.qmatmul(x, qw, bits, act_bits=8), bs.qmatmul_f64(x, qw, bits, act_bits=8))
+            assert err < 3e-5, (bits, err)
+
+
+@pytest.mark.parametrize("variant", INT8_GEMM)
+def test_int8_gemm_threads_and_tails_do_not_change_results(rng, variant):
+    """Every output is computed by one block in a fixed order, whatever the task split and
+    however many rows share its register block."""
+    needs(variant)
+    for xdtype in ("bfloat16", "float32"):
+        qw, x = make_case(rng, 77, 230, 640, 64, "float16", xdtype)
+        with bs.ops.use_cpu_variant(variant):
+            ref = bs.qmatmul(x, qw, 8, act_bits=8)
+            try:
+                for threads in (1, 3):
+                    bs.ops.set_num_threads(threads)
+                    np.testing.assert_array_equal(bs.qmatmul(x, qw, 8, act_bits=8), ref)
+            finally:
+                bs.ops.set_num_threads(0)
+            np.testing.assert_array_equal(bs.qmatmul(x[:40], qw, 8, act_bits=8), ref[:40])
+            np.testing.assert_array_equal(bs.qmatmul(x[9:20], qw, 8, act_bits=8), ref[9:20])
+
+
 def test_leading_dimensions_and_1d(rng):
     qw, x = make_case(rng, 6, 40, 256, 64, "float32", "float32")
     x3 = x.reshape(2, 3, 256)

@@ -6,7 +6,8 @@
 // into one 8-bit code c = 16q + r (a shift and an OR per plane) and needs the same four
 // dot products per step as the INT4 view.
 //
-// Large M: dequantized float32 panels and an 8x32 FMA micro-kernel (16 accumulators).
+// Large M: dequantized float32 panels and an 8x32 FMA micro-kernel (16 accumulators); at
+// act_bits 8, int8 x times the codes with vpdpbusd (avx512_int8_gemm.h).
 //
 // Decode attention: avx512_attention.h.
 //
@@ -17,6 +18,7 @@
 #endif
 
 #include "avx512_attention.h"
+#include "avx512_int8_gemm.h"
 
 namespace bitswitch {
 namespace cpu {
@@ -111,7 +113,10 @@ struct Avx512 {
 
 }  // namespace
 
-Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool) { return qmatmul_x86<Avx512>(a, pool); }
+Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool) {
+  if (a.m > kGemvMaxM && a.act_bits == kActBitsInt8) return qmatmul_int8_gemm(a, pool);
+  return qmatmul_x86<Avx512>(a, pool);
+}
 
 Status attention_avx512(const AttentionArgs& a, ThreadPool& pool) { return attention_x86<Avx512>(a, pool); }
 

@@ -1,8 +1,8 @@
 // AVX512-BF16 variant of qmatmul (`avx512bf16`): the AVX-512 kernels, except that bf16 x
 // with more than kGemvMaxM rows multiplies by the weights dequantized once per call to bf16,
-// with vdpbf16ps (two bf16 products summed into each float32 lane); at act_bits 8, x's
-// fake-quantized values rounded to bf16 (dense_gemm_int8_x). The
-// contract is the AMX tile GEMM's (amx.cpp, bf16_panels.h):
+// with vdpbf16ps (two bf16 products summed into each float32 lane). (act_bits 8 goes to the
+// AVX-512 unit's int8 GEMM, avx512_int8_gemm.h, faster still.) The contract is the AMX
+// tile GEMM's (amx.cpp, bf16_panels.h):
 //     y[m, n] = bf16( sum_k x[m, k] * w[n, k] ),  w[n, k] = bf16( s*c + b )
 // with the sum in float32. vdpbf16ps does twice the multiply-adds of a float32 FMA per
 // instruction, so on CPUs with AVX512-BF16 and no AMX (AMD Zen 4 and 5, Intel Cooper Lake)
@@ -185,42 +185,16 @@ Status dense_gemm(const QMatmulArgs& a, ThreadPool& pool) {
   return oom ? Status::kOutOfMemory : Status::kOk;
 }
 
-// act_bits 8: x replaced by its int8 codes times each group's step (x_row_f32, what the
-// float32 GEMM multiplies), rounded to bf16 into scratch, which the GEMM then reads as
-// its bf16 x. The one extra rounding is of the same size as bf16 x's own; without it this
-// case ran on the float32 GEMM at half the speed.
-template <int BITS>
-Status dense_gemm_int8_x(const QMatmulArgs& a, ThreadPool& pool) {
-  uint16_t* xq = static_cast<uint16_t*>(thread_scratch(kScratchX, size_t(a.m * a.k) * 2));
-  if (!xq) return Status::kOutOfMemory;
-  bool oom = false;
-  pool.parallel_for(a.m, [&](int64_t m, int) {
-    float* row = static_cast<float*>(thread_scratch(kScratchAcc, size_t(a.k) * 4));
-    if (!row) {
-      oom = true;
-      return;
-    }
-    x_row_f32(static_cast<const uint16_t*>(a.x) + m * a.k, DType::kBFloat16, a.k, a.group_size, kActBitsInt8, row);
-    for (int64_t k = 0; k < a.k; k += 8) store8(xq + m * a.k + k, DType::kBFloat16, _mm256_loadu_ps(row + k));
-  });
-  if (oom) return Status::kOutOfMemory;
-  QMatmulArgs b = a;
-  b.x = xq;
-  b.act_bits = kActBitsExact;
-  return dense_gemm<BITS>(b, pool);
-}
-
 }  // namespace
 
 bool avx512bf16_built() { return true; }
 
 Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool) {
-  if (a.m <= kBf16GemvMaxM || a.x_dtype != DType::kBFloat16) return qmatmul_avx512(a, pool);
+  // act_bits 8: int8 x on the codes with vpdpbusd, in the AVX-512 unit (avx512_int8_gemm.h).
+  if (a.m <= kBf16GemvMaxM || a.x_dtype != DType::kBFloat16 || a.act_bits == kActBitsInt8)
+    return qmatmul_avx512(a, pool);
   if (!fmt::is_supported_group_size(a.group_size) || !(a.bits == fmt::kInt4Bits || a.bits == fmt::kInt8Bits))
     return Status::kInvalidArgument;
-  if (a.act_bits == kActBitsInt8)
-    return a.bits == fmt::kInt8Bits ? dense_gemm_int8_x<fmt::kInt8Bits>(a, pool)
-                                    : dense_gemm_int8_x<fmt::kInt4Bits>(a, pool);
   return a.bits == fmt::kInt8Bits ? dense_gemm<fmt::kInt8Bits>(a, pool) : dense_gemm<fmt::kInt4Bits>(a, pool);
 }
 

@@ -2,9 +2,9 @@
 // unit's logic on CPUs without AVX-512 (configure with -DBITSWITCH_EMULATE_AVX512=ON;
 // never used in a release build). Each intrinsic becomes a macro for a lane loop over
 // GCC's 64-byte vector types, following the instruction's definition in Intel's SDM.
-// Only what csrc/cpu/avx512.cpp and csrc/cpu/avx512_bf16.cpp (with bf16_panels.h) call is
-// here: a missing one fails to compile ("target specific option mismatch"), never silently
-// runs the real instruction. Masked loads and stores touch only the lanes of their mask,
+// Only what csrc/cpu/avx512.cpp (with avx512_int8_gemm.h) and csrc/cpu/avx512_bf16.cpp (with
+// bf16_panels.h) call is here: a missing one fails to compile ("target specific option
+// mismatch"), never silently runs the real instruction. Masked loads and stores touch only the lanes of their mask,
 // as the real ones do, so AddressSanitizer sees what the hardware would.
 #pragma once
 
@@ -359,6 +359,20 @@ inline __m512i cvtepu8_epi32(__m128i a) {
   for (int i = 0; i < 16; ++i) r.i32[i] = b[i];
   return r.i;
 }
+inline __m512i cvtepu8_epi16(__m256i a) {
+  uint8_t b[32];
+  std::memcpy(b, &a, 32);
+  V r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = b[i];
+  return r.i;
+}
+inline __m512i castps_si512(__m512 a) { return vf(a).i; }
+// VSHUFI32X4: 128-bit lanes 0, 1 from a and 2, 3 from b, each picked by two bits of imm.
+inline __m512i shuffle_i32x4(__m512i a, __m512i b, int imm) {
+  V x = vi(a), y = vi(b), r;
+  for (int l = 0; l < 4; ++l) std::memcpy(r.u32 + 4 * l, (l < 2 ? x : y).u32 + 4 * ((imm >> (2 * l)) & 3), 16);
+  return r.i;
+}
 inline __m512i srli_epi32(__m512i a, unsigned n) {
   V x = vi(a);
   for (uint32_t& e : x.u32) e = n > 31 ? 0 : e >> n;
@@ -543,6 +557,12 @@ inline __m512 dpbf16_ps(__m512 src, __m512bh a, __m512bh b) {
 #define _mm512_cvtepu16_epi32(a) BSEMU::cvtepu16_epi32(a)
 #undef _mm512_cvtepu8_epi32
 #define _mm512_cvtepu8_epi32(a) BSEMU::cvtepu8_epi32(a)
+#undef _mm512_cvtepu8_epi16
+#define _mm512_cvtepu8_epi16(a) BSEMU::cvtepu8_epi16(a)
+#undef _mm512_castps_si512
+#define _mm512_castps_si512(a) BSEMU::castps_si512(a)
+#undef _mm512_shuffle_i32x4
+#define _mm512_shuffle_i32x4(a, b, imm) BSEMU::shuffle_i32x4(a, b, imm)
 #undef _mm512_srli_epi32
 #define _mm512_srli_epi32(a, n) BSEMU::srli_epi32(a, n)
 #undef _mm512_ternarylogic_epi32
