@@ -118,6 +118,11 @@ Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool) {
   return qmatmul_x86<Avx512>(a, pool);
 }
 
+Status qmatmul_avx512_int8(const QMatmulArgs& a, ThreadPool& pool) {
+  if (a.m <= kGemvMaxM) return qmatmul_x86<Avx512>(a, pool);
+  return qmatmul_int8_gemm(a, pool);
+}
+
 Status attention_avx512(const AttentionArgs& a, ThreadPool& pool) { return attention_x86<Avx512>(a, pool); }
 
 }  // namespace cpu

@@ -1,29 +1,34 @@
-// qmatmul at act_bits 8 for prefill-sized M on AVX-512 VNNI: int8 activations times the
-// weights' integer codes with vpdpbusd, integer sums per group, the affine map per group in
-// float32. Used by the `avx512` and `avx512bf16` variants for M above the GEMV's rows.
+// qmatmul for prefill-sized M on AVX-512 VNNI: int8 activations times the weights' integer
+// codes with vpdpbusd, integer sums per group, the affine map per group in float32. Used
+// for M above the GEMV's rows by the `avx512` and `avx512bf16` variants at act_bits 8, and
+// by `avx512bf16` (the choice on AMD) for float32 / float16 x at act_bits 16.
 //
-// The contract is act_bits 8's (act_quant.h): x is replaced per group by v * dx with v =
-// round(x / dx) an int8, bit for bit the codes of every other kernel, and y is float-grade
-// on those values. With w = s*c + b (c the INT4 code 0..15, or the INT8 view's 16q + r
-// 0..255 with s and b as format.h maps them):
-//     y[m, n] = sum_g  dx[m, g] * ( s[n, g] * sum_{k in g} c[n, k] v[m, k] )
-//                    + b[n, g] * xsum[m, g],         xsum[m, g] = dx[m, g] * sum_{k in g} v[m, k]
-// The inner sums are exact in int32 (|c v| <= 255 * 127, at most 128 of them), so the only
-// roundings are the float32 fold per group, as in the float-grade GEMV.
+// The contract is the GEMV's (x86_common.h, act_quant.h): x is quantized per group with
+// the same float32 operations as every other kernel, v = round(x / dx), and y is
+// float-grade on those values. At act_bits 8, v is one int8; at act_bits 16, v is a 15-bit
+// integer split as v = 256 hi + lo into two int8 halves, each multiplied by the codes, and
+// the two integer sums combined exactly. With w = s*c + b (c the INT4 code 0..15, or the
+// INT8 view's 16q + r 0..255 with s and b as format.h maps them):
+//     y[m, n] = sum_g  dx[m, g] * s[n, g] * ( sum_{k in g} c[n, k] v[m, k] )
+//                    + b[n, g] * xsum[m, g]
+// with xsum the group's sum of v * dx (act_bits 8) or of x itself (act_bits 16). The inner
+// sums are exact in int32 (|c v| <= 255 * 32767, at most 128 of them), so the only
+// roundings are the float32 fold per group, as in the GEMV: results agree with it to
+// float32 rounding, whatever M.
 //
 // vpdpbusd multiplies 64 unsigned bytes (the codes) by 64 signed bytes (x) and adds each
 // lane's four products into int32: twice the multiply-adds per instruction of vdpbf16ps and
 // four times a float32 FMA's. Per group the integer sums are folded into float32 (a convert
 // and two FMAs per 16 outputs and x row), which costs a fifth of the group's dot products
-// at G = 64.
+// at G = 64. act_bits 16 doubles the dot products (hi and lo halves) but not the fold.
 //
 // Layout. The weights of a call are packed once per task into a panel of bytes: per block
 // of 32 outputs (two 16-output slices), one "step" of 4 inputs is 128 bytes, slice 0's 16
 // dwords then slice 1's, dword o of a slice holding the codes of output o at those 4
 // inputs, i.e. exactly vpdpbusd's unsigned operand. A block's steps are consecutive, so a
 // block is one sequential stream. Four consecutive int8 x values are one dword, broadcast
-// to the 16 lanes. x is quantized once per call into [M][K] int8 with its per-group dx and
-// xsum.
+// to the 16 lanes. x is quantized once per call into [M][K] int8 (and [M][K] lo halves)
+// with its per-group dx and xsum.
 //
 // Data flow per task (outputs n0 .. n0 + nb - 1, x rows m0 .. m0 + mrows - 1), as in the
 // bf16 dense GEMMs (bf16_panels.h):
@@ -57,9 +62,10 @@ constexpr int kSlice = 16;                     // outputs per zmm of sums
 constexpr int kBlockN = 2 * kSlice;            // outputs per micro-kernel block
 constexpr int kQuad = 4;                       // inputs per vpdpbusd lane
 constexpr int64_t kStepBytes = kBlockN * kQuad;  // 128: one 4-input step of a block
-// x rows per register block: 2 * kMR int32 sums + 2 * kMR float32 sums + 2 weight vectors
-// of the 32 zmm registers, the rest for the fold.
-constexpr int kMR = 6;
+// x rows per register block: 2 * MR int32 sums (twice that with lo halves) + 2 * MR
+// float32 sums + 2 weight vectors of the 32 zmm registers, the rest for the fold.
+template <bool LO>
+constexpr int kMR = LO ? 4 : 6;
 // Inputs per chunk: a block's chunk (32 x 256 bytes = 8 KB) is read from L2 once per
 // block of x rows while the rows' chunk stays in L1.
 constexpr int64_t kKC = 256;
@@ -159,7 +165,7 @@ BITSWITCH_INLINE __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 //   x: the rows' first input (int8), rows ldx apart;  w: the block's steps from there on;
 //   sb: group g's 32 scales at sb + g * ldsb and its 32 biases ldsb / 2 further;
 //   dx, xs: row i's group g at dx[i * ldg + g], xs[i * ldg + g];  c: rows ldc apart.
-template <int MR, int G>
+template <int MR, int G, bool LO>
 __attribute__((noinline)) void block(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t groups, const float* sb,
                                      int64_t ldsb, const float* dx, const float* xs, int64_t ldg, float* c,
                                      int64_t ldc, bool zero) {
@@ -171,9 +177,11 @@ __attribute__((noinline)) void block(const int8_t* x, int64_t ldx, const uint8_t
   }
   const int64_t bias_off = ldsb / 2;
   for (int64_t g = 0; g < groups; ++g, x += G, sb += ldsb) {
-    __m512i sum[MR][2];
+    __m512i sum[MR][2], lo[LO ? MR : 1][2];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) sum[i][0] = sum[i][1] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int i = 0; i < (LO ? MR : 1); ++i) lo[i][0] = lo[i][1] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int s = 0; s < G / kQuad; ++s, w += kStepBytes) {
       const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
@@ -184,7 +192,18 @@ __attribute__((noinline)) void block(const int8_t* x, int64_t ldx, const uint8_t
         const __m512i xv = _mm512_set1_epi32(quad);
         sum[i][0] = dpbusd(sum[i][0], w0, xv);
         sum[i][1] = dpbusd(sum[i][1], w1, xv);
+        if (LO) {  // the lo halves, ldx / 2 past the hi halves
+          std::memcpy(&quad, x + i * ldx + ldx / 2 + s * kQuad, sizeof(quad));
+          const __m512i xl = _mm512_set1_epi32(quad);
+          lo[i][0] = dpbusd(lo[i][0], w0, xl);
+          lo[i][1] = dpbusd(lo[i][1], w1, xl);
+        }
       }
+    }
+    if (LO) {  // v = 256 hi + lo: exact in int32 (|256 sum_hi| <= 2^8 * 128 * 255 * 127 < 2^31)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) sum[i][h] = _mm512_add_epi32(_mm512_slli_epi32(sum[i][h], 8), lo[i][h]);
     }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -207,16 +226,16 @@ __attribute__((noinline)) void block(const int8_t* x, int64_t ldx, const uint8_t
 using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, const float*, int64_t, const float*,
                          const float*, int64_t, float*, int64_t, bool);
 
-template <int G, int... R>
+template <int G, bool LO, int... R>
 constexpr auto make_blocks(std::integer_sequence<int, R...>) {
-  return std::array<BlockFn, sizeof...(R)>{block<R + 1, G>...};
+  return std::array<BlockFn, sizeof...(R)>{block<R + 1, G, LO>...};
 }
-// kBlocks<G>[r - 1]: blocks of r rows (the last block of x may be short).
-template <int G>
-constexpr auto kBlocks = make_blocks<G>(std::make_integer_sequence<int, kMR>{});
+// kBlocks<G, LO>[r - 1]: blocks of r rows (the last block of x may be short).
+template <int G, bool LO>
+constexpr auto kBlocks = make_blocks<G, LO>(std::make_integer_sequence<int, kMR<LO>>{});
 
-// x quantized once per call: row m's codes at q + m * k, its groups' dx and xsum at
-// dx / xs + m * groups.
+// x quantized once per call: row m's codes at q + m * k (act_bits 8), or its hi halves at
+// q + m * 2k and lo halves k further (act_bits 16); its groups' dx and xsum at dx / xs + m * groups.
 struct XInt8 {
   int8_t* q;
   float* dx;
@@ -224,29 +243,45 @@ struct XInt8 {
   int64_t groups;
 };
 
-// One row of x (k inputs of type t) quantized per group of g: the same float32 operations
-// as x_row_f32 and fake_quantize_int8 (a multiply by 1/dx, round to nearest even).
+// One row of x (k inputs of type t) quantized per group of g with the float32 operations
+// of every other kernel (a multiply by 1/dx, round to nearest even): at act_bits 8 those of
+// x_row_f32 and fake_quantize_int8, xs the sum of the values v * dx; at act_bits 16 (LO)
+// those of prep_x_row, v = 256 hi + lo split into two int8 halves, xs the sum of x itself.
+template <bool LO>
 inline void quantize_row(const void* x, DType t, int64_t k, int g, int8_t* q, float* dx, float* xs) {
   const char* src = static_cast<const char*>(x);
   const int64_t es = dtype_size(t);
+  const float qmax = LO ? kActMaxExact : kActMaxInt8;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t g0 = 0; g0 < k; g0 += g) {
-    __m256 mx = _mm256_setzero_ps();
-    for (int j = 0; j < g; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(src + (g0 + j) * es, t), absmask));
+    __m256 mx = _mm256_setzero_ps(), xsum = _mm256_setzero_ps();
+    for (int j = 0; j < g; j += 8) {
+      const __m256 v = load8(src + (g0 + j) * es, t);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+      if (LO) xsum = _mm256_add_ps(xsum, v);
+    }
     const float amax = hmax(mx);
-    const __m256 inv = _mm256_set1_ps(act_inverse_step(amax, kActMaxInt8));
+    const __m256 inv = _mm256_set1_ps(act_inverse_step(amax, qmax));
     __m256i vsum = _mm256_setzero_si256();
     for (int j = 0; j < g; j += 32) {
-      __m256i v[4];
+      __m256i v[4], lo[4];
       for (int u = 0; u < 4; ++u) {
         v[u] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(src + (g0 + j + 8 * u) * es, t), inv));
-        vsum = _mm256_add_epi32(vsum, v[u]);
+        if (LO) {
+          const __m256i hi = _mm256_srai_epi32(_mm256_add_epi32(v[u], _mm256_set1_epi32(128)), 8);
+          lo[u] = _mm256_sub_epi32(v[u], _mm256_slli_epi32(hi, 8));
+          v[u] = hi;
+        } else {
+          vsum = _mm256_add_epi32(vsum, v[u]);
+        }
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g0 + j), pack_i32x32_to_i8(v[0], v[1], v[2], v[3]));
+      if (LO)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k + g0 + j), pack_i32x32_to_i8(lo[0], lo[1], lo[2], lo[3]));
     }
-    const float step = amax / kActMaxInt8;
+    const float step = amax / qmax;
     dx[g0 / g] = step;
-    xs[g0 / g] = hsum(_mm256_cvtepi32_ps(vsum)) * step;  // exact sum: |sum| < 2^24
+    xs[g0 / g] = LO ? hsum(xsum) : hsum(_mm256_cvtepi32_ps(vsum)) * step;  // exact int sum: |sum| < 2^24
   }
 }
 
@@ -324,13 +359,14 @@ inline void store_rows(const QMatmulArgs& a, const float* c, int64_t ldc, int64_
 // One task: outputs [n0, n0 + nb) for x rows [m0, m0 + mrows). panel: nbv x ks bytes;
 // sb: 2 * nbv floats per group of the panel; acc: the float32 sums, [kMR][nb] when one
 // panel covers K, else [mrows][nb] (kept across panels).
-template <int BITS, int G>
+template <int BITS, int G, bool LO>
 void task(const Ctx& ctx, uint8_t* panel, float* sb, float* acc, int64_t n0, int64_t m0, int64_t mrows) {
   const QMatmulArgs& a = *ctx.a;
   const XInt8& xq = ctx.x;
   const int64_t nb = ctx.nb;
   const int64_t ncols = imin(nb, a.n - n0), nbv = round_up(ncols, kBlockN);  // whole blocks
-  const int64_t mend = imin(m0 + mrows, a.m);
+  const int64_t mend = imin(m0 + mrows, a.m), ldx = LO ? 2 * a.k : a.k;
+  constexpr int kRows = kMR<LO>;
   for (int64_t k0 = 0; k0 < a.k; k0 += ctx.ks) {
     const int64_t kl = imin(ctx.ks, a.k - k0);
     const bool first = k0 == 0, last = k0 + kl == a.k;
@@ -340,15 +376,15 @@ void task(const Ctx& ctx, uint8_t* panel, float* sb, float* acc, int64_t n0, int
       pack_slice<BITS>(a, n0 + j + kSlice, k0, kl, panel + (j / kBlockN) * block_bytes, 1);
     }
     pack_affine<BITS>(a, n0, nbv, k0 / G, kl / G, sb);
-    for (int64_t m = m0; m < mend; m += kMR) {
-      const int64_t rows = imin(kMR, mend - m);
+    for (int64_t m = m0; m < mend; m += kRows) {
+      const int64_t rows = imin(kRows, mend - m);
       float* arow = ctx.ks == a.k ? acc : acc + (m - m0) * nb;
-      const BlockFn fn = kBlocks<G>[rows - 1];
+      const BlockFn fn = kBlocks<G, LO>[rows - 1];
       for (int64_t c0 = 0; c0 < kl; c0 += kKC) {
         const int64_t cl = imin(kKC, kl - c0), g = (k0 + c0) / G;
-        const int8_t* xc = xq.q + m * a.k + k0 + c0;
+        const int8_t* xc = xq.q + m * ldx + k0 + c0;
         for (int64_t j = 0; j < nbv; j += kBlockN)
-          fn(xc, a.k, panel + (j / kBlockN) * block_bytes + c0 / kQuad * kStepBytes, cl / G,
+          fn(xc, ldx, panel + (j / kBlockN) * block_bytes + c0 / kQuad * kStepBytes, cl / G,
              sb + (c0 / G) * 2 * nbv + j, 2 * nbv, xq.dx + m * xq.groups + g, xq.xs + m * xq.groups + g, xq.groups,
              arow + j, nb, first && c0 == 0);
       }
@@ -357,13 +393,14 @@ void task(const Ctx& ctx, uint8_t* panel, float* sb, float* acc, int64_t n0, int
   }
 }
 
-template <int BITS, int G>
+template <int BITS, int G, bool LO>
 Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
+  constexpr int kRows = kMR<LO>;
   Ctx ctx;
   ctx.a = &a;
   // x quantized once: [M][K] codes, then [M][groups] dx and xsum.
   ctx.x.groups = a.k / G;
-  const size_t qbytes = size_t(round_up(a.m * a.k, 64)), fbytes = size_t(a.m * ctx.x.groups) * 4;
+  const size_t qbytes = size_t(round_up(a.m * a.k * (LO ? 2 : 1), 64)), fbytes = size_t(a.m * ctx.x.groups) * 4;
   char* xbuf = static_cast<char*>(thread_scratch(kScratchX, qbytes + 2 * fbytes));
   if (!xbuf) return Status::kOutOfMemory;
   ctx.x.q = reinterpret_cast<int8_t*>(xbuf);
@@ -371,14 +408,14 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
   ctx.x.xs = reinterpret_cast<float*>(xbuf + qbytes + fbytes);
   const int64_t es = dtype_size(a.x_dtype);
   pool.parallel_for(a.m, [&](int64_t m, int) {
-    quantize_row(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, ctx.x.q + m * a.k,
+    quantize_row<LO>(static_cast<const char*>(a.x) + m * a.k * es, a.x_dtype, a.k, G, ctx.x.q + m * a.k * (LO ? 2 : 1),
                  ctx.x.dx + m * ctx.x.groups, ctx.x.xs + m * ctx.x.groups);
   });
 
   // Outputs per task, as in the bf16 dense GEMMs: wider panels when x outgrows L2 (each
   // task reads all of x's rows once per panel), narrower ones while the threads would get
   // fewer than two tasks each or unequal shares.
-  const int64_t T = pool.num_threads(), xbytes = a.m * a.k;
+  const int64_t T = pool.num_threads(), xbytes = a.m * a.k * (LO ? 2 : 1);
   ctx.nb = xbytes <= (512 << 10) ? 128 : xbytes <= (2 << 20) ? 256 : 512;
   auto uneven = [&](int64_t nb) {
     const int64_t blocks = (a.n + nb - 1) / nb;
@@ -388,15 +425,15 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
   ctx.n_blocks = (a.n + ctx.nb - 1) / ctx.nb;
   // x rows split across tasks only when there are fewer panels than threads (each piece
   // packs the panel again).
-  ctx.m_splits = ctx.n_blocks < T ? imin((a.m + kMR - 1) / kMR, (T + ctx.n_blocks - 1) / ctx.n_blocks) : 1;
-  ctx.mrows = round_up((a.m + ctx.m_splits - 1) / ctx.m_splits, kMR);
+  ctx.m_splits = ctx.n_blocks < T ? imin((a.m + kRows - 1) / kRows, (T + ctx.n_blocks - 1) / ctx.n_blocks) : 1;
+  ctx.mrows = round_up((a.m + ctx.m_splits - 1) / ctx.m_splits, kRows);
   ctx.m_splits = (a.m + ctx.mrows - 1) / ctx.mrows;
   const int64_t ks_max = kPanelBytes / ctx.nb / kKC * kKC;
   ctx.ks = a.k <= ks_max ? a.k : ks_max;
 
   const size_t panel_bytes = size_t(ctx.nb * ctx.ks);
   const size_t sb_bytes = size_t(2 * (ctx.ks / G) * ctx.nb) * 4;
-  const size_t acc_bytes = size_t((ctx.ks < a.k ? ctx.mrows : kMR) * ctx.nb) * 4;
+  const size_t acc_bytes = size_t((ctx.ks < a.k ? ctx.mrows : kRows) * ctx.nb) * 4;
   bool oom = false;
   pool.parallel_for(ctx.n_blocks * ctx.m_splits, [&](int64_t t, int) {
     const int64_t n0 = (t / ctx.m_splits) * ctx.nb, m0 = (t % ctx.m_splits) * ctx.mrows;
@@ -406,27 +443,32 @@ Status gemm(const QMatmulArgs& a, ThreadPool& pool) {
       oom = true;
       return;
     }
-    task<BITS, G>(ctx, reinterpret_cast<uint8_t*>(buf), reinterpret_cast<float*>(buf + panel_bytes), acc, n0, m0,
+    task<BITS, G, LO>(ctx, reinterpret_cast<uint8_t*>(buf), reinterpret_cast<float*>(buf + panel_bytes), acc, n0, m0,
                   imin(ctx.mrows, a.m - m0));
   });
   return oom ? Status::kOutOfMemory : Status::kOk;
 }
 
-template <int BITS>
+template <int BITS, bool LO>
 Status gemm_g(const QMatmulArgs& a, ThreadPool& pool) {
   switch (a.group_size) {
-    case fmt::kGroupSize32: return gemm<BITS, fmt::kGroupSize32>(a, pool);
-    case fmt::kGroupSize64: return gemm<BITS, fmt::kGroupSize64>(a, pool);
-    case fmt::kGroupSize128: return gemm<BITS, fmt::kGroupSize128>(a, pool);
+    case fmt::kGroupSize32: return gemm<BITS, fmt::kGroupSize32, LO>(a, pool);
+    case fmt::kGroupSize64: return gemm<BITS, fmt::kGroupSize64, LO>(a, pool);
+    case fmt::kGroupSize128: return gemm<BITS, fmt::kGroupSize128, LO>(a, pool);
     default: return Status::kInvalidArgument;
   }
 }
 
+template <bool LO>
+Status gemm_bits(const QMatmulArgs& a, ThreadPool& pool) {
+  return a.bits == fmt::kInt8Bits ? gemm_g<fmt::kInt8Bits, LO>(a, pool) : gemm_g<fmt::kInt4Bits, LO>(a, pool);
+}
+
 }  // namespace i8gemm
 
-// act_bits 8, any x dtype, M above the GEMV's rows.
+// Any x dtype, M above the GEMV's rows; act_bits 16 multiplies both int8 halves of x.
 inline Status qmatmul_int8_gemm(const QMatmulArgs& a, ThreadPool& pool) {
-  return a.bits == fmt::kInt8Bits ? i8gemm::gemm_g<fmt::kInt8Bits>(a, pool) : i8gemm::gemm_g<fmt::kInt4Bits>(a, pool);
+  return a.act_bits == kActBitsInt8 ? i8gemm::gemm_bits<false>(a, pool) : i8gemm::gemm_bits<true>(a, pool);
 }
 
 }  // namespace

@@ -170,11 +170,18 @@ constexpr Variant kAllVariants[] = {Variant::kScalar, Variant::kAvx2, Variant::k
 Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 // AVX2 + FMA + F16C: int8x2 activations with maddubs for small M, dequantize + FMA for large M.
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
-// AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M, 512-bit dequantize + FMA for large M.
+// AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M; for large M, 512-bit dequantize + FMA at
+// act_bits 16 and the int8 GEMM (qmatmul_avx512_int8) at act_bits 8.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
-// AVX-512 + AVX512-BF16: the AVX-512 kernels, except bf16 x at act_bits 16 with M > 8,
-// which multiplies by the weights dequantized to bf16 (the AMX bf16 contract below) with
-// vdpbf16ps. Returns kUnsupported when the build has no such unit.
+// The AVX-512 unit's int8 GEMM (avx512_int8_gemm.h) for M > 8, any x dtype: int8 x
+// (act_bits 8) or both int8 halves of 15-bit x (act_bits 16) on the weights' codes.
+Status qmatmul_avx512_int8(const QMatmulArgs& a, ThreadPool& pool);
+// AVX-512 + AVX512-BF16, the automatic choice on AMD: the AVX-512 kernels, except for
+// M > 8 bf16 x at act_bits 16, which multiplies by the weights dequantized to bf16 (the
+// AMX bf16 contract below) with vdpbf16ps, and float32 / float16 x at act_bits 16, which
+// run the int8 GEMM on both halves (on Zen 4 / 5 vpdpbusd does four times the
+// multiply-adds of an FMA; on Intel cores it issues at half the rate, so `avx512` keeps
+// the FMA GEMM there). Returns kUnsupported when the build has no such unit.
 Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool);
 // Whether this build compiled the AVX512-BF16 GEMM (not whether the CPU can run it).
 bool avx512bf16_built();

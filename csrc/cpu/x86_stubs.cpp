@@ -14,6 +14,7 @@ const LayerOps& layer_ops_avx512();
 
 Status qmatmul_avx2(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_avx512(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
+Status qmatmul_avx512_int8(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_avx512bf16(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_amx(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 bool avx512bf16_built() { return false; }
