@@ -44,10 +44,11 @@ def test_bench_variants_in_one_run(tmp_path, capsys):
     report = tmp_path / "r.json"
     rc = cli.main(["bench", "kernels", "--preset", "smoke", "--anchors", "", "--m", "33", "--views", "w4",
                    "--stream-bytes", "2e6", "--min-time", "0.01", "--variants", ",".join(variants),
-                   "--json", str(report)])
+                   "--x-dtype", "float32", "--json", str(report)])
     assert rc == 0
     d = json.loads(report.read_text())
-    assert [r["variant"] for r in d["rows"]] == variants
+    assert [r["variant"] for r in d["rows"]] == variants and d["x_dtype"] == "float32"
+    assert "x float32" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["bench", "kernels", "--preset", "smoke", "--variants", "sse9"])
 

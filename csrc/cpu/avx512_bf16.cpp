@@ -1,8 +1,8 @@
 // AVX512-BF16 variant of qmatmul (`avx512bf16`): the AVX-512 kernels, except that bf16 x
 // with more than kGemvMaxM rows multiplies by the weights dequantized once per call to bf16,
 // with vdpbf16ps (two bf16 products summed into each float32 lane). (act_bits 8, and
-// float32 / float16 x, go to the AVX-512 unit's int8 GEMM, avx512_int8_gemm.h.) The
-// contract is the AMX tile GEMM's (amx.cpp, bf16_panels.h):
+// float16 x, go to the AVX-512 unit's int8 GEMM, avx512_int8_gemm.h.) The contract is the
+// AMX tile GEMM's (amx.cpp, bf16_panels.h):
 //     y[m, n] = bf16( sum_k x[m, k] * w[n, k] ),  w[n, k] = bf16( s*c + b )
 // with the sum in float32. vdpbf16ps does twice the multiply-adds of a float32 FMA per
 // instruction, so on CPUs with AVX512-BF16 and no AMX (AMD Zen 4 and 5, Intel Cooper Lake)
@@ -191,9 +191,12 @@ bool avx512bf16_built() { return true; }
 
 Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool) {
   if (a.m <= kBf16GemvMaxM) return qmatmul_avx512(a, pool);
-  // act_bits 8, and float32 / float16 x: the AVX-512 unit's int8 GEMM (avx512_int8_gemm.h),
-  // 1.4-2.1x its float32 GEMM for 15-bit x on a Zen 5 (bench/RESULTS.md).
-  if (a.x_dtype != DType::kBFloat16 || a.act_bits == kActBitsInt8) return qmatmul_avx512_int8(a, pool);
+  // act_bits 8, and float16 x: the AVX-512 unit's int8 GEMM (avx512_int8_gemm.h), for
+  // float16 x on the GEMV's 15-bit x, whose error (~5e-5) is far below float16's own and
+  // which runs at 1.6-2.6x the float32 GEMM on a Zen 5 (bench/RESULTS.md). float32 x keeps
+  // the exact FMA GEMM (~1e-6): whoever passes float32 asks for it.
+  if (a.x_dtype == DType::kFloat16 || a.act_bits == kActBitsInt8) return qmatmul_avx512_int8(a, pool);
+  if (a.x_dtype != DType::kBFloat16) return qmatmul_avx512(a, pool);
   if (!fmt::is_supported_group_size(a.group_size) || !(a.bits == fmt::kInt4Bits || a.bits == fmt::kInt8Bits))
     return Status::kInvalidArgument;
   return a.bits == fmt::kInt8Bits ? dense_gemm<fmt::kInt8Bits>(a, pool) : dense_gemm<fmt::kInt4Bits>(a, pool);

@@ -1,7 +1,7 @@
 // qmatmul for prefill-sized M on AVX-512 VNNI: int8 activations times the weights' integer
 // codes with vpdpbusd, integer sums per group, the affine map per group in float32. Used
 // for M above the GEMV's rows by the `avx512` and `avx512bf16` variants at act_bits 8, and
-// by `avx512bf16` (the choice on AMD) for float32 / float16 x at act_bits 16.
+// by `avx512bf16` (the choice on AMD) for float16 x at act_bits 16.
 //
 // The contract is the GEMV's (x86_common.h, act_quant.h): x is quantized per group with
 // the same float32 operations as every other kernel, v = round(x / dx), and y is

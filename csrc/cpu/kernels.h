@@ -178,10 +178,10 @@ Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);
 Status qmatmul_avx512_int8(const QMatmulArgs& a, ThreadPool& pool);
 // AVX-512 + AVX512-BF16, the automatic choice on AMD: the AVX-512 kernels, except for
 // M > 8 bf16 x at act_bits 16, which multiplies by the weights dequantized to bf16 (the
-// AMX bf16 contract below) with vdpbf16ps, and float32 / float16 x at act_bits 16, which
-// run the int8 GEMM on both halves (on Zen 4 / 5 vpdpbusd does four times the
-// multiply-adds of an FMA; on Intel cores it issues at half the rate, so `avx512` keeps
-// the FMA GEMM there). Returns kUnsupported when the build has no such unit.
+// AMX bf16 contract below) with vdpbf16ps, and float16 x at act_bits 16, which runs the
+// int8 GEMM on both halves (on Zen 4 / 5 vpdpbusd does four times the multiply-adds of an
+// FMA; on Intel cores it issues at half the rate, so `avx512` keeps the FMA GEMM there).
+// Returns kUnsupported when the build has no such unit.
 Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool);
 // Whether this build compiled the AVX512-BF16 GEMM (not whether the CPU can run it).
 bool avx512bf16_built();

@@ -62,6 +62,7 @@ LM_HEAD = Shape("0.6b.lm_head", 151936, 1024)
 
 # A view is the weight bits plus the activation precision: w4 / w8 read one / two planes
 # with float-grade activations (act_bits 16), w4a8 / w8a8 with int8 activations.
+X_DTYPES = {"bfloat16": A.BFLOAT16, "float16": np.float16, "float32": np.float32}
 VIEWS = {"w4": (4, 16), "w4a8": (4, 8), "w8": (8, 16), "w8a8": (8, 8)}
 
 PRESETS = {
@@ -203,12 +204,15 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
                 group_size: int = 64, threads: int = 2, modes: Sequence[str] = ("streamed",),
                 anchors: Sequence[str] = ANCHORS, mlx_max_m: int = 16,
                 stream_bytes: int = 1_100_000_000, min_time: float = 0.3, seed: int = 0,
-                log: Callable[[str], None] = print, variants: Sequence[str] = ()) -> dict:
+                log: Callable[[str], None] = print, variants: Sequence[str] = (),
+                x_dtype: str = "bfloat16") -> dict:
     """Times qmatmul and the anchors on every (shape, mode, bits, M); returns a report.
     `variants`: CPU kernel variants to time one after the other against the same anchors
-    (default: the active one)."""
+    (default: the active one). `x_dtype`: x and y of bitswitch's calls (the torch anchors
+    keep their own dtypes)."""
     from .ops import use_cpu_variant
 
+    xdt = X_DTYPES[x_dtype]
     anc = _Anchors(anchors, threads, log)
     timed = list(variants) or [_C.cpu_variant()]
     rng = np.random.default_rng(seed)
@@ -242,8 +246,8 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
                 if bits in mlx_times:
                     t_anchor["mlx"] = mlx_times[bits]
                 for m in ms:
-                    x = rng.standard_normal((m, shape.k), dtype=np.float32).astype(A.BFLOAT16)
-                    y = np.empty((m, shape.n), dtype=A.BFLOAT16)
+                    x = rng.standard_normal((m, shape.k), dtype=np.float32).astype(xdt)
+                    y = np.empty((m, shape.n), dtype=xdt)
                     for variant in timed:
                         with use_cpu_variant(variant):
                             t = median_time(lambda i: _C.qmatmul(x, qws[i].plane0,
@@ -261,6 +265,7 @@ def run_kernels(shapes: Sequence[Shape], ms: Sequence[int], views: Sequence[str]
         "machine": machine_description(),
         "threads": threads,
         "group_size": group_size,
+        "x_dtype": x_dtype,
         "read_bandwidth_gbs": statistics.median(bws),
         "read_bandwidth_range_gbs": [min(bws), max(bws)],
         "cpu_variant": _C.cpu_variant(),
@@ -319,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--views", type=str, help="comma-separated subset of " + ",".join(VIEWS) +
                    " (w4/w8: INT4/INT8 weights, a8: int8 activations; default: the preset's)")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--x-dtype", choices=sorted(X_DTYPES), default="bfloat16",
+                   help="dtype of x and y in bitswitch's calls (default bfloat16, as a bf16 model's layers)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["streamed", "hot", "both"], help="default: the preset's")
     p.add_argument("--anchors", type=str, default=",".join(ANCHORS),
@@ -344,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         p.error(f"unknown views {bad}; choose from {tuple(VIEWS)}")
     print(f"bitswitch {_C.__version__} kernels on {machine_description()}: {a.threads} threads, "
-          f"group size {a.group_size}, x bfloat16, median per call")
+          f"group size {a.group_size}, x {a.x_dtype}, median per call")
     print("x: speed-up over the anchor measured in this run (>1: bitswitch is faster); "
           "%BW: weight bytes per second over the measured read bandwidth")
     variants = [v for v in a.variants.split(",") if v]
@@ -354,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("variants that cannot run here: " + ", ".join(f"{v} ({status.get(v, 'unknown')})" for v in bad))
     report = run_kernels(preset["shapes"], ms, views, a.group_size, a.threads,
                          modes, anchors, a.mlx_max_m if a.mlx_max_m is not None else preset["mlx_max_m"],
-                         int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True), variants=variants)
+                         int(a.stream_bytes), a.min_time, log=lambda s: print(s, flush=True), variants=variants,
+                         x_dtype=a.x_dtype)
     report["command"] = "bitswitch bench kernels " + " ".join(sys.argv[3:] if argv is None else argv)
     report["date"] = time.strftime("%Y-%m-%d")
     if a.json:

@@ -59,9 +59,9 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     as a bf16 model's linear layer does: y is within 2^-8 of the output scale of x @
     bf16(W)^T in float64, the weights' bf16 rounding (2^-9 relative) being of the order of
     y's own. float32 and float16 x, and act_bits 8, keep their contracts there (float-grade
-    products of the exact codes; exact int8 products; on 'avx512bf16' float32 / float16 x
-    run the int8 GEMM on the GEMV's 15-bit x). BITSWITCH_CPU=avx512 keeps the float32
-    GEMM for act_bits 16 on any CPU.
+    products of the exact codes; exact int8 products; on 'avx512bf16' float16 x runs the
+    int8 GEMM on the GEMV's 15-bit x). BITSWITCH_CPU=avx512 keeps the float32 GEMM for
+    act_bits 16 on any CPU.
     """
     if not isinstance(qw, QWeight):
         raise TypeError(f"qmatmul: qw must be a QWeight, got {type(qw).__name__}")
