@@ -193,7 +193,7 @@ Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool) {
   if (a.m <= kBf16GemvMaxM) return qmatmul_avx512(a, pool);
   // act_bits 8, and float16 x: the AVX-512 unit's int8 GEMM (avx512_int8_gemm.h), for
   // float16 x on the GEMV's 15-bit x, whose error (~5e-5) is far below float16's own and
-  // which runs at 1.6-2.6x the float32 GEMM on a Zen 5 (bench/RESULTS.md). float32 x keeps
+  // which runs at a median 1.9x the float32 GEMM on a Zen 5 (bench/RESULTS.md). float32 x keeps
   // the exact FMA GEMM (~1e-6): whoever passes float32 asks for it.
   if (a.x_dtype == DType::kFloat16 || a.act_bits == kActBitsInt8) return qmatmul_avx512_int8(a, pool);
   if (a.x_dtype != DType::kBFloat16) return qmatmul_avx512(a, pool);
