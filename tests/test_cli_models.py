@@ -21,6 +21,36 @@ def folder(tmp_path_factory):
     return path
 
 
+def test_int8_activations_from_the_model_and_the_cli(folder, capsys):
+    """Qwen3.set_act_bits sets every layer's activation precision (int8: a small change of the
+    logits), 16 restores the float-grade logits exactly; generate --act-bits 8 runs on it."""
+    model = load(folder, dtype="float32")
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]])
+
+    def logits():
+        model.reset()
+        return model(ids)
+
+    ref = logits()
+    model.set_act_bits(8)
+    assert {m.act_bits for m in model.linears().values()} == {8}
+    d = float((logits() - ref).abs().max() / ref.abs().max())
+    assert 1e-5 < d < 5e-2, d
+    model.set_act_bits(16)
+    assert torch.equal(logits(), ref)
+    with pytest.raises(ValueError, match="Qwen3.set_act_bits: act_bits must be 16"):
+        model.set_act_bits(4)
+    assert cli.main(["generate", "hello world", "-m", str(folder), "--bits", "4", "--act-bits", "8",
+                     "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("hello world") and "tok/s" in err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "-m", str(folder), "--act-bits", "4"])
+    capsys.readouterr()
+    assert cli.main(["generate", "x", "-m", str(folder), "--act-bits", "8", "--device", "mps"]) == 1
+    assert "int8 activations are a CPU path" in capsys.readouterr().err
+
+
 def test_generate_greedy_prints_the_models_tokens(folder, capsys):
     assert cli.main(["generate", "hello world", "-m", str(folder), "--bits", "8", "--dtype", "float32",
                      "--temperature", "0", "--max-new-tokens", "6"]) == 0
