@@ -131,7 +131,7 @@ inline void pack_slice(const QMatmulArgs& a, int64_t n0, int64_t k0, int64_t kl,
       const int64_t off = n * row_bytes + (k0 + kk) / 2;
       auto load = [&](const uint8_t* p) {
         return full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off))
-                    : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)));
+                    : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + off)));
       };
       r[i] = expand_nibbles(load(p0));
       if (BITS == fmt::kInt8Bits)  // c = 16q + r; each byte is below 16, so no carry across bytes
