@@ -48,6 +48,7 @@
 
 #include "x86_common.h"
 #include "bf16_panels.h"
+#include "panel_tasks.h"
 
 #include "scratch.h"
 #include "thread_pool.h"
@@ -653,15 +654,10 @@ Status gemm_parts(const QMatmulArgs& a, ThreadPool& pool, Ctx& ctx) {
 constexpr int64_t kPanelBytes = 1 << 20;
 static_assert(kKC % fmt::kMaxGroupSize == 0 && kPanelBytes % (kKC * 2 * kBlockN) == 0, "whole chunks");
 
-struct DenseCtx {
+struct DenseCtx : PanelSplit {
   const QMatmulArgs* a;
   const uint16_t* xt;  // x tiles [m_pad / 32][K / 32][2][16][32] bf16, rows past M zero
   int64_t steps;       // K / 32
-  int64_t ks;          // inputs per panel: a multiple of kKC, or all of K
-  int64_t nb;          // outputs per task (a multiple of kBlockN)
-  int64_t n_blocks;    // tasks along N
-  int64_t mrows;       // x rows per task (a multiple of kBlockM)
-  int64_t m_splits;    // tasks along M
 };
 
 // Rows 32 * mb .. 32 * mb + 31 of bf16 x into tile pairs.
@@ -770,42 +766,16 @@ Status dense_gemm(const QMatmulArgs& a, ThreadPool& pool) {
   ctx.xt = xt;
   pool.parallel_for(m_pad / kBlockM, [&](int64_t mb, int) { dense_prep_x(a, xt, ctx.steps, mb); });
 
-  // Outputs per task: every x chunk is read once per task, so wider panels when x outgrows
-  // L2 (3072 x 1024, M = 2048, one core: 128 / 256 / 512 outputs ran at 1300 / 1446 / 1553
-  // GFLOP/s; at M = 128 the narrower panels were within 5% of each other). Then narrower
-  // ones while the threads would get fewer than two each or unequal shares (over 10% idle).
-  const int64_t T = pool.num_threads(), xbytes = m_pad * a.k * 2;
-  ctx.nb = xbytes <= (512 << 10) ? 128 : xbytes <= (2 << 20) ? 256 : 512;
-  auto uneven = [&](int64_t nb) {
-    const int64_t blocks = (a.n + nb - 1) / nb;
-    return blocks < 2 * T || double((blocks + T - 1) / T * T * nb) > 1.1 * double(a.n);
-  };
-  while (ctx.nb > kBlockN && uneven(ctx.nb)) ctx.nb /= 2;
-  ctx.n_blocks = (a.n + ctx.nb - 1) / ctx.nb;
-  // x rows split across tasks only when there are fewer panels than threads (each piece
-  // dequantizes the panel again).
-  ctx.m_splits = ctx.n_blocks < T ? imin(m_pad / kBlockM, (T + ctx.n_blocks - 1) / ctx.n_blocks) : 1;
-  ctx.mrows = round_up((m_pad + ctx.m_splits - 1) / ctx.m_splits, kBlockM);
-  ctx.m_splits = (m_pad + ctx.mrows - 1) / ctx.mrows;
-  const int64_t ks_max = kPanelBytes / (2 * ctx.nb) / kKC * kKC;
-  ctx.ks = a.k <= ks_max ? a.k : ks_max;
-
+  static_cast<PanelSplit&>(ctx) =
+      split_panels(m_pad, a.n, a.k, m_pad * a.k * 2, pool.num_threads(), kBlockN, kBlockM, kKC, kPanelBytes, 2);
   const size_t panel_bytes = size_t(round_up(ctx.nb, kBlockN) * ctx.ks) * 2;
   const size_t sb_bytes = size_t(2 * (ctx.ks / fmt::kMinGroupSize) * ctx.nb) * 4;
   const size_t acc_bytes = size_t((ctx.ks < a.k ? ctx.mrows : kBlockM) * ctx.nb) * 4;
-  bool oom = false;
-  pool.parallel_for(ctx.n_blocks * ctx.m_splits, [&](int64_t task, int) {
-    const int64_t n0 = (task / ctx.m_splits) * ctx.nb, m0 = (task % ctx.m_splits) * ctx.mrows;
-    char* buf = static_cast<char*>(thread_scratch(kScratchPanel, panel_bytes + sb_bytes));
-    float* acc = static_cast<float*>(thread_scratch(kScratchAcc, acc_bytes));
-    if (!buf || !acc) {
-      oom = true;
-      return;
-    }
-    dense_task<BITS>(ctx, reinterpret_cast<uint16_t*>(buf), reinterpret_cast<float*>(buf + panel_bytes), acc, n0,
-                     m0, imin(ctx.mrows, m_pad - m0));
-  });
-  return oom ? Status::kOutOfMemory : Status::kOk;
+  return run_panel_tasks(pool, ctx, m_pad, panel_bytes + sb_bytes, acc_bytes,
+                         [&](int64_t n0, int64_t m0, int64_t rows, char* buf, float* acc) {
+                           dense_task<BITS>(ctx, reinterpret_cast<uint16_t*>(buf),
+                                            reinterpret_cast<float*>(buf + panel_bytes), acc, n0, m0, rows);
+                         });
 }
 
 }  // namespace

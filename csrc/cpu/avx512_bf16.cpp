@@ -35,6 +35,7 @@
 #include <utility>
 
 #include "bf16_panels.h"
+#include "panel_tasks.h"
 #include "scratch.h"
 #include "thread_pool.h"
 #include "x86_common.h"
@@ -105,13 +106,8 @@ constexpr auto make_dp_blocks(std::integer_sequence<int, R...>) {
 // kDpBlocks[r - 1]: blocks of r rows (the last block of x may be short).
 constexpr auto kDpBlocks = make_dp_blocks(std::make_integer_sequence<int, kMR>{});
 
-struct Ctx {
+struct Ctx : PanelSplit {
   const QMatmulArgs* a;
-  int64_t ks;        // inputs per panel: a multiple of kKC, or all of K
-  int64_t nb;        // outputs per task (a multiple of kBlockN)
-  int64_t n_blocks;  // tasks along N
-  int64_t mrows;     // x rows per task
-  int64_t m_splits;  // tasks along M
 };
 
 // One task: outputs [n0, n0 + nb) for x rows [m0, m0 + mrows). panel: nb x ks bf16; sb:
@@ -148,41 +144,16 @@ template <int BITS>
 Status dense_gemm(const QMatmulArgs& a, ThreadPool& pool) {
   Ctx ctx;
   ctx.a = &a;
-  // Outputs per task, as in the AMX GEMM: wider panels when x outgrows L2 (each task reads
-  // all of x's rows once per panel), narrower ones while the threads would get fewer than
-  // two tasks each or unequal shares.
-  const int64_t T = pool.num_threads(), xbytes = a.m * a.k * 2;
-  ctx.nb = xbytes <= (512 << 10) ? 128 : xbytes <= (2 << 20) ? 256 : 512;
-  auto uneven = [&](int64_t nb) {
-    const int64_t blocks = (a.n + nb - 1) / nb;
-    return blocks < 2 * T || double((blocks + T - 1) / T * T * nb) > 1.1 * double(a.n);
-  };
-  while (ctx.nb > kBlockN && uneven(ctx.nb)) ctx.nb /= 2;
-  ctx.n_blocks = (a.n + ctx.nb - 1) / ctx.nb;
-  // x rows split across tasks only when there are fewer panels than threads (each piece
-  // dequantizes the panel again).
-  ctx.m_splits = ctx.n_blocks < T ? imin((a.m + kMR - 1) / kMR, (T + ctx.n_blocks - 1) / ctx.n_blocks) : 1;
-  ctx.mrows = round_up((a.m + ctx.m_splits - 1) / ctx.m_splits, kMR);
-  ctx.m_splits = (a.m + ctx.mrows - 1) / ctx.mrows;
-  const int64_t ks_max = kPanelBytes / (2 * ctx.nb) / kKC * kKC;
-  ctx.ks = a.k <= ks_max ? a.k : ks_max;
-
+  static_cast<PanelSplit&>(ctx) =
+      split_panels(a.m, a.n, a.k, a.m * a.k * 2, pool.num_threads(), kBlockN, kMR, kKC, kPanelBytes, 2);
   const size_t panel_bytes = size_t(ctx.nb * ctx.ks) * 2;
   const size_t sb_bytes = size_t(2 * (ctx.ks / fmt::kMinGroupSize) * ctx.nb) * 4;
   const size_t acc_bytes = size_t((ctx.ks < a.k ? ctx.mrows : kMR) * ctx.nb) * 4;
-  bool oom = false;
-  pool.parallel_for(ctx.n_blocks * ctx.m_splits, [&](int64_t t, int) {
-    const int64_t n0 = (t / ctx.m_splits) * ctx.nb, m0 = (t % ctx.m_splits) * ctx.mrows;
-    char* buf = static_cast<char*>(thread_scratch(kScratchPanel, panel_bytes + sb_bytes));
-    float* acc = static_cast<float*>(thread_scratch(kScratchAcc, acc_bytes));
-    if (!buf || !acc) {
-      oom = true;
-      return;
-    }
-    task<BITS>(ctx, reinterpret_cast<uint16_t*>(buf), reinterpret_cast<float*>(buf + panel_bytes), acc, n0, m0,
-               imin(ctx.mrows, a.m - m0));
-  });
-  return oom ? Status::kOutOfMemory : Status::kOk;
+  return run_panel_tasks(pool, ctx, a.m, panel_bytes + sb_bytes, acc_bytes,
+                         [&](int64_t n0, int64_t m0, int64_t rows, char* buf, float* acc) {
+                           task<BITS>(ctx, reinterpret_cast<uint16_t*>(buf),
+                                      reinterpret_cast<float*>(buf + panel_bytes), acc, n0, m0, rows);
+                         });
 }
 
 }  // namespace
