@@ -725,7 +725,7 @@ CUDA arrays: queued on `stream`; positions are clamped to the cache and tables t
         if (!bs::cpu::set_variant(name, &why)) throw bs::ValueError("set_cpu_variant: " + why);
       },
       py::arg("name"),
-      "Forces the kernel variant ('scalar', 'avx2', 'avx512', 'amx'); '' returns to BITSWITCH_CPU or automatic.");
+      "Forces the kernel variant ('scalar', 'avx2', 'avxvnni', 'avx512', 'avx512bf16', 'amx'); '' returns to BITSWITCH_CPU or automatic.");
   m.def(
       "cpu_variant",
       []() {

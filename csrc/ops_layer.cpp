@@ -54,6 +54,7 @@ void check_eps(const char* op, double eps) {
 const cpu::LayerOps& unit(const char* op) {
   switch (variant_or_throw(op)) {
     case cpu::Variant::kScalar: return cpu::layer_ops_scalar();
+    case cpu::Variant::kAvxVnni:
     case cpu::Variant::kAvx2: return cpu::layer_ops_avx2();
     default: return cpu::layer_ops_avx512();
   }

@@ -275,6 +275,7 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
     case cpu::Variant::kAmx: s = cpu::qmatmul_amx(a, *pool); break;
     case cpu::Variant::kAvx512Bf16: s = cpu::qmatmul_avx512bf16(a, *pool); break;
     case cpu::Variant::kAvx512: s = cpu::qmatmul_avx512(a, *pool); break;
+    case cpu::Variant::kAvxVnni: s = cpu::qmatmul_avxvnni(a, *pool); break;
     case cpu::Variant::kAvx2: s = cpu::qmatmul_avx2(a, *pool); break;
     default: s = cpu::qmatmul_scalar(a, *pool); break;
   }

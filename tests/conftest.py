@@ -9,7 +9,7 @@ import pytest
 import bitswitch as bs
 from bitswitch import _C
 
-VARIANTS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
+VARIANTS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16", "amx")
 
 
 def variant_status(name: str) -> str:

@@ -225,9 +225,9 @@ def test_bf16_dense_float_x_keeps_exact_codes(rng, variant):
         assert rel_err(bs.qmatmul(x, qw, 8, act_bits=8), bs.qmatmul_f64(x, qw, 8, act_bits=8)) < 3e-5
 
 
-# The int8 GEMM of the AVX-512 variants (M above the GEMV's 8 rows; act_bits 8, and on
-# avx512bf16 float16 x at act_bits 16): int8 x on the weights' codes, exact integer sums
-# per group, the affine map folded in float32.
+# The int8 GEMMs of the VNNI variants (M above the GEMV's 8 rows; act_bits 8, and at
+# act_bits 16 float16 x on avx512bf16, bfloat16 and float16 x on avxvnni): int8 x on the
+# weights' codes, exact integer sums per group, the affine map folded in float32.
 
 
 def assert_within_one_ulp(y, ref):
@@ -238,22 +238,27 @@ def assert_within_one_ulp(y, ref):
     bound = np.spacing(np.abs(np.asarray(ref))).astype(np.float64) + 2e-6 * np.max(np.abs(ref64))
     excess = np.abs(np.asarray(y, np.float64) - ref64) / bound
     assert np.all(excess <= 1.01), np.max(excess)
-INT8_GEMM = ("avx512", "avx512bf16")
+INT8_GEMM = ("avxvnni", "avx512", "avx512bf16")
+
+
+def hi_lo_dtypes(variant):
+    """x dtypes whose act_bits 16 GEMM is the int8 GEMM on both halves of the 15-bit x."""
+    return {"avx512bf16": ("float16",), "avxvnni": ("bfloat16", "float16")}.get(variant, ())
 
 
 @pytest.mark.parametrize("variant", INT8_GEMM)
 def test_int8_gemm_panels_split_along_k(rng, variant):
     """x past 2 MB and N = 1024: panels of 256-512 outputs cover only part of K = 4224 at
     any thread count up to 8, so the float32 sums are carried across panels; float-grade
-    (float16 x at act_bits 16 on avx512bf16: the GEMV's rows, within an ulp)."""
+    (the hi / lo x dtypes at act_bits 16: the GEMV's rows, within an ulp)."""
     needs(variant)
     qw, x = make_case(rng, 520, 1024, 4224, 64, "float32", "float32")
     with bs.ops.use_cpu_variant(variant):
         for bits in (4, 8):
             err = rel_err(bs.qmatmul(x, qw, bits, act_bits=8), bs.qmatmul_f64(x, qw, bits, act_bits=8))
             assert err < 3e-5, (bits, err)
-            if variant == "avx512bf16":
-                xh = x.astype(np.float16)
+            for xdtype in hi_lo_dtypes(variant):
+                xh = cast(x, xdtype)
                 assert_within_one_ulp(bs.qmatmul(xh, qw, bits)[:8], bs.qmatmul(xh[:8], qw, bits))
 
 
@@ -261,8 +266,8 @@ def test_int8_gemm_panels_split_along_k(rng, variant):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int8_gemm_matches_the_gemv(rng, variant, group_size):
     """Same quantized x, exact integer sums per group: the GEMM's rows (M > 8) agree with the
-    GEMV's (8 rows at a time) to float32 rounding: at act_bits 8 on both variants, and on
-    avx512bf16 for float16 x at act_bits 16 (hi and lo halves; within a float16 ulp)."""
+    GEMV's (8 rows at a time) to float32 rounding: at act_bits 8 on every variant, and for
+    the hi / lo x dtypes at act_bits 16 (within a ulp of x's dtype)."""
     needs(variant)
     qw, x = make_case(rng, 37, 200, 1280, group_size, "bfloat16", "float32")
     with bs.ops.use_cpu_variant(variant):
@@ -270,8 +275,8 @@ def test_int8_gemm_matches_the_gemv(rng, variant, group_size):
             gemm = bs.qmatmul(x, qw, bits, act_bits=8)
             gemv = np.concatenate([bs.qmatmul(x[i:i + 8], qw, bits, act_bits=8) for i in range(0, 37, 8)])
             assert rel_err(gemm, gemv.astype(np.float64)) < 2e-6, bits
-            if variant == "avx512bf16":
-                xh = x.astype(np.float16)
+            for xdtype in hi_lo_dtypes(variant):
+                xh = cast(x, xdtype)
                 gemv = np.concatenate([bs.qmatmul(xh[i:i + 8], qw, bits) for i in range(0, 37, 8)])
                 assert_within_one_ulp(bs.qmatmul(xh, qw, bits), gemv)
 
@@ -281,7 +286,7 @@ def test_int8_gemm_threads_and_tails_do_not_change_results(rng, variant):
     """Every output is computed by one block in a fixed order, whatever the task split and
     however many rows share its register block."""
     needs(variant)
-    cases = [("bfloat16", 8), ("float32", 8)] + ([("float16", 16)] if variant == "avx512bf16" else [])
+    cases = [("bfloat16", 8), ("float32", 8)] + [(xdtype, 16) for xdtype in hi_lo_dtypes(variant)]
     for xdtype, act_bits in cases:
         qw, x = make_case(rng, 77, 230, 640, 64, "float16", xdtype)
         with bs.ops.use_cpu_variant(variant):

@@ -133,6 +133,7 @@ const CpuFeatures& cpu_features() {
 const char* variant_name(Variant v) {
   switch (v) {
     case Variant::kAvx2: return "avx2";
+    case Variant::kAvxVnni: return "avxvnni";
     case Variant::kAvx512: return "avx512";
     case Variant::kAvx512Bf16: return "avx512bf16";
     case Variant::kAmx: return "amx";
@@ -175,6 +176,14 @@ bool variant_supported(Variant v, std::string* why) {
       return true;
     case Variant::kAvx2:
       return avx2_ok ? true : missing("AVX2, FMA or F16C (or the OS does not enable AVX state)");
+    case Variant::kAvxVnni:
+      if (!avx2_ok) return missing("AVX2, FMA or F16C (or the OS does not enable AVX state)");
+      if (!f.avx_vnni) return missing("AVX-VNNI");
+      if (!avxvnni_built()) {
+        if (why) *why = "this build has no AVX-VNNI kernels (the compiler lacks -mavxvnni)";
+        return false;
+      }
+      return true;
     case Variant::kAvx512:
       if (avx512_emulated()) return avx2_ok ? true : missing("AVX2, needed by the AVX-512 emulation");
       if (!(avx2_ok && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.os_zmm))
@@ -221,6 +230,8 @@ Variant best_variant() {
       return Variant::kAvx512Bf16;
     if (variant_supported(Variant::kAvx512)) return Variant::kAvx512;
   }
+  // AVX-VNNI without AVX-512 (Intel client cores): the ymm vpdpbusd GEMV and int8 GEMM.
+  if (variant_supported(Variant::kAvxVnni)) return Variant::kAvxVnni;
   if (variant_supported(Variant::kAvx2)) return Variant::kAvx2;
   return Variant::kScalar;
 }

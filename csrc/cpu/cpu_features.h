@@ -19,7 +19,7 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 
-// "scalar", "avx2", "avx512", "amx".
+// "scalar", "avx2", "avxvnni", "avx512", "avx512bf16", "amx".
 const char* variant_name(Variant v);
 // Parses a variant name; false if unknown.
 bool parse_variant(const std::string& name, Variant* out);

@@ -161,15 +161,24 @@ constexpr int64_t kMaxNormWidth = 16384;
 constexpr int64_t kMaxHeadDim = 256;
 
 // Which implementation runs a kernel (values are stable; kAvx512Bf16 came last).
-enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAvx512Bf16 = 4 };
-// Every variant, each needing more of the CPU than the one before (for messages and listings).
-constexpr Variant kAllVariants[] = {Variant::kScalar, Variant::kAvx2, Variant::kAvx512, Variant::kAvx512Bf16,
-                                    Variant::kAmx};
+enum class Variant : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3, kAvx512Bf16 = 4, kAvxVnni = 5 };
+// Every variant, roughly each needing more of the CPU than the one before (for messages and
+// listings; AVX-VNNI is on Intel's AVX-512 server cores from Sapphire Rapids on, and on
+// AMD's from Zen 4, but not on the earlier AVX-512 ones).
+constexpr Variant kAllVariants[] = {Variant::kScalar,     Variant::kAvx2, Variant::kAvxVnni, Variant::kAvx512,
+                                    Variant::kAvx512Bf16, Variant::kAmx};
 
 // The always-compiled scalar reference: float32 accumulation of dequantized weights.
 Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
 // AVX2 + FMA + F16C: int8x2 activations with maddubs for small M, dequantize + FMA for large M.
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
+// AVX2 + FMA + F16C + AVX-VNNI (ymm vpdpbusd, no AVX-512: Intel client cores from Alder
+// Lake on): the AVX2 GEMV with dpbusd for small M; for large M the int8 GEMM on ymm at
+// act_bits 8 and for bf16 / float16 x, the AVX2 FMA GEMM for float32 x at act_bits 16.
+// Returns kUnsupported when the build has no such unit.
+Status qmatmul_avxvnni(const QMatmulArgs& a, ThreadPool& pool);
+// Whether this build compiled the AVX-VNNI unit (not whether the CPU can run it).
+bool avxvnni_built();
 // AVX-512 F/BW/DQ/VL + VNNI: dpbusd for small M; for large M, 512-bit dequantize + FMA at
 // act_bits 16 and the int8 GEMM (qmatmul_avx512_int8) at act_bits 8.
 Status qmatmul_avx512(const QMatmulArgs& a, ThreadPool& pool);

@@ -1,5 +1,5 @@
 // How the panel GEMMs for prefill-sized M split a call into tasks: the AMX and vdpbf16ps
-// dense GEMMs (bf16_panels.h) and the int8 GEMM (avx512_int8_gemm.h). Each task owns nb
+// dense GEMMs (bf16_panels.h) and the int8 GEMMs (int8_gemm.h). Each task owns nb
 // outputs and mrows rows of x, and packs (dequantizes) its nb x ks panel of weights once
 // per ks inputs, reusing it for all its rows.
 #pragma once

@@ -1,5 +1,5 @@
 // The x86 ISA units' entry points on other CPUs (arm64: Apple silicon, Graviton): the
-// build compiles this file instead of avx2.cpp, avx512*.cpp and amx.cpp, and
+// build compiles this file instead of avx2.cpp, avx_vnni.cpp, avx512*.cpp and amx.cpp, and
 // variant_supported() reports every non-scalar variant unsupported, so nothing here is
 // reached through the dispatcher; each entry still answers kUnsupported if called.
 #include "kernels.h"
@@ -13,10 +13,12 @@ const LayerOps& layer_ops_avx2();
 const LayerOps& layer_ops_avx512();
 
 Status qmatmul_avx2(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
+Status qmatmul_avxvnni(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_avx512(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_avx512_int8(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_avx512bf16(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status qmatmul_amx(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
+bool avxvnni_built() { return false; }
 bool avx512bf16_built() { return false; }
 bool amx_built() { return false; }
 
