@@ -281,6 +281,16 @@ def test_int8_gemm_matches_the_gemv(rng, variant, group_size):
                 assert_within_one_ulp(bs.qmatmul(xh, qw, bits), gemv)
 
 
+def test_avxvnni_float32_x_keeps_the_fma_gemm(rng):
+    """On avxvnni only float32 x at act_bits 16 stays off the int8 GEMM: the float32 FMA GEMM
+    on exact weights (~1e-6 of float64), where the GEMV's 15-bit x costs ~3e-5."""
+    needs("avxvnni")
+    qw, x = make_case(rng, 40, 96, 2048, 64, "float32", "float32")
+    with bs.ops.use_cpu_variant("avxvnni"):
+        for bits in (4, 8):
+            assert rel_err(bs.qmatmul(x, qw, bits), bs.qmatmul_f64(x, qw, bits)) < 4e-6, bits
+
+
 @pytest.mark.parametrize("variant", INT8_GEMM)
 def test_int8_gemm_threads_and_tails_do_not_change_results(rng, variant):
     """Every output is computed by one block in a fixed order, whatever the task split and

@@ -1,5 +1,5 @@
 // AVX2 + FMA + F16C variants of qmatmul and attention (x86_attention.h: the micro-kernel
-// below serves both of its products).
+// of avx2_isa.h serves both of its products).
 //
 // Small M (decode): an integer GEMV that streams the weights once at memory bandwidth.
 // x is prepared once per call (x86_common.h) as 15-bit integers split into two int8
@@ -11,6 +11,8 @@
 //
 // Large M (prefill): dequantized float32 panels and a 6x16 FMA micro-kernel
 // (x86_qmatmul.h), 12 accumulators + 2 panel rows + 1 broadcast of 16 ymm registers.
+//
+// The traits struct (Avx2) lives in avx2_isa.h, shared with the AVX-VNNI unit.
 #include "avx2_isa.h"
 
 namespace bitswitch {

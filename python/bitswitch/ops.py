@@ -50,8 +50,8 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     8 quantizes it to int8 per group (quantize_activations), ~0.4% relative error, small
     next to the INT4 view's own quantization error. It is faster where the CPU is
     compute-bound: the GEMV on AVX2 without VNNI, and prefill-sized x (more than 8 rows)
-    on the 'avx512' and 'avx512bf16' variants, whose int8 GEMM (vpdpbusd on the codes) runs
-    at ~1.5x their bf16 / float32 GEMMs.
+    on the 'avxvnni', 'avx512' and 'avx512bf16' variants, whose int8 GEMM (vpdpbusd on the
+    codes) runs at ~1.5x their bf16 / float32 GEMMs ('avxvnni': 2.1-2.8x the 'avx2' FMA GEMM).
     Returns y with x's dtype and framework; accumulation is float32.
 
     On the 'amx' and 'avx512bf16' CPU variants, bfloat16 x at act_bits 16 with more than 8 rows multiplies by
@@ -60,8 +60,10 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     bf16(W)^T in float64, the weights' bf16 rounding (2^-9 relative) being of the order of
     y's own. float32 and float16 x, and act_bits 8, keep their contracts there (float-grade
     products of the exact codes; exact int8 products; on 'avx512bf16' float16 x runs the
-    int8 GEMM on the GEMV's 15-bit x). BITSWITCH_CPU=avx512 keeps the float32 GEMM for
-    act_bits 16 on any CPU.
+    int8 GEMM on the GEMV's 15-bit x). On 'avxvnni', bfloat16 and float16 x at act_bits 16
+    with more than 8 rows run that int8 GEMM too (the GEMV's own contract, ~3e-5 to 9e-5 of
+    the output scale); float32 x keeps the float32 GEMM. BITSWITCH_CPU=avx512 keeps the
+    float32 GEMM for act_bits 16 on any CPU.
     """
     if not isinstance(qw, QWeight):
         raise TypeError(f"qmatmul: qw must be a QWeight, got {type(qw).__name__}")
@@ -198,7 +200,7 @@ def silu_mul(gate_up: Any, out: Any = None) -> Any:
 
 
 def cpu_variant() -> str:
-    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx'."""
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avxvnni', 'avx512', 'avx512bf16' or 'amx'."""
     return _C.cpu_variant()
 
 
