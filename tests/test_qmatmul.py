@@ -225,7 +225,7 @@ def test_bf16_dense_float_x_keeps_exact_codes(rng, variant):
         assert rel_err(bs.qmatmul(x, qw, 8, act_bits=8), bs.qmatmul_f64(x, qw, 8, act_bits=8)) < 3e-5
 
 
-# The int8 GEMMs of the VNNI variants (M above the GEMV's 8 rows; act_bits 8, and at
+# The int8 GEMMs (M above the GEMV's 8 rows; act_bits 8, avx2 the INT4 view only, and at
 # act_bits 16 float16 x on avx512bf16, bfloat16 and float16 x on avxvnni): int8 x on the
 # weights' codes, exact integer sums per group, the affine map folded in float32.
 
@@ -238,7 +238,7 @@ def assert_within_one_ulp(y, ref):
     bound = np.spacing(np.abs(np.asarray(ref))).astype(np.float64) + 2e-6 * np.max(np.abs(ref64))
     excess = np.abs(np.asarray(y, np.float64) - ref64) / bound
     assert np.all(excess <= 1.01), np.max(excess)
-INT8_GEMM = ("avxvnni", "avx512", "avx512bf16")
+INT8_GEMM = ("avx2", "avxvnni", "avx512", "avx512bf16")  # avx2: the INT4 view at act_bits 8
 
 
 def hi_lo_dtypes(variant):

@@ -170,7 +170,8 @@ constexpr Variant kAllVariants[] = {Variant::kScalar,     Variant::kAvx2, Varian
 
 // The always-compiled scalar reference: float32 accumulation of dequantized weights.
 Status qmatmul_scalar(const QMatmulArgs& a, ThreadPool& pool);
-// AVX2 + FMA + F16C: int8x2 activations with maddubs for small M, dequantize + FMA for large M.
+// AVX2 + FMA + F16C: int8x2 activations with maddubs for small M, dequantize + FMA for large M
+// (the INT4 view at act_bits 8: the int8 GEMM with maddubs).
 Status qmatmul_avx2(const QMatmulArgs& a, ThreadPool& pool);
 // AVX2 + FMA + F16C + AVX-VNNI (ymm vpdpbusd, no AVX-512: Intel client cores from Alder
 // Lake on): the AVX2 GEMV with dpbusd for small M; for large M the int8 GEMM on ymm at

@@ -51,7 +51,8 @@ def qmatmul(x: Any, qw: QWeight, bits: Optional[int] = None, out: Any = None, ac
     next to the INT4 view's own quantization error. It is faster where the CPU is
     compute-bound: the GEMV on AVX2 without VNNI, and prefill-sized x (more than 8 rows)
     on the 'avxvnni', 'avx512' and 'avx512bf16' variants, whose int8 GEMM (vpdpbusd on the
-    codes) runs at ~1.5x their bf16 / float32 GEMMs ('avxvnni': 2.1-2.8x the 'avx2' FMA GEMM).
+    codes) runs at ~1.5x their bf16 / float32 GEMMs ('avxvnni': 2.1-2.8x the 'avx2' FMA GEMM),
+    and on 'avx2' with INT4 weights (vpmaddubsw on the codes, 1.5-1.6x its FMA GEMM).
     Returns y with x's dtype and framework; accumulation is float32.
 
     On the 'amx' and 'avx512bf16' CPU variants, bfloat16 x at act_bits 16 with more than 8 rows multiplies by
