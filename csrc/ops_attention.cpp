@@ -214,7 +214,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
     Status s;
     switch (variant) {
       case cpu::Variant::kAmx: s = cpu::attention_amx(args, *pool); break;
-      case cpu::Variant::kAvx512Bf16:  // no attention kernel of its own
+      case cpu::Variant::kAvx512Bf16: s = cpu::attention_avx512bf16(args, *pool); break;
       case cpu::Variant::kAvx512: s = cpu::attention_avx512(args, *pool); break;
       case cpu::Variant::kAvxVnni:  // the AVX2 unit's attention (no integer products in it)
       case cpu::Variant::kAvx2: s = cpu::attention_avx2(args, *pool); break;

@@ -37,6 +37,7 @@
 #include <limits>
 
 #include "avx512_attention.h"
+#include "avx512_transpose.h"
 
 namespace bitswitch {
 namespace cpu {
@@ -103,30 +104,6 @@ inline void load_bf16x32(const void* row, __m512i& hi, __m512i& lo) {
     const __m256i* p = static_cast<const __m256i*>(row);
     split32<2>(_mm512_cvtph_ps(_mm256_loadu_si256(p)), _mm512_cvtph_ps(_mm256_loadu_si256(p + 1)), hi, lo);
   }
-}
-
-// In-place transpose of a 16 x 16 matrix of dwords, one row per register.
-inline void transpose16x16_epi32(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {  // 128-bit lane L: rows 2i, 2i+1 at columns 4L, 4L+1 (even t) or 4L+2, 4L+3
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + q], lane L: rows 4i .. 4i+3 at column 4L + q
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {  // column 4L + q gathers lane L of r[q], r[4 + q], r[8 + q], r[12 + q]
-    const __m512i v0 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88), v1 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xDD);
-    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88), w1 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xDD);
-    t[q] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    t[4 + q] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    t[8 + q] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    t[12 + q] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
 // One unit of keys in a chunk: keys [start, start + valid) of the (batch, kv head).

@@ -34,10 +34,12 @@
 #include <cstring>
 #include <utility>
 
+#include "avx512_transpose.h"
 #include "bf16_panels.h"
 #include "panel_tasks.h"
 #include "scratch.h"
 #include "thread_pool.h"
+#include "x86_attention.h"
 #include "x86_common.h"
 #endif
 
@@ -48,6 +50,7 @@ namespace cpu {
 
 bool avx512bf16_built() { return false; }
 Status qmatmul_avx512bf16(const QMatmulArgs&, ThreadPool&) { return Status::kUnsupported; }
+Status attention_avx512bf16(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
 
 #else
 
@@ -156,9 +159,215 @@ Status dense_gemm(const QMatmulArgs& a, ThreadPool& pool) {
                          });
 }
 
+
+// ---- bf16 prefill attention ----------------------------------------------------------------
+//
+// The AVX-512 unit's tiled prefill (x86_attention.h: a task's rows in vector lanes, panels of
+// 32 rows, both products transposed) with vdpbf16ps for both products, for bf16 inputs:
+//   S^T[keys x 32] = K Q^T     K read in place (a pair of dims is one dword), Q^T packed once
+//                              per task as pairs of dims, the scale applied to S in float32
+//   softmax                    float32, down the keys (softmax_panel)
+//   O^T[D x 32] += V^T P^T     V^T repacked once per key block as pairs of keys, P^T rounded
+//                              to bf16 pairs of keys
+// The contract is the AMX kernel's (amx_attention.h): bf16 inputs used as they are, the sums
+// in float32, P rounded to bf16 (its float32 sum l is not). float16 and float32 inputs, and
+// decode-sized tasks, keep the AVX-512 FMA kernels.
+
+// Rows per panel (two zmm of float32 lanes) and keys or dims per micro-kernel tile.
+constexpr int kAttnNR = 32;
+constexpr int kAttnMR = 12;
+
+// c[MRt x 32] += sum over p < pairs of x[i][2p, 2p + 1] . panel[p][0 .. 31] (pairs of bf16
+// products in each float32 lane): x rows ldx bf16 apart, panel rows of 32 dwords.
+template <int MRt>
+void attn_micro(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, float* c, int64_t ldc) {
+  __m512 acc[MRt][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < MRt; ++i) {
+    acc[i][0] = _mm512_loadu_ps(c + i * ldc);
+    acc[i][1] = _mm512_loadu_ps(c + i * ldc + 16);
+  }
+  for (int64_t p = 0; p < pairs; ++p, panel += kAttnNR) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel), b1 = (__m512bh)_mm512_loadu_si512(panel + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MRt; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, x + i * ldx + 2 * p, sizeof(pair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MRt; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+template <int MRt>
+inline void attn_micro_at_most(int mr, const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, float* c,
+                               int64_t ldc) {
+  if (mr == MRt) {
+    attn_micro<MRt>(x, ldx, panel, pairs, c, ldc);
+  } else if constexpr (MRt > 1) {
+    attn_micro_at_most<MRt - 1>(mr, x, ldx, panel, pairs, c, ldc);
+  }
+}
+
+// 16 dwords: bf16(lo[i]) in the low half of dword i, bf16(hi[i]) in the high half.
+inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(to_bf16(lo)), _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(hi)), 16));
+}
+
+// 16 bf16 from p as dwords, zero-extended.
+inline __m512i load16_u16(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+struct Bf16AttnScratch {
+  static constexpr int NR = kAttnNR;
+  uint32_t* qt;  // [panels][D / 2][NR]      pairs of dims of the task's queries (zero past its rows)
+  float* ot;     // [panels][D][NR]          output accumulators
+  float* st;     // [block_k][NR]            scores, then probabilities, of one panel
+  uint32_t* pt;  // [block_k / 2][NR]        P^T as bf16 pairs of keys
+  uint32_t* vt;  // [D][block_k / 2]         V^T as bf16 pairs of keys
+  float* m;      // [panels * NR]            running max (log2 units)
+  float* l;      // [panels * NR]            running sum
+  float* row;    // [D]
+
+  static int64_t kpairs(int64_t block_k) { return round_up(ceil_div(block_k, 2), 16); }
+  static size_t floats(int64_t max_rows, int64_t d, int64_t block_k) {
+    const int64_t panels = ceil_div(max_rows, NR), kp = kpairs(block_k);
+    return size_t(panels * (d / 2) * NR + panels * d * NR + block_k * NR + kp * NR + d * kp + 2 * panels * NR + d);
+  }
+  Bf16AttnScratch(float* base, int64_t rows, int64_t d, int64_t block_k) {
+    const int64_t panels = ceil_div(rows, NR), kp = kpairs(block_k);
+    qt = reinterpret_cast<uint32_t*>(base);
+    ot = base + panels * (d / 2) * NR;
+    st = ot + panels * d * NR;
+    pt = reinterpret_cast<uint32_t*>(st + block_k * NR);
+    vt = pt + kp * NR;
+    m = reinterpret_cast<float*>(vt + d * kp);
+    l = m + panels * NR;
+    row = l + panels * NR;
+  }
+};
+
+void attention_task_bf16(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, float* base) {
+  constexpr int NR = kAttnNR, MR = kAttnMR;
+  const int64_t D = a.d, panels = ceil_div(t.rows, NR);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Bf16AttnScratch w(base, t.rows, D, a.block_k);
+  const uint16_t* q = static_cast<const uint16_t*>(a.q);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v);
+  for (int64_t r = 0; r < panels * NR; ++r) {
+    uint32_t* dst = w.qt + (r / NR) * (D / 2) * NR + r % NR;
+    if (r < t.rows) {
+      const uint16_t* src = q + offset(a.q_strides, t.b, t.row_head(r), t.row_query(r));
+      for (int64_t p = 0; p < D / 2; ++p) std::memcpy(dst + p * NR, src + 2 * p, 4);
+    } else {
+      for (int64_t p = 0; p < D / 2; ++p) dst[p * NR] = 0;
+    }
+    w.m[r] = ninf;
+    w.l[r] = 0.0f;
+  }
+  for (int64_t i = 0; i < panels * D * NR; i += 16) _mm512_storeu_ps(w.ot + i, _mm512_setzero_ps());
+  const __m512 qs = _mm512_set1_ps(a.scale * kLog2e);
+  const int64_t all_see = key_limit(a, t.i0);
+  const int64_t ldk = a.k_strides[2];
+  for (int64_t bi = 0; bi < blocks.count; ++bi) {
+    const int64_t j0 = blocks[bi] * a.block_k;
+    const int64_t nk = imin(a.block_k, a.lk - j0);
+    if (nk <= 0 || j0 >= key_limit(a, t.i0 + t.nq - 1)) continue;  // past the diagonal for every row
+    const int64_t nk2 = ceil_div(nk, 2), kp = round_up(nk2, 16);
+    const uint16_t* kb = k + offset(a.k_strides, t.b, t.hk, j0);
+    // V^T as pairs of keys: vt[d][p] = (V[2p][d], V[2p + 1][d]), zero past the block; 16
+    // pairs x 16 dims at a time through a dword transpose.
+    const uint16_t* vb = v + offset(a.v_strides, t.b, t.hk, j0);
+    const int64_t ldv = a.v_strides[2];
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t j = 2 * (p0 + i);
+          const __m512i lo = j < nk ? load16_u16(vb + j * ldv + d0) : _mm512_setzero_si512();
+          const __m512i hi = j + 1 < nk ? load16_u16(vb + (j + 1) * ldv + d0) : _mm512_setzero_si512();
+          r[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        }
+        transpose16x16_epi32(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(w.vt + (d0 + i) * kp + p0, r[i]);
+      }
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      const uint32_t* qt = w.qt + p * (D / 2) * NR;
+      float* ot = w.ot + p * D * NR;
+      for (int64_t i = 0; i < nk * NR; i += 16) _mm512_storeu_ps(w.st + i, _mm512_setzero_ps());
+      for_tiles<MR>(nk, [&](int64_t j, int mr) {
+        attn_micro_at_most<MR>(mr, kb + j * ldk, ldk, qt, D / 2, w.st + j * NR, NR);
+      });
+      for (int64_t i = 0; i < nk * NR; i += 16) _mm512_storeu_ps(w.st + i, _mm512_mul_ps(_mm512_loadu_ps(w.st + i), qs));
+      if (a.causal && j0 + nk > all_see) {
+        for (int64_t c = 0; c < NR; ++c) {
+          const int64_t r = p * NR + c;
+          const int64_t vis = r < t.rows ? imax(key_limit(a, t.row_query(r)) - j0, 0) : nk;
+          for (int64_t j = vis; j < nk; ++j) w.st[j * NR + c] = ninf;
+        }
+      }
+      softmax_panel<NR>(w.st, nk, w.m + p * NR, w.l + p * NR, ot, D);
+      // P^T as bf16 pairs of keys (a missing odd key is zero).
+      for (int64_t pp = 0; pp < kp; ++pp) {
+        for (int h = 0; h < 2; ++h) {
+          const int64_t j = 2 * pp;
+          const __m512 p0v = j < nk ? _mm512_loadu_ps(w.st + j * NR + 16 * h) : _mm512_setzero_ps();
+          const __m512 p1v = j + 1 < nk ? _mm512_loadu_ps(w.st + (j + 1) * NR + 16 * h) : _mm512_setzero_ps();
+          _mm512_storeu_si512(w.pt + pp * NR + 16 * h, bf16_pairs(p0v, p1v));
+        }
+      }
+      for_tiles<MR>(D, [&](int64_t d, int mr) {
+        attn_micro_at_most<MR>(mr, reinterpret_cast<const uint16_t*>(w.vt + d * kp), 2 * kp, w.pt, nk2,
+                               ot + d * NR, NR);
+      });
+    }
+  }
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t h = t.row_head(r), i = t.row_query(r);
+    const float* o = w.ot + (r / NR) * D * NR + r % NR;
+    const float l = w.l[r];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < D; ++d) w.row[d] = o[d * NR] * inv;
+    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * 2;
+    for (int64_t d = 0; d < D; d += 8) store8(dst + d * 2, DType::kBFloat16, _mm256_loadu_ps(w.row + d));
+    if (a.lse) a.lse[(t.b * a.hq + h) * a.lq + i] = l > 0.0f ? (w.m[r] + std::log2(l)) * kLn2 : ninf;
+  }
+}
+
 }  // namespace
 
 bool avx512bf16_built() { return true; }
+
+// bf16 inputs with more than kAttnDotRows rows per task: the vdpbf16ps prefill above; the
+// rest (decode, float16, float32) on the AVX-512 unit. A call whose last query block has few
+// rows runs it here too (its panel is padded with zero queries).
+Status attention_avx512bf16(const AttentionArgs& a, ThreadPool& pool) {
+  const int64_t group = a.hq / a.hkv;
+  if (a.dtype != DType::kBFloat16 || group * imin(a.block_q, a.lq) <= kAttnDotRows || a.d % 16 != 0)
+    return attention_avx512(a, pool);
+  const int64_t nqb = ceil_div(a.lq, a.block_q);
+  const size_t floats = Bf16AttnScratch::floats(group * imin(a.block_q, a.lq), a.d, a.block_k);
+  bool oom = false;
+  pool.parallel_for(a.b * a.hkv * nqb, [&](int64_t task, int) {
+    float* base = static_cast<float*>(thread_scratch(kScratchAcc, floats * sizeof(float)));
+    if (!base) {
+      oom = true;
+      return;
+    }
+    const AttnTask t = make_task(a, task);
+    attention_task_bf16(a, t, key_blocks(a, t.b, t.hk, t.qb), base);
+  });
+  return oom ? Status::kOutOfMemory : Status::kOk;
+}
 
 Status qmatmul_avx512bf16(const QMatmulArgs& a, ThreadPool& pool) {
   if (a.m <= kBf16GemvMaxM) return qmatmul_avx512(a, pool);

@@ -208,6 +208,9 @@ bool amx_built();
 Status attention_scalar(const AttentionArgs& a, ThreadPool& pool);
 Status attention_avx2(const AttentionArgs& a, ThreadPool& pool);
 Status attention_avx512(const AttentionArgs& a, ThreadPool& pool);
+// avx512bf16: bf16 prefill with vdpbf16ps (P rounded to bf16, the AMX contract); decode,
+// float16 and float32 on attention_avx512. kUnsupported when the unit is a stub.
+Status attention_avx512bf16(const AttentionArgs& a, ThreadPool& pool);
 // Flash attention on bf16 tiles for tasks of many rows, bf16 and float16 inputs
 // (amx_attention.h); attention_avx512 for decode (every task at most 8 rows) and float32.
 Status attention_amx(const AttentionArgs& a, ThreadPool& pool);

@@ -24,6 +24,7 @@ bool amx_built() { return false; }
 
 Status attention_avx2(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status attention_avx512(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
+Status attention_avx512bf16(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
 Status attention_amx(const AttentionArgs&, ThreadPool&) { return Status::kUnsupported; }
 
 const LayerOps& layer_ops_avx2() { return layer_ops_scalar(); }
