@@ -68,19 +68,16 @@ constexpr int attn_parts() {
 }
 
 // 2^x for 16 floats, x <= kMaxExcess: 2^floor(x) * q(x - floor(x)) with q the minimax
-// polynomial of degree 4 on [0, 1], relative error 2.7e-6 (P is rounded to 8 or 16 bits
-// after it, and the lse bound is 1e-4; degree 3 would be 7.5e-5). vreduceps gives
+// polynomial of degree 4 on [0, 1] (kExp2Poly4), relative error 2.7e-6 (P is rounded to 8
+// or 16 bits after it, and the lse bound is 1e-4). vreduceps gives
 // x - floor(x) in one uop (vrndscaleps takes two, plus a subtraction) and vscalefps
 // applies 2^floor(x) itself; for x = -inf (a masked key) vreduceps returns 0 and vscalefps
 // 0, so no mask is needed. (x in (-150, -126) gives a float32 denormal: harmless, as the
 // bf16 conversion flushes it and l hardly notices; such a key is 2^-126 below its row's max.)
 inline __m512 exp2_poly(__m512 x) {
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(0.013534137047827244f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05201146379113197f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24144279956817627f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930038332939148f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000026226043701f));
+  __m512 p = _mm512_set1_ps(kExp2Poly4[0]);
+  for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly4[i]));
   return _mm512_scalef_ps(p, x);
 }
 

@@ -254,6 +254,48 @@ struct Bf16AttnScratch {
   }
 };
 
+// 2^x for 16 floats x <= 0 or -inf: 2^floor(x) * q(x - floor(x)), q = kExp2Poly4 (2.7e-6,
+// below the bf16 rounding of P that follows); exactly 0 below -126 and for -inf (a masked
+// key, or a row that has seen none: its l must stay 0).
+inline __m512 exp2_neg(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly4[0]);
+  for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly4[i]));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// The online softmax of x86_attention.h's softmax_panel for a panel of 32 rows, on zmm:
+// turns st[nk][32] (log2 units, -inf = masked) into probabilities, updates the rows' running
+// max m and sum l, and rescales their accumulators ot[D][32]. A row that has seen no key
+// keeps m = -inf; its scores are taken against -FLT_MAX instead, which gives 2^-inf = 0.
+inline void softmax_panel32(float* st, int64_t nk, float* m, float* l, float* ot, int64_t d) {
+  __m512 mx[2], sum[2], alpha[2];
+  for (int v = 0; v < 2; ++v) mx[v] = _mm512_loadu_ps(m + 16 * v);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int v = 0; v < 2; ++v) mx[v] = _mm512_max_ps(mx[v], _mm512_loadu_ps(st + j * kAttnNR + 16 * v));
+  for (int v = 0; v < 2; ++v) {
+    const __m512 m_use = _mm512_max_ps(mx[v], _mm512_set1_ps(-std::numeric_limits<float>::max()));
+    alpha[v] = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(m + 16 * v), m_use));  // 0 while m was -inf
+    _mm512_storeu_ps(m + 16 * v, mx[v]);
+    mx[v] = m_use;
+    sum[v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < nk; ++j)
+    for (int v = 0; v < 2; ++v) {
+      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(st + j * kAttnNR + 16 * v), mx[v]));
+      _mm512_storeu_ps(st + j * kAttnNR + 16 * v, p);
+      sum[v] = _mm512_add_ps(sum[v], p);
+    }
+  for (int v = 0; v < 2; ++v)
+    _mm512_storeu_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * v), alpha[v], sum[v]));
+  for (int64_t i = 0; i < d; ++i)
+    for (int v = 0; v < 2; ++v)
+      _mm512_storeu_ps(ot + i * kAttnNR + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(ot + i * kAttnNR + 16 * v), alpha[v]));
+}
+
 void attention_task_bf16(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, float* base) {
   constexpr int NR = kAttnNR, MR = kAttnMR;
   const int64_t D = a.d, panels = ceil_div(t.rows, NR);
@@ -315,7 +357,7 @@ void attention_task_bf16(const AttentionArgs& a, const AttnTask& t, const BlockL
           for (int64_t j = vis; j < nk; ++j) w.st[j * NR + c] = ninf;
         }
       }
-      softmax_panel<NR>(w.st, nk, w.m + p * NR, w.l + p * NR, ot, D);
+      softmax_panel32(w.st, nk, w.m + p * NR, w.l + p * NR, ot, D);
       // P^T as bf16 pairs of keys (a missing odd key is zero).
       for (int64_t pp = 0; pp < kp; ++pp) {
         for (int h = 0; h < 2; ++h) {
