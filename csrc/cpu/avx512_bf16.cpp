@@ -373,16 +373,7 @@ void attention_task_bf16(const AttentionArgs& a, const AttnTask& t, const BlockL
       });
     }
   }
-  for (int64_t r = 0; r < t.rows; ++r) {
-    const int64_t h = t.row_head(r), i = t.row_query(r);
-    const float* o = w.ot + (r / NR) * D * NR + r % NR;
-    const float l = w.l[r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int64_t d = 0; d < D; ++d) w.row[d] = o[d * NR] * inv;
-    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * 2;
-    for (int64_t d = 0; d < D; d += 8) store8(dst + d * 2, DType::kBFloat16, _mm256_loadu_ps(w.row + d));
-    if (a.lse) a.lse[(t.b * a.hq + h) * a.lq + i] = l > 0.0f ? (w.m[r] + std::log2(l)) * kLn2 : ninf;
-  }
+  write_tiled_rows<NR>(a, t, w.ot, w.m, w.l, w.row);
 }
 
 }  // namespace

@@ -100,10 +100,7 @@ struct AvxVnniInt8 : YmmInt8Pack {
                                               const float* sb, int64_t ldsb, const float* dx, const float* xs,
                                               int64_t ldg, float* c, int64_t ldc, bool zero) {
     __m256 acc[MR][2];
-    for (int i = 0; i < MR; ++i) {
-      acc[i][0] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc);
-      acc[i][1] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + kSlice);
-    }
+    load_acc<MR>(acc, c, ldc, zero);
     const int64_t bias_off = ldsb / 2;
     for (int64_t g = 0; g < groups; ++g, x += G, sb += ldsb) {
       __m256i sum[MR][2], lo[LO ? MR : 1][2];
@@ -130,19 +127,9 @@ struct AvxVnniInt8 : YmmInt8Pack {
       if (LO)  // v = 256 hi + lo, exact in int32 (int8_gemm.h)
         for (int i = 0; i < MR; ++i)
           for (int h = 0; h < 2; ++h) sum[i][h] = _mm256_add_epi32(_mm256_slli_epi32(sum[i][h], 8), lo[i][h]);
-      for (int h = 0; h < 2; ++h) {
-        const __m256 sv = _mm256_loadu_ps(sb + h * kSlice), bv = _mm256_loadu_ps(sb + bias_off + h * kSlice);
-        for (int i = 0; i < MR; ++i) {
-          const __m256 f = _mm256_mul_ps(sv, _mm256_set1_ps(dx[i * ldg + g]));
-          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i][h]), f, acc[i][h]);
-          acc[i][h] = _mm256_fmadd_ps(bv, _mm256_set1_ps(xs[i * ldg + g]), acc[i][h]);
-        }
-      }
+      fold_group<MR>(acc, sum, sb, bias_off, dx, xs, ldg, g);
     }
-    for (int i = 0; i < MR; ++i) {
-      _mm256_storeu_ps(c + i * ldc, acc[i][0]);
-      _mm256_storeu_ps(c + i * ldc + kSlice, acc[i][1]);
-    }
+    store_acc<MR>(acc, c, ldc);
   }
 };
 

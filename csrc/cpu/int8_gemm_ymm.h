@@ -1,4 +1,4 @@
-// The int8 GEMM's weight packers for 256-bit registers (int8_gemm.h has the layout),
+// The int8 GEMM's weight packers and fold for 256-bit registers (int8_gemm.h has the layout),
 // shared by the AVX2 unit (vpmaddubsw kernel) and the AVX-VNNI unit (vpdpbusd kernel).
 #pragma once
 
@@ -26,9 +26,9 @@ inline __m256 load8_n(const void* p, DType t, int64_t n) {
   return _mm256_load_ps(v);
 }
 
-// The int8 GEMM's packers on ymm registers (int8_gemm.h): 8 outputs per register of sums,
-// blocks of 16 outputs. The AVX2 and AVX-VNNI kernels derive from it, adding mr() and
-// block().
+// The int8 GEMM's packers and float32 fold on ymm registers (int8_gemm.h): 8 outputs per
+// register of sums, blocks of 16 outputs. The AVX2 and AVX-VNNI kernels derive from it,
+// adding mr() and block().
 struct YmmInt8Pack {
   static constexpr int kSlice = 8;
   static constexpr int kBlockN = 2 * kSlice;
@@ -92,6 +92,35 @@ struct YmmInt8Pack {
     }
   }
 
+  // The kernels' register tile of float32 sums, c[MR x 16] (rows ldc apart): loaded (or
+  // zeroed), one group's integer sums folded in with the group's scales / biases (sb, the
+  // biases bias_off further) and the rows' dx / xsum (row i's at i * ldg + g), stored.
+  template <int MR>
+  BITSWITCH_INLINE static void load_acc(__m256 (&acc)[MR][2], const float* c, int64_t ldc, bool zero) {
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc);
+      acc[i][1] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + kSlice);
+    }
+  }
+  template <int MR>
+  BITSWITCH_INLINE static void fold_group(__m256 (&acc)[MR][2], const __m256i (&sum)[MR][2], const float* sb,
+                                          int64_t bias_off, const float* dx, const float* xs, int64_t ldg, int64_t g) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(sb + h * kSlice), bv = _mm256_loadu_ps(sb + bias_off + h * kSlice);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 f = _mm256_mul_ps(sv, _mm256_set1_ps(dx[i * ldg + g]));
+        acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i][h]), f, acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(bv, _mm256_set1_ps(xs[i * ldg + g]), acc[i][h]);
+      }
+    }
+  }
+  template <int MR>
+  BITSWITCH_INLINE static void store_acc(const __m256 (&acc)[MR][2], float* c, int64_t ldc) {
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+      _mm256_storeu_ps(c + i * ldc + kSlice, acc[i][1]);
+    }
+  }
 };
 
 }  // namespace i8gemm

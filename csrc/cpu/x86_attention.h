@@ -160,6 +160,26 @@ inline void softmax_panel(float* st, int64_t nk, float* m, float* l, float* ot, 
       _mm256_store_ps(ot + i * NR + 8 * v, _mm256_mul_ps(_mm256_load_ps(ot + i * NR + 8 * v), alpha[v]));
 }
 
+// out = O / l (zeros for a row that saw no key) and lse = (m + log2 l) ln 2 for the rows of a
+// tiled task: O^T in panels ot[panels][D][NR], row r in lane r % NR of panel r / NR; row: D
+// floats of scratch.
+template <int NR>
+inline void write_tiled_rows(const AttentionArgs& a, const AttnTask& t, const float* ot, const float* m,
+                             const float* l, float* row) {
+  const int64_t D = a.d, es = dtype_size(a.dtype);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t h = t.row_head(r), i = t.row_query(r);
+    const float* o = ot + (r / NR) * D * NR + r % NR;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) row[d] = o[d * NR] * inv;
+    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * es;
+    for (int64_t d = 0; d < D; d += 8) store8(dst + d * es, a.dtype, _mm256_loadu_ps(row + d));
+    if (a.lse)
+      a.lse[(t.b * a.hq + h) * a.lq + i] =
+          l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : -std::numeric_limits<float>::infinity();
+  }
+}
+
 template <class Isa>
 void attention_task_tiled(const AttentionArgs& a, const AttnTask& t, const BlockList& blocks, float* base) {
   constexpr int NR = Isa::kNR, MR = Isa::kMR;
@@ -204,16 +224,7 @@ void attention_task_tiled(const AttentionArgs& a, const AttnTask& t, const Block
       });
     }
   }
-  for (int64_t r = 0; r < t.rows; ++r) {
-    const int64_t h = t.row_head(r), i = t.row_query(r);
-    const float* o = w.ot + (r / NR) * D * NR + r % NR;
-    const float l = w.l[r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int64_t d = 0; d < D; ++d) w.row[d] = o[d * NR] * inv;
-    char* dst = static_cast<char*>(a.out) + offset(a.o_strides, t.b, h, i) * dtype_size(a.dtype);
-    for (int64_t d = 0; d < D; d += 8) store8(dst + d * dtype_size(a.dtype), a.dtype, _mm256_loadu_ps(w.row + d));
-    if (a.lse) a.lse[(t.b * a.hq + h) * a.lq + i] = l > 0.0f ? (w.m[r] + std::log2(l)) * kLn2 : ninf;
-  }
+  write_tiled_rows<NR>(a, t, w.ot, w.m, w.l, w.row);
 }
 
 // ---- Few rows (decode) -----------------------------------------------------------------
