@@ -11,6 +11,10 @@
 # that one command fits a 10-minute device call with the build, and a hang or a slow first
 # run of one part still leaves the others' output.
 #
+# SMALL_M_AB=1 adds, last, the qmatmul table of --quick with BITSWITCH_CUDA_SMALL_M=simt (the
+# FFMA GEMV and the 16-row GEMM tile in place of qmv_tc_kernel for 16-bit x with M <= 16), to
+# compare the two small-batch paths on this GPU (AB_TIMEOUT, 90 s by default).
+#
 # Uses the python3 that holds torch; needs cmake, pybind11, numpy, ml_dtypes, safetensors,
 # tokenizers and pytest there (no network access is needed).
 set -uo pipefail
@@ -37,5 +41,9 @@ echo "== benchmark"
 timeout "${BENCH_TIMEOUT:-180}" $py bench/gpu.py "$@"
 bench_rc=$?
 [ $bench_rc -eq 124 ] && echo "benchmark: stopped after ${BENCH_TIMEOUT:-180} s (BENCH_TIMEOUT)"
+if [ "${SMALL_M_AB:-0}" = 1 ]; then
+  echo "== benchmark, BITSWITCH_CUDA_SMALL_M=simt"
+  BITSWITCH_CUDA_SMALL_M=simt timeout "${AB_TIMEOUT:-90}" $py bench/gpu.py --quick --no-attention
+fi
 echo "tests rc=$tests_rc sanitizer rc=$san_rc bench rc=$bench_rc"
 exit $(( tests_rc || san_rc || bench_rc ))

@@ -194,6 +194,28 @@ BS_DEVICE uint4 ld_stream(const void* p) {
 // 16-byte read-only global load through the non-coherent (texture) path.
 BS_DEVICE uint4 ld_nc(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
 
+// (a & b) | c in one LOP3 (ptxas otherwise emits an AND and an OR when b and c are both
+// immediates).
+BS_DEVICE uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// a * b + c on two packed 16-bit values of type T (lower element in the low half), rounded
+// once to nearest even (fma.rn.bf16x2 / fma.rn.f16x2).
+template <class T> BS_DEVICE uint32_t fma2(uint32_t a, uint32_t b, uint32_t c);
+template <> BS_DEVICE uint32_t fma2<__nv_bfloat16>(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+template <> BS_DEVICE uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 #endif  // !BITSWITCH_CUDA_EMULATION
 
 }  // namespace ptx

@@ -33,6 +33,8 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 
@@ -335,6 +337,229 @@ __global__ void __launch_bounds__(kQmvThreads, MT >= 8 ? 1 : 2) qmv_kernel(const
   }
 }
 
+// ---- Small batches on tensor cores: qmv_tc_kernel ----------------------------------------------
+//
+// 16-bit x with M <= 16 rows. The FFMA GEMV above spends ~3 issue slots per weight and row of
+// x on the code-to-float trick and the FMA (by ptxas's SASS its inner loop issues ~12
+// lane-instructions per byte of INT4 weights at M = 1, where an H200 streams a byte per ~7),
+// and the tensor-core GEMM below pays a shared-memory round trip and a barrier per 32 inputs
+// for dequantized tiles that only one warp reads when M <= 16 (~32 per byte). This kernel
+// takes weights from global memory straight into mma.sync fragments, W as the m16 operand and
+// x as the n8 one (y^T = W x^T: no zero rows to pad at M <= 8):
+//
+// Block: 8 warps; a warp owns 16 rows of W and the block's K range (its split), and the block
+// loops over groups of 8 * 16 rows so the x slice it stages is reused. Lane l = 4g + t takes,
+// per step of 4 chunks (128 inputs), chunk (c + t) of W rows g and g + 8: one 16-byte
+// evict-first load per row and plane, the 4 lanes of a row reading 64 contiguous bytes. Every
+// chunk lies in one group, so a lane needs one scale and bias per load. A word (8 codes) then
+// feeds two m16n8k16 steps per 8 rows of x: LOP3 against a magic number turns codes (i, i + 4)
+// into the packed 16-bit pair P = M + q (M = 128 in bfloat16, 1024 in float16; exact). The
+// affine map w = S q + B = S P + (B - M S) is applied in T with S and B' = B - M S each split
+// into a T part and a T remainder (so the rounding of the scales to T costs nothing): three
+// packed FMAs, w = (S_hi P + B'_hi) + (S_lo P + B'_lo), within about one unit in the last place
+// of w. The INT8 view first joins the exact c = 16 q + r (c <= 255 needs 8 significant bits)
+// and maps c the same way with M = 0. About 2 issue slots per weight, whatever M.
+//
+// mma needs A's and B's k indices to match, not to be in order: lane t's registers hold k slots
+// (2t, 2t+1) and (2t+8, 2t+9), which here are codes (2i, 2i+4) and (2i+1, 2i+5) of word w of its
+// own chunk. So x is staged in shared memory in that order: per row, word and chunk one uint4
+// of the pairs (0,4) (1,5) (2,6) (3,7), which is b[0], b[1] of the steps i = 0 and 1, laid out
+// [row][word][chunk] so the 4 lanes of a row read 64 contiguous bytes (a row pitch of 4 mod 8
+// uint4 puts rows g and g + 1 on other banks). Rows of x past M are zero.
+constexpr int kTcThreads = 256;
+constexpr int kTcWarps = kTcThreads / 32;
+constexpr int kTcRowsPerGroup = kTcWarps * 16;
+constexpr int kTcQuad = 4;  // chunks per warp step (one per lane of a row)
+// Splits are at least this many chunks (2 steps of every lane) long.
+constexpr int kTcMinSplitChunks = 2 * kTcQuad;
+
+// Chunks of x staged at once (a multiple of 4): 64 KiB for MT = 16 or 8.
+BS_HOST_DEVICE constexpr int qmv_tc_max_stage_chunks(int mt) { return mt > 8 ? 64 : 128; }
+// uint4 per staged row of x: 4 per chunk, padded to 4 mod 8.
+BS_HOST_DEVICE constexpr int qmv_tc_row_pitch(int stage_chunks) {
+  return 4 * stage_chunks + ((stage_chunks & 1) ? 0 : 4);
+}
+BS_HOST_DEVICE constexpr size_t qmv_tc_smem_bytes(int mt, int stage_chunks) {
+  return size_t(mt) * size_t(qmv_tc_row_pitch(stage_chunks)) * 16;
+}
+
+// Packed-pair constants of T: M + q for a 4-bit q OR-ed into the mantissa, -M, 1 and 16.
+template <class T> struct TcMagic;
+template <> struct TcMagic<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u, kNegMagic = 0xC300C300u, kOne = 0x3F803F80u, kSixteen = 0x41804180u;
+};
+template <> struct TcMagic<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u, kNegMagic = 0xE400E400u, kOne = 0x3C003C00u, kSixteen = 0x4C004C00u;
+};
+
+// Codes (i, i + 4) of `word` as the exact packed pair of T.
+template <class T> BS_DEVICE uint32_t code_pair(uint32_t word, int i) {
+  using K = TcMagic<T>;
+  return ptx::fma2<T>(ptx::and_or(word >> (fmt::kPlaneBits * i), 0x000F000Fu, K::kMagic), K::kOne, K::kNegMagic);
+}
+
+// A lane's affine map of one group as packed pairs of T: w = (hi.x P + hi.y) + (lo.x P + lo.y).
+struct TcAffine {
+  uint2 hi, lo;
+};
+// (S, B) of the view for P (INT4: P = M + q; INT8: P = c): S and B - M S split into T parts.
+template <class T, int kPlanes> BS_DEVICE TcAffine tc_affine(float s, float b) {
+  float S = s, B = b;
+  if (kPlanes == 2) {
+    B = fmt::int8_bias(s, b);
+    S = fmt::int8_scale(s);
+  } else {
+    B = fmaf(-unpack2<T>(TcMagic<T>::kMagic).x, S, B);  // B - M S (M a power of two: exact product)
+  }
+  const float sh = unpack2<T>(pack2<T>(S, S)).x, bh = unpack2<T>(pack2<T>(B, B)).x;
+  TcAffine a;
+  a.hi = make_uint2(pack2<T>(sh, sh), pack2<T>(bh, bh));
+  a.lo = make_uint2(pack2<T>(S - sh, S - sh), pack2<T>(B - bh, B - bh));
+  return a;
+}
+
+// The packed weights (w of codes i, i + 4) of one word pair.
+template <class T, int kPlanes> BS_DEVICE uint32_t weight_pair(uint32_t w0, uint32_t w1, int i, const TcAffine& f) {
+  using K = TcMagic<T>;
+  uint32_t p2;
+  if (kPlanes == 1) {
+    p2 = ptx::and_or(w0 >> (fmt::kPlaneBits * i), 0x000F000Fu, K::kMagic);
+  } else {
+    p2 = ptx::fma2<T>(code_pair<T>(w0, i), K::kSixteen, code_pair<T>(w1, i));
+  }
+  const uint32_t v = ptx::fma2<T>(p2, f.hi.x, f.hi.y), u = ptx::fma2<T>(p2, f.lo.x, f.lo.y);
+  return ptx::fma2<T>(v, K::kOne, u);
+}
+
+// y[m0 + m, n] (or partials[split, m0 + m, n] when split-K) for the M tile m0 = blockIdx.z * MT.
+//   T: __nv_bfloat16 or __half; MT: 8 or 16 rows of x per tile; kPlanes: 1 (INT4) or 2 (INT8).
+// p: the call; x 16-byte aligned (the planner sends other x to qmv_kernel).
+// shape: the split and staging sizes.
+// partials: [gridDim.x, M, N] float32 when gridDim.x > 1 (split-K), else unused (y written).
+template <class T, int MT, int kPlanes>
+__global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulParams p, const QmvShape shape,
+                                                             float* partials) {
+  static_assert(MT == 8 || MT == 16, "qmv_tc_kernel tiles: 8 or 16 rows of x");
+  constexpr int kXTiles = MT / 8;  // n8 tiles of x
+  // Steps whose loads are in flight at once: 64 bytes per lane for either view.
+  constexpr int U = kPlanes == 1 ? 2 : 1;
+  BS_DYNAMIC_SMEM(uint4, xs);  // [MT][row pitch]: x permuted as described above
+  const int pitch = qmv_tc_row_pitch(shape.stage_chunks);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int64_t M = p.m, N = p.n, K = p.k;
+  const int64_t words = fmt::words_per_row(K), groups = fmt::groups_per_row(K, p.group_size);
+  const int64_t c_begin = int64_t(blockIdx.x) * shape.split_chunks;
+  const int64_t c_end = c_begin + shape.split_chunks < K / kChunk ? c_begin + shape.split_chunks : K / kChunk;
+  const int64_t m0 = int64_t(blockIdx.z) * MT;
+  int group_shift = 0;  // chunk -> group index: G / 32 is 1, 2 or 4
+  while ((kChunk << group_shift) < p.group_size) ++group_shift;
+  const T* x = static_cast<const T*>(p.x);
+
+  int64_t staged = -1;
+  for (int64_t rg = blockIdx.y; rg < shape.row_groups; rg += gridDim.y) {
+    const int64_t n0 = (rg * kTcWarps + warp) * 16;
+    float acc[kXTiles][4];
+#pragma unroll
+    for (int i = 0; i < kXTiles; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
+
+    for (int64_t cs = c_begin; cs < c_end; cs += shape.stage_chunks) {
+      const int nch = int(c_end - cs < shape.stage_chunks ? c_end - cs : shape.stage_chunks);
+      if (cs != staged) {  // block-uniform
+        if (staged >= 0) __syncthreads();
+        // One uint4 per (row, word, chunk): x[m0 + m, (cs + c) * 32 + 8 w ..] reordered to the
+        // pairs (0,4) (1,5) (2,6) (3,7); rows past M are zero.
+        const int total = MT * kTcQuad * nch;
+        for (int v = tid; v < total; v += kTcThreads) {
+          const int m = v / (kTcQuad * nch), rem = v % (kTcQuad * nch), w = rem / nch, c = rem % nch;
+          uint4 out = make_uint4(0, 0, 0, 0);
+          if (m0 + m < M) {
+            const uint4 r = ptx::ld_nc(x + (m0 + m) * K + (cs + c) * kChunk + 8 * w);
+            out.x = (r.x & 0xffffu) | (r.z << 16);
+            out.y = (r.x >> 16) | (r.z & 0xffff0000u);
+            out.z = (r.y & 0xffffu) | (r.w << 16);
+            out.w = (r.y >> 16) | (r.w & 0xffff0000u);
+          }
+          xs[m * pitch + w * shape.stage_chunks + c] = out;
+        }
+        __syncthreads();
+        staged = cs;
+      }
+      if (n0 >= N) continue;  // a warp past the last row still joins the block's barriers
+
+      for (int q = 0; q < nch; q += kTcQuad * U) {
+        // Every load of the U steps first (2 rows x kPlanes 16-byte streams each, and the
+        // scales), then the math. Lanes past the slice or N load nothing and get S = B = 0.
+        uint4 w0[U][2], w1[U][2];
+        TcAffine f[U][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int lc = q + kTcQuad * u + t;  // this lane's chunk in the slice
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int64_t n = n0 + 8 * r + g, c = cs + lc;
+            w0[u][r] = w1[u][r] = make_uint4(0, 0, 0, 0);
+            float s = 0.0f, b = 0.0f;
+            if (n < N && lc < nch) {
+              w0[u][r] = ptx::ld_stream(p.plane0 + n * words + c * 4);
+              if (kPlanes == 2) w1[u][r] = ptx::ld_stream(p.plane1 + n * words + c * 4);
+              s = load_scale(p.scales, n * groups + (c >> group_shift), p.scale_dtype);
+              b = load_scale(p.biases, n * groups + (c >> group_shift), p.scale_dtype);
+            }
+            f[u][r] = tc_affine<T, kPlanes>(s, b);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (u > 0 && q + kTcQuad * u >= nch) break;  // warp-uniform: the whole step is past the slice
+          const int lc = q + kTcQuad * u + t;
+#pragma unroll
+          for (int wi = 0; wi < 4; ++wi) {
+            uint4 xv[kXTiles];
+#pragma unroll
+            for (int i = 0; i < kXTiles; ++i)
+              xv[i] = lc < nch ? xs[(8 * i + g) * pitch + wi * shape.stage_chunks + lc] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              // a: W rows g, g + 8 at codes (2h, 2h+4) [k slots 2t, 2t+1] and (2h+1, 2h+5) [2t+8, 2t+9].
+              uint32_t a[4];
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                  a[2 * e + r] = weight_pair<T, kPlanes>(word_of(w0[u][r], wi), word_of(w1[u][r], wi), 2 * h + e,
+                                                         f[u][r]);
+#pragma unroll
+              for (int i = 0; i < kXTiles; ++i) {
+                const uint32_t b[2] = {h ? xv[i].z : xv[i].x, h ? xv[i].w : xv[i].y};
+                ptx::mma_m16n8k16<T>(acc[i], a, b, acc[i]);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (n0 >= N) continue;
+
+    // acc[i]: c[0], c[1] = W row g, x rows 8i + 2t, + 1; c[2], c[3] = W row g + 8, same x rows.
+#pragma unroll
+    for (int i = 0; i < kXTiles; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t mm = m0 + 8 * i + 2 * t + (e % 2), n = n0 + g + 8 * (e / 2);
+        if (mm < M && n < N) {
+          if (gridDim.x > 1)
+            partials[(int64_t(blockIdx.x) * M + mm) * N + n] = acc[i][e];
+          else
+            static_cast<T*>(p.y)[mm * N + n] = from_float<T>(acc[i][e]);
+        }
+      }
+    }
+  }
+}
+
 // y = sum over splits of partials, rounded once to T.
 // partials: [splits, M*N] float32; y: [M*N] T.
 template <class T>
@@ -591,14 +816,14 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
 
 // ---- Planning (host) ---------------------------------------------------------------------------
 
-enum class Path : int32_t { kGemv = 0, kGemm = 1 };
+enum class Path : int32_t { kGemv = 0, kGemm = 1, kTensorGemv = 2 };
 
 struct Plan {
   Path path;
-  int32_t mt;            // rows of x per M tile: GEMV 1, 2, 4, 8, 16; GEMM 16, 32, 64, 128
+  int32_t mt;            // rows of x per M tile: GEMV 1, 2, 4, 8, 16; GEMM 16, 32, 64, 128; tensor GEMV 8, 16
   int32_t splits;        // K splits (1: y written directly, no workspace)
   int64_t split_len;     // chunks (GEMV) or k-tiles (GEMM) per split
-  QmvShape qmv;          // GEMV: the rest of the block's shape
+  QmvShape qmv;          // GEMV, tensor GEMV: the rest of the block's shape
   dim3 grid;
   size_t smem;           // dynamic shared memory bytes
   size_t ws_bytes;       // workspace the split needs
@@ -636,6 +861,26 @@ constexpr int kQmmBlocksPerSm = 2;
 //     tiles of at most 4 rows: the 8- and 16-row GEMV tiles, FFMA-bound and the slowest
 //     instances to compile, are built for float32 x only.
 constexpr int64_t kGemvMaxRows16 = 2;  // 16-bit x: the GEMV takes M <= this
+//   qmv_tc_kernel replaces both for 16-bit x with M <= 16 (kTensorGemvMaxRows): ~2 issue slots
+//     per weight whatever M (the estimates above undercount: by ptxas's SASS the GEMV's inner
+//     loop issues ~12 lane-instructions per INT4 byte at M = 1, the 16-row GEMM's ~32;
+//     bench/cuda_resources.py prints them). BITSWITCH_CUDA_SMALL_M=simt restores the older
+//     choice, to compare the two on a GPU.
+constexpr int64_t kTensorGemvMaxRows = 16;
+
+// Whether 16-bit x with M <= 16 takes qmv_tc_kernel: BITSWITCH_CUDA_SMALL_M (read once per
+// process) "simt" says no; tests set small_m_override() (-1: the environment's choice).
+inline int& small_m_override() {
+  static int v = -1;
+  return v;
+}
+inline bool small_m_on_tensor_cores() {
+  static const bool env = [] {
+    const char* v = std::getenv("BITSWITCH_CUDA_SMALL_M");
+    return !(v != nullptr && std::strcmp(v, "simt") == 0);
+  }();
+  return small_m_override() >= 0 ? small_m_override() != 0 : env;
+}
 inline constexpr int qmm_tile_rows(int64_t m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
 // The launch for p with `ws_bytes` of workspace (SIZE_MAX: as much as it wants).
@@ -646,9 +891,29 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
   const size_t partial_bytes = size_t(M) * size_t(N) * sizeof(float);
   // Largest split count the workspace allows (1 when it holds fewer than two partials).
   const int64_t fit = int64_t(partial_bytes ? ws_bytes / partial_bytes : 1);
-  const bool tensor_cores =
-      p.x_dtype != DType::kFloat32 && M > kGemvMaxRows16 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
-  if (tensor_cores) {
+  const bool tc_ok = p.x_dtype != DType::kFloat32 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
+  if (tc_ok && M <= kTensorGemvMaxRows && small_m_on_tensor_cores()) {
+    pl.path = Path::kTensorGemv;
+    pl.mt = M <= 8 ? 8 : 16;
+    const int64_t chunks = K / kChunk;
+    const int64_t row_groups = ceil_div(N, kTcRowsPerGroup);
+    const int64_t target = int64_t(num_sms) * kQmvBlocksPerSm;
+    int64_t s = 1;
+    if (row_groups < target)
+      s = std::min(ceil_div(target, row_groups), std::max<int64_t>(1, chunks / kTcMinSplitChunks));
+    s = std::min<int64_t>(s, 64);
+    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
+    // Whole steps of 4 chunks per split where K allows.
+    pl.split_len = std::min(chunks, ceil_div(ceil_div(chunks, s), kTcQuad) * kTcQuad);
+    pl.splits = int32_t(ceil_div(chunks, pl.split_len));
+    const int64_t cap = std::max<int64_t>(1, target / int64_t(pl.splits));
+    const int64_t iters = ceil_div(row_groups, cap);
+    pl.qmv.split_chunks = pl.split_len;
+    pl.qmv.stage_chunks = int32_t(std::min<int64_t>(pl.split_len, qmv_tc_max_stage_chunks(pl.mt)));
+    pl.qmv.row_groups = int32_t(row_groups);
+    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), 1u);
+    pl.smem = qmv_tc_smem_bytes(pl.mt, pl.qmv.stage_chunks);
+  } else if (tc_ok && M > kGemvMaxRows16) {
     pl.path = Path::kGemm;
     pl.mt = qmm_tile_rows(M);
     const int64_t bn = qmm_bn(pl.mt);
@@ -727,6 +992,15 @@ cudaError_t launch_qmv(const QMatmulParams& p, const Plan& pl, float* partials, 
                                   : launch<qmv_kernel<T, MT, 1>, kSmem>(p, pl, kQmvThreads, pl.qmv, partials, stream);
 }
 
+// The tensor-core GEMV with MT rows of x, for the call's view.
+template <class T, int MT>
+cudaError_t launch_qmv_tc(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
+  constexpr size_t kSmem = qmv_tc_smem_bytes(MT, qmv_tc_max_stage_chunks(MT));
+  return p.bits == fmt::kInt8Bits
+             ? launch<qmv_tc_kernel<T, MT, 2>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream)
+             : launch<qmv_tc_kernel<T, MT, 1>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream);
+}
+
 // The GEMM with kBM rows of x per block tile, for the call's view.
 template <class T, int kBM>
 cudaError_t launch_qmm(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
@@ -751,7 +1025,12 @@ cudaError_t qmatmul_typed(const QMatmulParams& p, void* ws, size_t ws_bytes, int
   if (pl.grid.y > 65535u || pl.grid.z > 65535u) return cudaErrorInvalidValue;
   float* partials = pl.splits > 1 ? static_cast<float*>(ws) : nullptr;
   cudaError_t e = cudaSuccess;
-  if (pl.path == Path::kGemm) {
+  if (pl.path == Path::kTensorGemv) {
+    if constexpr (kTensorCores)
+      e = pl.mt == 8 ? launch_qmv_tc<T, 8>(p, pl, partials, stream) : launch_qmv_tc<T, 16>(p, pl, partials, stream);
+    else
+      return cudaErrorInvalidValue;  // unreachable: plan_qmatmul keeps float32 on the GEMV
+  } else if (pl.path == Path::kGemm) {
     if constexpr (kTensorCores) {
       switch (pl.mt) {
         case 16: e = launch_qmm<T, 16>(p, pl, partials, stream); break;

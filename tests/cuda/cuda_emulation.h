@@ -27,7 +27,7 @@
 //     cudaPeekAtLastError, cudaGetErrorString, cudaGetErrorName, cudaFuncSetAttribute,
 //     cudaGetDevice (always device 0);
 //   - bitswitch::cuda::ptx: mma_m16n8k16, ldmatrix_x4/_x4_trans/_x2/_x2_trans, cp_async16,
-//     cp_async_commit, cp_async_wait<N>, ld_stream, ld_nc, with the PTX ISA's semantics and
+//     cp_async_commit, cp_async_wait<N>, ld_stream, ld_nc, and_or, fma2, with the PTX ISA's semantics and
 //     the fragment layouts written in common.cuh;
 //   - cuda_emu::launch_kernel (what BS_LAUNCH expands to), cuda_emu::dynamic_shared_memory
 //     (BS_DYNAMIC_SMEM), cuda_emu::last_error(), cuda_emu::set_mode().
@@ -557,6 +557,11 @@ template <class T> inline float element(uint32_t reg, int half) {
   return float(v);
 }
 
+// r rounded to T: once for __half (a direct double -> _Float16 conversion); for
+// __nv_bfloat16 through float, which rounds twice only when r needs more than 24 bits.
+template <class T> inline T round_to(double r) { return T(r); }
+template <> inline __nv_bfloat16 round_to<__nv_bfloat16>(double r) { return __nv_bfloat16(float(r)); }
+
 // What one lane contributes to an mma: its fragments of A, B and C (40 bytes: one exchange).
 struct MmaFragments {
   uint32_t a[4];
@@ -698,6 +703,23 @@ inline uint4 ld_nc(const void* p) {
   uint4 r;
   std::memcpy(&r, p, 16);
   return r;
+}
+
+inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+
+// Each half: the exact a*b + c (in double: 16-bit products and sums of these magnitudes are
+// exact there) rounded once to T.
+template <class T> inline uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d = 0;
+  for (int half = 0; half < 2; ++half) {
+    const double r = double(emu_detail::element<T>(a, half)) * double(emu_detail::element<T>(b, half)) +
+                     double(emu_detail::element<T>(c, half));
+    const T v = emu_detail::round_to<T>(r);
+    uint16_t bits;
+    std::memcpy(&bits, static_cast<const void*>(&v), 2);
+    d |= uint32_t(bits) << (16 * half);
+  }
+  return d;
 }
 
 }  // namespace ptx

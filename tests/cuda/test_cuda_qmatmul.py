@@ -5,7 +5,9 @@ tests/test_qmatmul.py checks the CPU kernels.
 
 Covered: both views, group sizes 32 / 64 / 128, x float32 / bfloat16 / float16, every scale
 dtype, negative scales (MLX's quantizer makes them), M on both sides of every switch of the
-plan (16-bit x: GEMV for M <= 2, tensor-core tiles of 16, 32, 64 and 128 rows above) and past
+plan (16-bit x: the tensor-core GEMV for M <= 16 in tiles of 8 and 16 rows, tensor-core GEMM
+tiles of 32, 64 and 128 rows above; and with BITSWITCH_CUDA_SMALL_M=simt's choice, the FFMA
+GEMV for M <= 2 and the 16-row GEMM tile up to 16) and past
 one GEMV launch tile for float32 x, N and K off every tile (N = 1, 7, 200, 300; K = 96 to
 2304), split-K on (num_sms large enough to want it), off (no workspace), and narrowed (a
 workspace smaller than asked for), with the plan's path, tile and split count asserted, x rows
@@ -67,6 +69,9 @@ extern "C" int bs_qmatmul(const void* x, void* y, const uint32_t* p0, const uint
   return int(bitswitch::cuda::qmatmul(p, ws, size_t(ws_bytes), num_sms, nullptr));
 }
 
+// 1: 16-bit x with M <= 16 takes qmv_tc_kernel (the default); 0: BITSWITCH_CUDA_SMALL_M=simt's choice.
+extern "C" void bs_set_small_m_tensor_cores(int on) { bitswitch::cuda::qmm::small_m_override() = on; }
+
 extern "C" uint64_t bs_qmatmul_workspace(const void* x, int64_t m, int64_t n, int64_t k, int group_size, int bits,
                                          int x_dtype, int scale_dtype, int num_sms) {
   const QMatmulParams p = params(x, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, group_size, bits,
@@ -74,7 +79,7 @@ extern "C" uint64_t bs_qmatmul_workspace(const void* x, int64_t m, int64_t n, in
   return bitswitch::cuda::qmatmul_workspace_bytes(p, num_sms);
 }
 
-// The launch a call gets: path (0 GEMV, 1 tensor-core GEMM) * 1000000 + rows of x per M tile
+// The launch a call gets: path (0 GEMV, 1 tensor-core GEMM, 2 tensor-core GEMV) * 1000000 + rows of x per M tile
 // * 1000 + K splits.
 extern "C" int bs_qmatmul_plan(const void* x, int64_t m, int64_t n, int64_t k, int group_size, int bits, int x_dtype,
                                int num_sms, uint64_t ws_bytes) {
@@ -86,14 +91,17 @@ extern "C" int bs_qmatmul_plan(const void* x, int64_t m, int64_t n, int64_t k, i
 '''
 
 DTYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
-GEMV, GEMM = 0, 1
+GEMV, GEMM, GEMV_TC = 0, 1, 2
 SUCCESS, INVALID_VALUE = 0, 1
 # Against float64 on the same rounded inputs, relative to the largest output (as
 # tests/metal/test_metal_kernels.py): float32 accumulation in another order, and for 16-bit
-# x the rounding of y itself. The tensor-core path multiplies W dequantized to x's type, so its
+# x the rounding of y itself. The tensor-core paths multiply W dequantized to x's type, so their
 # reference rounds W likewise: that rounding, not the kernel's, dominates where outputs cancel
-# (|y| << |x| |w|, e.g. M = 3, N = 1).
+# (|y| << |x| |w|, e.g. M = 3, N = 1). The tensor-core GEMV rounds each weight twice (its
+# affine map is two packed FMAs and an add in x's type): up to one unit in the last place of W
+# where the reference has half, so twice the tolerance.
 QTOL = {"float32": 2e-5, "bfloat16": 8e-3, "float16": 1.5e-3}
+QTOL_GEMV_TC = {"bfloat16": 1.6e-2, "float16": 3e-3}
 GUARD = 64  # elements after y that no launch may write
 # What plan_qmatmul chose: path (GEMV / GEMM), rows of x per M tile, K splits.
 Plan = namedtuple("Plan", "path rows splits")
@@ -114,7 +122,17 @@ def lib(tmp_path_factory):
     lib.bs_qmatmul_workspace.restype = u64
     lib.bs_qmatmul_plan.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, u64]
     lib.bs_qmatmul_plan.restype = i32
+    lib.bs_set_small_m_tensor_cores.argtypes = [i32]
+    lib.bs_set_small_m_tensor_cores.restype = None
     return lib
+
+
+@pytest.fixture
+def simt_small_m(lib):
+    """BITSWITCH_CUDA_SMALL_M=simt's plans for the test, the default after it."""
+    lib.bs_set_small_m_tensor_cores(0)
+    yield
+    lib.bs_set_small_m_tensor_cores(-1)
 
 
 def make_case(rng, m, n, k, group_size, sdtype, xdtype, misaligned=False):
@@ -161,20 +179,21 @@ def check(lib, rng, m, n, k, gs, bits, xdtype, sdtype, num_sms, ws="full", misal
     y = y.astype(np.float64)
     assert not np.isnan(y).any(), f"{what}: outputs left unwritten"
     w = bs.dequantize_f64(qw, bits)
-    if plan.path == GEMM:
+    if plan.path in (GEMM, GEMV_TC):
         w = cast(w, xdtype).astype(np.float64)
     ref = np.asarray(x, np.float64) @ w.T
     err = rel_err(y, ref)
-    assert err <= QTOL[xdtype], f"{what}: {err:.2e}"
+    assert err <= (QTOL_GEMV_TC if plan.path == GEMV_TC else QTOL)[xdtype], f"{what}: {err:.2e}"
     return plan
 
 
 # (M, N, K): M across the GEMV and GEMM paths and each GEMV tile (1, 2, 4, 8, 16 rows: all for
-# float32 x, 1 and 2 for 16-bit x, whose M >= 3 takes the tensor cores);
+# float32 x; 16-bit x takes the tensor-core GEMV's 8- and 16-row tiles up to 16, the GEMM above);
 # N = 1 and 7 (one partial row group), 200 (past a 128-column GEMM tile, not a multiple of 32);
-# K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks).
+# K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks); M = 40
+# over K = 2048: a split 64-row GEMM tile.
 SHAPES = [(1, 7, 128), (1, 200, 640), (2, 33, 256), (3, 1, 640), (8, 40, 384), (16, 33, 256), (17, 7, 640),
-          (33, 200, 256)]
+          (33, 200, 256), (40, 30, 2048)]
 
 
 @pytest.mark.parametrize("xdtype", ["float32", "bfloat16", "float16"])
@@ -189,7 +208,18 @@ def test_matches_float64(lib, rng, xdtype, bits, gs):
             path, _, splits = check(lib, rng, m, n, k, gs, bits, xdtype, xdtype, sms)
             seen.add((path, splits > 1))
     assert seen == ({(GEMV, False), (GEMV, True)} if xdtype == "float32" else
-                    {(GEMV, False), (GEMV, True), (GEMM, False), (GEMM, True)})
+                    {(GEMV_TC, False), (GEMV_TC, True), (GEMM, False), (GEMM, True)})
+
+
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matches_float64_simt_small_m(lib, rng, simt_small_m, xdtype, bits):
+    """BITSWITCH_CUDA_SMALL_M=simt: the FFMA GEMV (M <= 2) and the 16-row GEMM tile instead."""
+    seen = set()
+    for i, (m, n, k) in enumerate(SHAPES[:6]):
+        path, rows, _ = check(lib, rng, m, n, k, (32, 64, 128)[i % 3], bits, xdtype, xdtype, 132)
+        seen.add((path, rows))
+    assert seen == {(GEMV, 1), (GEMV, 2), (GEMM, 16)}
 
 
 @pytest.mark.parametrize("xdtype,sdtype", [("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", "float32"),
@@ -200,33 +230,48 @@ def test_scale_dtypes(lib, rng, xdtype, sdtype):
             check(lib, rng, m, 24, 320, 32, bits, xdtype, sdtype, 132)
 
 
-# 16-bit x on both sides of every switch of plan_qmatmul: the GEMV up to M = 2, then tensor-core
-# tiles of 16 (M <= 16), 32 (<= 32), 64 (<= 64) and 128 rows. N = 7 (one partial n8 tile), 200
-# and 300 (past a 128- or 256-column tile, not a multiple of 32); K from 128 to 2304, every one
-# a multiple of 128 so any group size fits. Each with the Plan a 132-SM GPU gets with all the
-# workspace it asks for: (M, N, K, Plan).
+# 16-bit x on both sides of every switch of plan_qmatmul: the tensor-core GEMV's tiles of 8
+# (M <= 8) and 16 rows (<= 16), then tensor-core tiles of 32 (<= 32), 64 (<= 64) and 128 rows.
+# N = 7 (one partial n8 tile), 200 and 300 (past a 128- or 256-column tile, not a multiple of
+# 32); K from 128 to 2304, every one a multiple of 128 so any group size fits. Each with the
+# Plan a 132-SM GPU gets with all the workspace it asks for: (M, N, K, Plan).
 SMALL_BATCH_CASES = [
-    (2, 200, 640, Plan(GEMV, 2, 2)),
-    (3, 7, 1024, Plan(GEMM, 16, 4)),      # split-K: 32 k-tiles in splits of >= 8 (16-row tile)
-    (5, 300, 1152, Plan(GEMM, 16, 4)),
-    (8, 7, 640, Plan(GEMM, 16, 2)),
-    (13, 200, 384, Plan(GEMM, 16, 1)),    # 12 k-tiles: too few to split
-    (16, 300, 1280, Plan(GEMM, 16, 5)),
+    (2, 200, 640, Plan(GEMV_TC, 8, 2)),     # 20 chunks: 2 splits of 3 steps of 4 chunks
+    (3, 7, 1024, Plan(GEMV_TC, 8, 4)),      # split-K: 32 chunks in splits of >= 8
+    (5, 300, 1152, Plan(GEMV_TC, 8, 3)),
+    (8, 7, 640, Plan(GEMV_TC, 8, 2)),
+    (13, 200, 384, Plan(GEMV_TC, 16, 1)),   # 12 chunks: too few to split
+    (16, 300, 1280, Plan(GEMV_TC, 16, 5)),
     (17, 7, 1024, Plan(GEMM, 32, 2)),     # splits of >= 16 k-tiles
     (31, 300, 640, Plan(GEMM, 32, 1)),
     (33, 200, 2304, Plan(GEMM, 64, 2)),   # splits of >= 32 k-tiles, 128 columns per tile
     (64, 300, 128, Plan(GEMM, 64, 1)),
     (65, 200, 640, Plan(GEMM, 128, 5)),   # splits of >= 4 k-tiles
 ]
+# The first six under BITSWITCH_CUDA_SMALL_M=simt: the FFMA GEMV to M = 2, the 16-row GEMM tile.
+SIMT_SMALL_BATCH_PLANS = [Plan(GEMV, 2, 2), Plan(GEMM, 16, 4), Plan(GEMM, 16, 4), Plan(GEMM, 16, 2),
+                          Plan(GEMM, 16, 1), Plan(GEMM, 16, 5)]
 
 
 @pytest.mark.parametrize("xdtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_small_batch_tiles(lib, rng, xdtype, bits):
+@pytest.mark.parametrize("small_m", ["tensor cores", "simt"])
+def test_small_batch_tiles(lib, rng, xdtype, bits, small_m):
     """Each case with split-K as planned, off (no workspace) and narrowed (one partial too
     few); group sizes and scale dtypes rotate over the cases."""
     sdtypes = ("float32", "bfloat16", "float16")
-    for i, (m, n, k, want) in enumerate(SMALL_BATCH_CASES):
+    cases = SMALL_BATCH_CASES
+    if small_m == "simt":
+        cases = [(m, n, k, want) for (m, n, k, _), want in zip(cases, SIMT_SMALL_BATCH_PLANS)]
+    lib.bs_set_small_m_tensor_cores(small_m != "simt")
+    try:
+        run_small_batch_cases(lib, rng, xdtype, bits, cases, sdtypes)
+    finally:
+        lib.bs_set_small_m_tensor_cores(-1)
+
+
+def run_small_batch_cases(lib, rng, xdtype, bits, cases, sdtypes):
+    for i, (m, n, k, want) in enumerate(cases):
         gs, sdtype = (32, 64, 128)[i % 3], sdtypes[(i + bits) % 3]
         for ws in ("full", "none", "small"):
             if ws == "small" and want.splits <= 2:
@@ -235,7 +280,7 @@ def test_small_batch_tiles(lib, rng, xdtype, bits):
             assert plan == want._replace(splits={"full": want.splits, "none": 1, "small": want.splits - 1}[ws])
 
 
-def test_small_batch_pipeline_with_threads(lib, rng):
+def test_small_batch_pipeline_with_threads(lib, rng, simt_small_m):
     """The 16-row tile over 40 k-tiles without split-K, each GPU thread an OS thread: the
     cp.async waits and the one barrier per tile must order the dequantization's writes of one
     Bd half against other warps' ldmatrix reads of it, which fibers, switching only at warp
@@ -275,7 +320,8 @@ def test_k_longer_than_the_staged_x(lib, rng, m, k):
     """Without split-K a GEMV block walks K in slices of x staged in shared memory (1024
     inputs at 16 rows, 2048 at 4, 4096 at 2): each row group restages them, so the barrier
     before overwriting a slice other warps still read matters. Several row groups per block.
-    float16 x at M = 9 takes the GEMV only when its rows are not 16-byte aligned (4-row tiles).
+    float16 x at M = 9 takes the GEMV only when its rows are not 16-byte aligned (4-row tiles);
+    at M = 2 it takes the tensor-core GEMV, which stages 4096 inputs of its 8 rows at once.
     Run with an OS thread per GPU thread: as fibers, the staging's shuffles let every warp
     finish the old slice before any overwrites it, which would hide a missing barrier."""
     emulator.set_threads_mode(lib, True)
@@ -283,7 +329,8 @@ def test_k_longer_than_the_staged_x(lib, rng, m, k):
         for xdtype, bits in (("float32", 4), ("float16", 8)):
             misaligned = xdtype == "float16" and m > 2
             plan = check(lib, rng, m, 300, k, 128, bits, xdtype, "float32", 1, ws="none", misaligned=misaligned)
-            assert plan == (GEMV, m if m <= 2 else 4 if misaligned else 16, 1)
+            want = (GEMV, 4 if misaligned else 16, 1) if m > 2 else (GEMV_TC, 8, 1) if xdtype == "float16" else (GEMV, m, 1)
+            assert plan == want
     finally:
         emulator.set_threads_mode(lib, False)
 
