@@ -383,13 +383,15 @@ BS_HOST_DEVICE constexpr size_t qmv_tc_smem_bytes(int mt, int stage_chunks) {
   return size_t(mt) * size_t(qmv_tc_row_pitch(stage_chunks)) * 16;
 }
 
-// Packed-pair constants of T: M + q for a 4-bit q OR-ed into the mantissa, -M, 1 and 16.
+// Packed-pair constants of T: M + q for a 4-bit q OR-ed into the mantissa, -M, 1 and 16; T's DType.
 template <class T> struct TcMagic;
 template <> struct TcMagic<__nv_bfloat16> {
   static constexpr uint32_t kMagic = 0x43004300u, kNegMagic = 0xC300C300u, kOne = 0x3F803F80u, kSixteen = 0x41804180u;
+  static constexpr DType kDType = DType::kBFloat16;
 };
 template <> struct TcMagic<__half> {
   static constexpr uint32_t kMagic = 0x64006400u, kNegMagic = 0xE400E400u, kOne = 0x3C003C00u, kSixteen = 0x4C004C00u;
+  static constexpr DType kDType = DType::kFloat16;
 };
 
 // Codes (i, i + 4) of `word` as the exact packed pair of T.
@@ -418,9 +420,21 @@ template <class T, int kPlanes> BS_DEVICE TcAffine tc_affine(float s, float b) {
   return a;
 }
 
-// The packed weights (w of codes i, i + 4) of one word pair.
-template <class T, int kPlanes> BS_DEVICE uint32_t weight_pair(uint32_t w0, uint32_t w1, int i, const TcAffine& f) {
+// INT4 with scales and biases stored in T (the common case: MLX checkpoints, bitswitch.quantize
+// with scales_dtype of x's): w = s q + b is one packed FMA on the exact q, rounded once like
+// the reference, and S, B need no split: hi = (s, b) as stored, lo unused.
+template <class T> BS_DEVICE TcAffine tc_affine_stored(uint16_t s, uint16_t b) {
+  TcAffine a;
+  a.hi = make_uint2(uint32_t(s) | (uint32_t(s) << 16), uint32_t(b) | (uint32_t(b) << 16));
+  a.lo = make_uint2(0u, 0u);
+  return a;
+}
+
+// The packed weights (w of codes i, i + 4) of one word pair; kStored: tc_affine_stored's map.
+template <class T, int kPlanes, bool kStored>
+BS_DEVICE uint32_t weight_pair(uint32_t w0, uint32_t w1, int i, const TcAffine& f) {
   using K = TcMagic<T>;
+  if (kStored) return ptx::fma2<T>(code_pair<T>(w0, i), f.hi.x, f.hi.y);
   uint32_t p2;
   if (kPlanes == 1) {
     p2 = ptx::and_or(w0 >> (fmt::kPlaneBits * i), 0x000F000Fu, K::kMagic);
@@ -432,14 +446,16 @@ template <class T, int kPlanes> BS_DEVICE uint32_t weight_pair(uint32_t w0, uint
 }
 
 // y[m0 + m, n] (or partials[split, m0 + m, n] when split-K) for the M tile m0 = blockIdx.z * MT.
-//   T: __nv_bfloat16 or __half; MT: 8 or 16 rows of x per tile; kPlanes: 1 (INT4) or 2 (INT8).
+//   T: __nv_bfloat16 or __half; MT: 8 or 16 rows of x per tile; kPlanes: 1 (INT4) or 2 (INT8);
+//   kStored: INT4 with scales of dtype T (tc_affine_stored), else any view and scale dtype.
 // p: the call; x 16-byte aligned (the planner sends other x to qmv_kernel).
 // shape: the split and staging sizes.
 // partials: [gridDim.x, M, N] float32 when gridDim.x > 1 (split-K), else unused (y written).
-template <class T, int MT, int kPlanes>
+template <class T, int MT, int kPlanes, bool kStored>
 __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulParams p, const QmvShape shape,
                                                              float* partials) {
   static_assert(MT == 8 || MT == 16, "qmv_tc_kernel tiles: 8 or 16 rows of x");
+  static_assert(!kStored || kPlanes == 1, "the stored-scale map is INT4's");
   constexpr int kXTiles = MT / 8;  // n8 tiles of x
   // Steps whose loads are in flight at once: 64 bytes per lane for either view.
   constexpr int U = kPlanes == 1 ? 2 : 1;
@@ -459,6 +475,21 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
   int64_t staged = -1;
   for (int64_t rg = blockIdx.y; rg < shape.row_groups; rg += gridDim.y) {
     const int64_t n0 = (rg * kTcWarps + warp) * 16;
+    // This lane's two W rows (g, g + 8): plane rows as uint4 (one per chunk) and the first
+    // scale index; rows past N read row 0's addresses but never load.
+    const uint4* prow0[2];
+    const uint4* prow1[2];
+    int64_t srow[2];
+    bool rok[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t n = n0 + 8 * r + g;
+      rok[r] = n < N;
+      const int64_t nn = rok[r] ? n : 0;
+      prow0[r] = reinterpret_cast<const uint4*>(p.plane0 + nn * words);
+      prow1[r] = reinterpret_cast<const uint4*>((kPlanes == 2 ? p.plane1 : p.plane0) + nn * words);
+      srow[r] = nn * groups;
+    }
     float acc[kXTiles][4];
 #pragma unroll
     for (int i = 0; i < kXTiles; ++i)
@@ -499,16 +530,29 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
           const int lc = q + kTcQuad * u + t;  // this lane's chunk in the slice
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int64_t n = n0 + 8 * r + g, c = cs + lc;
+            const int c = int(cs) + lc;  // chunk index in the row (K / 32 < 2^31)
+            const int64_t si = srow[r] + (c >> group_shift);
+            const bool ok = rok[r] && lc < nch;
             w0[u][r] = w1[u][r] = make_uint4(0, 0, 0, 0);
-            float s = 0.0f, b = 0.0f;
-            if (n < N && lc < nch) {
-              w0[u][r] = ptx::ld_stream(p.plane0 + n * words + c * 4);
-              if (kPlanes == 2) w1[u][r] = ptx::ld_stream(p.plane1 + n * words + c * 4);
-              s = load_scale(p.scales, n * groups + (c >> group_shift), p.scale_dtype);
-              b = load_scale(p.biases, n * groups + (c >> group_shift), p.scale_dtype);
+            if (ok) {
+              w0[u][r] = ptx::ld_stream(prow0[r] + c);
+              if (kPlanes == 2) w1[u][r] = ptx::ld_stream(prow1[r] + c);
             }
-            f[u][r] = tc_affine<T, kPlanes>(s, b);
+            if (kStored) {
+              uint16_t s = 0, b = 0;
+              if (ok) {
+                s = static_cast<const uint16_t*>(p.scales)[si];
+                b = static_cast<const uint16_t*>(p.biases)[si];
+              }
+              f[u][r] = tc_affine_stored<T>(s, b);
+            } else {
+              float s = 0.0f, b = 0.0f;
+              if (ok) {
+                s = load_scale(p.scales, si, p.scale_dtype);
+                b = load_scale(p.biases, si, p.scale_dtype);
+              }
+              f[u][r] = tc_affine<T, kPlanes>(s, b);
+            }
           }
         }
 #pragma unroll
@@ -529,8 +573,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
               for (int e = 0; e < 2; ++e)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                  a[2 * e + r] = weight_pair<T, kPlanes>(word_of(w0[u][r], wi), word_of(w1[u][r], wi), 2 * h + e,
-                                                         f[u][r]);
+                  a[2 * e + r] = weight_pair<T, kPlanes, kStored>(word_of(w0[u][r], wi), word_of(w1[u][r], wi),
+                                                                   2 * h + e, f[u][r]);
 #pragma unroll
               for (int i = 0; i < kXTiles; ++i) {
                 const uint32_t b[2] = {h ? xv[i].z : xv[i].x, h ? xv[i].w : xv[i].y};
@@ -997,8 +1041,10 @@ template <class T, int MT>
 cudaError_t launch_qmv_tc(const QMatmulParams& p, const Plan& pl, float* partials, cudaStream_t stream) {
   constexpr size_t kSmem = qmv_tc_smem_bytes(MT, qmv_tc_max_stage_chunks(MT));
   return p.bits == fmt::kInt8Bits
-             ? launch<qmv_tc_kernel<T, MT, 2>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream)
-             : launch<qmv_tc_kernel<T, MT, 1>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream);
+             ? launch<qmv_tc_kernel<T, MT, 2, false>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream)
+         : p.scale_dtype == TcMagic<T>::kDType
+             ? launch<qmv_tc_kernel<T, MT, 1, true>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream)
+             : launch<qmv_tc_kernel<T, MT, 1, false>, kSmem>(p, pl, kTcThreads, pl.qmv, partials, stream);
 }
 
 // The GEMM with kBM rows of x per block tile, for the call's view.
