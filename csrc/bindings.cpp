@@ -443,6 +443,35 @@ is queued on `stream` (a cudaStream_t as an integer, 0: the default stream) with
 `workspace_bytes` of scratch at device address `workspace` (see
 bitswitch._cuda.qmatmul_workspace_bytes); nothing waits for it to finish.)doc");
 
+  m.def(
+      "dequantize",
+      [](py::handle plane0, py::handle plane1, py::handle scales, py::handle biases, int64_t group_size, int64_t bits,
+         py::handle out, uintptr_t stream) {
+        const char* op = "dequantize";
+        Arg ap0, ap1, as, ab, ao;
+        to_arg(plane0, ap0, op, "plane0");
+        bs::WeightViews w;
+        w.has_plane1 = !plane1.is_none();
+        if (w.has_plane1) to_arg(plane1, ap1, op, "plane1");
+        to_arg(scales, as, op, "scales");
+        to_arg(biases, ab, op, "biases");
+        to_arg(out, ao, op, "out");
+        w.plane0 = ap0.v;
+        w.plane1 = ap1.v;
+        w.scales = as.v;
+        w.biases = ab.v;
+        w.group_size = group_size;
+        const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
+        py::gil_scoped_release nogil;
+        bs::dequantize(w, bits, ao.v, &launch);
+      },
+      py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"), py::arg("group_size"),
+      py::arg("bits"), py::arg("out"), py::arg("stream") = 0,
+      R"doc(out[N, K] = W, the nibble-plane weight read as `bits` (4: plane 0, 8: planes 0 and 1),
+in out's float dtype (float32, bfloat16 or float16): each weight computed in float32 and
+rounded once. Arrays as for qmatmul: all in CPU memory or all on one CUDA device (then the
+kernel is queued on `stream`, nothing waits for it).)doc");
+
   py::class_<DecodeStepHolder>(m, "DecodeStep", R"doc(One decode step of a Qwen3 / Qwen2 model in one native call (CPU).
 
 Built once from the model's arrays (bitswitch.models.qwen3 does it; rebuilt when the precision,

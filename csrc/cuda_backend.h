@@ -14,7 +14,7 @@ namespace bitswitch {
 
 // Bump when the layout of anything below (or of the argument structs) changes; _C refuses
 // a table of another version.
-constexpr int32_t kCudaBackendAbi = 3;
+constexpr int32_t kCudaBackendAbi = 4;
 
 // Where a CUDA op runs: the caller's stream on the caller's device, with scratch memory
 // the caller allocated (from torch's allocator, so launches stay graph-capturable).
@@ -34,6 +34,8 @@ struct CudaBackend {
   int32_t (*rms_norm)(const cpu::RmsNormArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
   int32_t (*rope)(const cpu::RopeArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
   int32_t (*silu_mul)(const cpu::SiluMulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
+  // W [n, k] into a->y (dtype a->x_dtype); a->x and a->m unused.
+  int32_t (*dequantize)(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) = nullptr;
 };
 
 }  // namespace bitswitch

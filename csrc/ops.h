@@ -101,6 +101,10 @@ void validate_weight(const char* op, const WeightViews& w);
 void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const TensorView& out,
              int64_t act_bits = 16, const CudaLaunch* cuda = nullptr);
 
+// out[N, K] = W read as `bits`, in out's float dtype (each weight computed in float32 and
+// rounded once). On CPU memory or on W's CUDA device (then on cuda->stream).
+void dequantize(const WeightViews& w, int64_t bits, const TensorView& out, const CudaLaunch* cuda = nullptr);
+
 // A block mask in BSR form per (batch, kv head); has_mask false means dense.
 struct BlockMaskViews {
   bool has_mask = false;

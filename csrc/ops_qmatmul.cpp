@@ -282,6 +282,70 @@ void qmatmul(const TensorView& x, const WeightViews& w, int64_t bits, const Tens
   check_status(op, s);
 }
 
+void dequantize(const WeightViews& w, int64_t bits, const TensorView& out, const CudaLaunch* cuda) {
+  const char* op = "dequantize";
+  if (!fmt::is_supported_bits(int(bits)))
+    throw ValueError(prefix(op, "bits") + "must be 4 (plane 0) or 8 (planes 0 and 1), got " + std::to_string(bits));
+  validate_weight(op, w);
+  if (bits == fmt::kInt8Bits && !w.has_plane1)
+    throw ValueError(prefix(op, "bits") + "is 8 but the weight has no plane 1 (it holds only the INT4 view); use bits=4");
+  const int64_t N = w.plane0.shape[0], K = w.plane0.shape[1] * fmt::kValuesPerWord;
+  check_device(op, "out", out, "plane0", w.plane0);
+  check_matrix(op, "out", out);
+  check_dtype_float(op, "out", out);
+  check_shape(op, "out", out, N, K, "(the weight's rows by its inputs)");
+  if (!out.writable) throw ValueError(prefix(op, "out") + "is read-only");
+  const TensorView* plane1 = w.has_plane1 ? &w.plane1 : nullptr;
+  for (const TensorView* in : {&w.plane0, plane1, &w.scales, &w.biases})
+    if (in && out.overlaps(*in)) throw ValueError(prefix(op, "out") + "overlaps an input array");
+
+  cpu::QMatmulArgs a{};
+  a.y = out.data;
+  a.plane0 = static_cast<const uint32_t*>(w.plane0.data);
+  a.plane1 = bits == fmt::kInt8Bits ? static_cast<const uint32_t*>(plane1->data) : nullptr;
+  a.scales = w.scales.data;
+  a.biases = w.biases.data;
+  a.n = N;
+  a.k = K;
+  a.group_size = int32_t(w.group_size);
+  a.bits = int32_t(bits);
+  a.act_bits = 16;
+  a.x_dtype = out.dtype;
+  a.scale_dtype = w.scales.dtype;
+  if (out.device == Device::kCUDA) {
+    for (const TensorView* t : {&w.plane0, a.plane1 ? plane1 : nullptr, &out})
+      if (t && (reinterpret_cast<uintptr_t>(t->data) & 15))
+        throw ValueError(prefix(op, t == &out ? "out" : t == plane1 ? "plane1" : "plane0") +
+                         "must start at a 16-byte aligned address on CUDA; make a contiguous copy");
+    return run_cuda(op, "out", out, cuda, a, [](const CudaBackend& b) { return b.dequantize; });
+  }
+  // CPU: rows in parallel, each weight as the scalar reference computes it.
+  const int64_t groups = K / w.group_size, words = K / fmt::kValuesPerWord;
+  auto scale = [&](const void* p, int64_t i) {
+    switch (a.scale_dtype) {
+      case DType::kBFloat16: return cpu::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+      case DType::kFloat16: return cpu::f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+      default: return static_cast<const float*>(p)[i];
+    }
+  };
+  auto pool = cpu::pool();
+  pool->parallel_for(N, [&](int64_t n, int) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = n * groups + k / w.group_size;
+      const float s = scale(a.scales, g), b = scale(a.biases, g);
+      const uint32_t q = fmt::unpack_code(a.plane0[n * words + k / fmt::kValuesPerWord], int(k % fmt::kValuesPerWord));
+      const float v = a.plane1 ? fmt::dequant_int8(q, fmt::unpack_code(a.plane1[n * words + k / fmt::kValuesPerWord],
+                                                                   int(k % fmt::kValuesPerWord)), s, b)
+                               : fmt::dequant_int4(q, s, b);
+      switch (out.dtype) {
+        case DType::kBFloat16: static_cast<uint16_t*>(out.data)[n * K + k] = cpu::f32_to_bf16(v); break;
+        case DType::kFloat16: static_cast<uint16_t*>(out.data)[n * K + k] = cpu::f32_to_f16(v); break;
+        default: static_cast<float*>(out.data)[n * K + k] = v;
+      }
+    }
+  });
+}
+
 double read_stream(const TensorView& buffer) {
   if (buffer.device != Device::kCPU) throw ValueError("read_stream: buffer must be in CPU memory");
   if (!buffer.row_contiguous()) throw ValueError("read_stream: buffer must be contiguous");

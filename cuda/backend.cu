@@ -141,6 +141,10 @@ int32_t qmatmul_entry(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err,
   return launch_on(l, qmatmul_params(*a), &cuda::qmatmul, "qmatmul launch", err, errlen);
 }
 
+int32_t dequantize_entry(const cpu::QMatmulArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
+  return launch_on(l, qmatmul_params(*a), &cuda::dequantize, "dequantize launch", err, errlen);
+}
+
 int32_t attention_entry(const cpu::AttentionArgs* a, const CudaLaunch* l, char* err, int32_t errlen) {
   return launch_on(l, attention_params(*a), &cuda::attention, "attention launch", err, errlen);
 }
@@ -239,6 +243,7 @@ const CudaBackend* backend_table() {
     t.rms_norm = rms_norm_entry;
     t.rope = rope_entry;
     t.silu_mul = silu_mul_entry;
+    t.dequantize = dequantize_entry;
     return t;
   }();
   return &table;

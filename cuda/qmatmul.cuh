@@ -63,11 +63,21 @@ inline size_t qmatmul_workspace_bytes(const QMatmulParams& p, int num_sms);
 inline cudaError_t qmatmul(const QMatmulParams& p, void* workspace, size_t workspace_bytes, int num_sms,
                     cudaStream_t stream);
 
+// W[N, K] dequantized into p.y (dtype p.x_dtype; p.x and p.m unused), each weight computed as
+// the tensor-core GEMM's tiles compute it (w = A f + B in float, rounded once). For prefill the
+// caller can run a dense GEMM on it (bitswitch.torch does, through cuBLAS, from M >=
+// BITSWITCH_CUDA_DEQUANT_M rows). Same signature as qmatmul (the workspace is unused).
+inline cudaError_t dequantize(const QMatmulParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+                              cudaStream_t stream);
+
 // One per activation dtype, each defined in its own instance file (qmatmul_<dtype>.cu) so the
-// three compile in parallel; qmatmul() picks one.
+// three compile in parallel; qmatmul() / dequantize() pick one.
 cudaError_t qmatmul_f32(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
 cudaError_t qmatmul_bf16(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
 cudaError_t qmatmul_f16(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream);
+cudaError_t dequantize_f32(const QMatmulParams& p, int num_sms, cudaStream_t stream);
+cudaError_t dequantize_bf16(const QMatmulParams& p, int num_sms, cudaStream_t stream);
+cudaError_t dequantize_f16(const QMatmulParams& p, int num_sms, cudaStream_t stream);
 
 // ---- Dequantization ----------------------------------------------------------------------------
 namespace qmm {
@@ -726,8 +736,10 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
     }
   };
   // (A, B) of this thread's dequantization rows (tid/4 + 64 j) for tile t.
+  int group_shift = 0;  // k-tile -> group index: G / 32 is 1, 2 or 4 (no division in the loop)
+  while ((kQmmBK << group_shift) < p.group_size) ++group_shift;
   auto coeffs = [&](int t, float2 ab[kDq]) {
-    const int64_t g = (t_begin + t) * kQmmBK / p.group_size;
+    const int64_t g = (t_begin + t) >> group_shift;
 #pragma unroll
     for (int j = 0; j < kDq; ++j) {
       const int64_t n = n0 + (tid + j * kQmmThreads) / kQmmRowChunks;
@@ -856,6 +868,59 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
       }
     }
   }
+}
+
+// ---- Dense W: dequantize_kernel -----------------------------------------------------------------
+//
+// One thread per chunk (32 codes of one row: 16 bytes per plane in, 32 values out), grid-stride;
+// consecutive threads take consecutive chunks of a row, so loads and stores are contiguous.
+// W[n, k] = A f + B in float (code_affine), rounded once to T: the values the GEMM's shared-memory
+// tiles hold.
+template <class T, int kPlanes>
+__global__ void __launch_bounds__(256) dequantize_kernel(const QMatmulParams p) {
+  const int64_t per_row = p.k / kChunk, total = p.n * per_row;
+  const int64_t words = fmt::words_per_row(p.k), groups = fmt::groups_per_row(p.k, p.group_size);
+  int group_shift = 0;
+  while ((kChunk << group_shift) < p.group_size) ++group_shift;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t n = i / per_row, c = i - n * per_row;
+    const uint4 v0 = ptx::ld_stream(p.plane0 + n * words + c * 4);
+    const uint4 v1 = kPlanes == 2 ? ptx::ld_stream(p.plane1 + n * words + c * 4) : make_uint4(0, 0, 0, 0);
+    const int64_t g = n * groups + (c >> group_shift);
+    const float2 ab = code_affine<kPlanes>(load_scale(p.scales, g, p.scale_dtype), load_scale(p.biases, g, p.scale_dtype));
+    T* dst = static_cast<T*>(p.y) + n * p.k + c * kChunk;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float f[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = fmaf(ab.x, view_f<kPlanes>(word_of(v0, j), word_of(v1, j), e), ab.y);
+      if constexpr (sizeof(T) == 4) {
+        reinterpret_cast<float4*>(dst + 8 * j)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        reinterpret_cast<float4*>(dst + 8 * j)[1] = make_float4(f[4], f[5], f[6], f[7]);
+      } else {
+        *reinterpret_cast<uint4*>(dst + 8 * j) =
+            make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+      }
+    }
+  }
+}
+
+// The launcher of one output dtype: 256-thread blocks, at most 16 per SM (grid-stride past that).
+template <class T> cudaError_t dequantize_typed(const QMatmulParams& p, int num_sms, cudaStream_t stream) {
+  if ((reinterpret_cast<uintptr_t>(p.plane0) & 15) ||
+      (p.bits == fmt::kInt8Bits && (reinterpret_cast<uintptr_t>(p.plane1) & 15)) ||
+      (reinterpret_cast<uintptr_t>(p.y) & 15))
+    return cudaErrorInvalidValue;
+  if (p.n <= 0 || p.k <= 0) return cudaErrorInvalidValue;
+  const int64_t chunks = p.n * (p.k / kChunk);
+  const int64_t blocks = std::min<int64_t>((chunks + 255) / 256, int64_t(num_sms > 0 ? num_sms : 1) * 16);
+  if (p.bits == fmt::kInt8Bits) {
+    auto* kernel = dequantize_kernel<T, 2>;
+    return BS_LAUNCH(kernel, unsigned(blocks), 256, 0, stream, p);
+  }
+  auto* kernel = dequantize_kernel<T, 1>;
+  return BS_LAUNCH(kernel, unsigned(blocks), 256, 0, stream, p);
 }
 
 // ---- Planning (host) ---------------------------------------------------------------------------
@@ -1112,6 +1177,15 @@ cudaError_t qmatmul_typed(const QMatmulParams& p, void* ws, size_t ws_bytes, int
 inline size_t qmatmul_workspace_bytes(const QMatmulParams& p, int num_sms) {
   if (p.m <= 0 || p.n <= 0 || p.k <= 0) return 0;
   return qmm::plan_qmatmul(p, num_sms, ~size_t(0)).ws_bytes;
+}
+
+inline cudaError_t dequantize(const QMatmulParams& p, void*, size_t, int num_sms, cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case DType::kFloat32: return dequantize_f32(p, num_sms, stream);
+    case DType::kBFloat16: return dequantize_bf16(p, num_sms, stream);
+    case DType::kFloat16: return dequantize_f16(p, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;  // a dtype the ops glue should have refused
 }
 
 inline cudaError_t qmatmul(const QMatmulParams& p, void* workspace, size_t workspace_bytes, int num_sms,

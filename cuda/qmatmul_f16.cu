@@ -1,5 +1,19 @@
-// qmatmul instances for float16 activations: the same set as qmatmul_bf16.cu (see there),
-// with the f16 form of mma.m16n8k16.
+// qmatmul instances for float16 activations.
+//
+// - qmv_tc_kernel<__half, MT, planes, stored>, MT = 8, 16: M <= 16 on tensor cores, weights
+//   streamed straight into mma fragments (the decode path); planes 1 with `stored` (scales in
+//   float16: one exact packed FMA per code pair) and without, planes 2 without.
+// - qmv_kernel<__half, MT, planes>, MT = 1, 2, 4, planes 1 (INT4) and 2 (INT8): x rows that
+//   are not 16-byte aligned (cp.async and the tensor-core GEMV's staging need them: a rare
+//   view), in M/4 tiles; and M <= 2 under BITSWITCH_CUDA_SMALL_M=simt.
+// - qmm_kernel<__half, planes, BM>, planes 1 and 2, on tensor cores:
+//   BM = 32, 64 (x 256 / 128 rows of W): small batches, 16 < M <= 64, where the weight stream
+//   and the once-per-block dequantization set the time; BM = 16 for M <= 16 under
+//   BITSWITCH_CUDA_SMALL_M=simt. BM = 128 (x 128): prefill, M > 64.
+//   Split-K fills the GPU when M x N gives few tiles.
+// - dequantize_kernel<__half, planes>: W as a dense matrix (bitswitch.torch's large-M path).
+// - qmm_splitk_reduce_kernel<__half>: sums the split-K partials of every kernel above.
+// Group size and scale dtype are runtime values and add no instances (but `stored`).
 #include "qmatmul.cuh"
 
 namespace bitswitch {
@@ -7,6 +21,10 @@ namespace cuda {
 
 cudaError_t qmatmul_f16(const QMatmulParams& p, void* ws, size_t ws_bytes, int num_sms, cudaStream_t stream) {
   return qmm::qmatmul_typed<__half, true>(p, ws, ws_bytes, num_sms, stream);
+}
+
+cudaError_t dequantize_f16(const QMatmulParams& p, int num_sms, cudaStream_t stream) {
+  return qmm::dequantize_typed<__half>(p, num_sms, stream);
 }
 
 }  // namespace cuda

@@ -52,7 +52,9 @@ def _stream() -> int:
 
 def _sync() -> None:
     if not ON_CPU:
-        _sync()
+        torch.cuda.synchronize()
+
+
 ATTN_TOL = {"float32": 2e-5, "bfloat16": 8e-3, "float16": 1.5e-3}
 
 
@@ -91,7 +93,11 @@ def _run_native(x, qw, bits):
                stream=_stream(), workspace=ws.data_ptr() if nbytes else 0,
                workspace_bytes=nbytes)
     _sync()
-    assert torch.equal(out, y) or rel_err(out.float().cpu().numpy(), y.float().cpu().numpy()) <= 1e-6
+    if x.is_cuda and x.dtype != torch.float32 and 0 < bt._DEQUANT_MIN_M <= m:
+        # the op took the dequantize + cuBLAS path: another summation, the same rounded W
+        assert rel_err(out.float().cpu().numpy(), y.float().cpu().numpy()) <= QTOL[str(x.dtype)[6:]]
+    else:
+        assert torch.equal(out, y) or rel_err(out.float().cpu().numpy(), y.float().cpu().numpy()) <= 1e-6
     return out
 
 
@@ -115,6 +121,30 @@ def test_qmatmul_matches_float64(rng, m, n, k, bits):
             assert not torch.isnan(y).any()
             err = rel_err(y.float().cpu().numpy(), ref)
             assert err <= QTOL[dtype], f"m={m} n={n} k={k} G={group} bits={bits} {dtype}/{sdt}: {err:.2e}"
+
+
+@gpu_only
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qmatmul_large_m_dequantize_path(rng, monkeypatch, bits):
+    """16-bit x with M >= BITSWITCH_CUDA_DEQUANT_M: W dequantized on the GPU (whole, and in
+    slices of 64 rows) and one cuBLAS GEMM per slice, against float64 on the same rounded W;
+    the native dequantize against the CPU's."""
+    m, n, k = bt._DEQUANT_MIN_M + 3, 200, 1024
+    for dtype in ("bfloat16", "float16"):
+        qw = _weight(rng, n, k, 64, dtype, 8)
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) / 32).to(DT[dtype]).to(DEV)
+        ref = _reference(x, qw, bits)
+        for slice_bytes in (64 * 2 * k, 1 << 30):
+            monkeypatch.setattr(bt, "_DEQUANT_SLICE_BYTES", slice_bytes)
+            y = bt._qmatmul_cuda(x, qw.plane0, qw.plane1, qw.scales, qw.biases, 64, bits)
+            assert rel_err(y.float().cpu().numpy(), ref) <= QTOL[dtype]
+        w = torch.empty(n, k, dtype=DT[dtype], device=DEV)
+        _C.dequantize(qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, 64, bits, w, stream=_stream())
+        w_cpu = torch.empty(n, k, dtype=DT[dtype])
+        _C.dequantize(qw.plane0.cpu(), qw.plane1.cpu() if bits == 8 else None, qw.scales.cpu(), qw.biases.cpu(), 64,
+                      bits, w_cpu)
+        _sync()
+        assert (w.cpu().float() - w_cpu.float()).abs().max() <= 2 ** -7 * w_cpu.float().abs().max()
 
 
 def test_qmatmul_workspace_is_optional(rng):

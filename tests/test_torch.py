@@ -173,3 +173,48 @@ def test_torch_threads_sets_and_restores_the_count():
         with pytest.raises(ValueError, match="torch_threads: n must be a positive integer"):
             with torch_threads(bad):
                 pass
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dequant_gemm_path_matches_reference(rng, monkeypatch, bits, dtype):
+    """The large-M path of CUDA qmatmul (W dequantized slice by slice, one dense matmul per
+    slice into the output's columns), run on CPU tensors: slices of 64 rows over N = 200
+    (the last one short), and one slice holding all of N."""
+    import bitswitch.torch as bt
+
+    dt = getattr(torch, dtype)
+    w = rng.standard_normal((200, 256)).astype(np.float32)
+    qw = bs.quantize(w, group_size=64, bits=8).to("torch")
+    x = torch.from_numpy(rng.standard_normal((3, 5, 256)).astype(np.float32) / 16).to(dt)
+    ref = x.double().numpy().reshape(15, 256) @ torch.from_numpy(
+        bs.dequantize_f64(qw.to("numpy"), bits)).to(dt).double().numpy().T
+    for slice_bytes in (64 * 2 * 256, 1 << 30):
+        monkeypatch.setattr(bt, "_DEQUANT_SLICE_BYTES", slice_bytes)
+        out = torch.full((3, 5, 200), float("nan"), dtype=dt)
+        y = bt._qmatmul_dequant_gemm(x, qw.plane0, qw.plane1, qw.scales, qw.biases, 64, bits, out)
+        assert y is out and not torch.isnan(out).any()
+        assert rel_err(out.float().numpy().reshape(15, 200), ref) <= 1e-2
+
+
+def test_native_dequantize_matches_float64_and_checks_its_arguments(rng):
+    from bitswitch import _C
+
+    w = rng.standard_normal((37, 256)).astype(np.float32)
+    for sdtype in ("float32", "bfloat16"):
+        qw = bs.quantize(w, group_size=64, bits=8, scales_dtype=sdtype).to("torch")
+        for bits in (4, 8):
+            ref = bs.dequantize_f64(qw.to("numpy"), bits)
+            for dt, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)):
+                out = torch.full((37, 256), float("nan"), dtype=dt)
+                _C.dequantize(qw.plane0, qw.plane1 if bits == 8 else None, qw.scales, qw.biases, 64, bits, out)
+                err = (out.double().numpy() - ref).__abs__().max() / np.abs(ref).max()
+                assert err <= tol, (sdtype, bits, dt, err)
+    with pytest.raises(ValueError, match=r"dequantize: out must have shape \(37, 256\)"):
+        _C.dequantize(qw.plane0, None, qw.scales, qw.biases, 64, 4, torch.zeros(37, 255))
+    with pytest.raises(TypeError, match="dequantize: out must be float32, bfloat16 or float16"):
+        _C.dequantize(qw.plane0, None, qw.scales, qw.biases, 64, 4, torch.zeros(37, 256, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dequantize: bits is 8 but the weight has no plane 1"):
+        _C.dequantize(qw.plane0, None, qw.scales, qw.biases, 64, 8, torch.zeros(37, 256))
+    with pytest.raises(ValueError, match="dequantize: group_size must be 32, 64 or 128"):
+        _C.dequantize(qw.plane0, None, qw.scales, qw.biases, 48, 4, torch.zeros(37, 256))

@@ -8,6 +8,7 @@ call them as ``torch.ops.bitswitch.qmatmul``.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -169,6 +170,33 @@ def _workspace(key: tuple, size_fn, device: torch.device) -> tuple:
     return ws, ws.data_ptr(), nbytes
 
 
+# 16-bit x with at least this many rows takes qmatmul on CUDA as W dequantized to x's dtype
+# (bitswitch._C.dequantize, in slices of at most _DEQUANT_SLICE_BYTES) and one dense GEMM
+# (cuBLAS, through torch.matmul): for prefill the dequantization streams each weight once and
+# costs a few percent of the GEMM, where the mma.sync GEMM kernel is bound by its issue slots
+# (bench/RESULTS.md). BITSWITCH_CUDA_DEQUANT_M=0 turns it off (every M on bitswitch's kernels).
+_DEQUANT_MIN_M = int(os.environ.get("BITSWITCH_CUDA_DEQUANT_M", "1024") or 0)
+_DEQUANT_SLICE_BYTES = 64 << 20
+
+
+def _qmatmul_dequant_gemm(x, plane0, plane1, scales, biases, group_size, bits, out):
+    n, k = plane0.shape[0], x.shape[-1]
+    x2, y2 = x.reshape(-1, k), out.view(-1, n)
+    rows = max(8, min(n, _DEQUANT_SLICE_BYTES // (2 * k)))
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    p1 = plane1 if bits == INT8 else None
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = torch.empty((n1 - n0, k), dtype=x.dtype, device=x.device)
+        _C.dequantize(plane0[n0:n1], None if p1 is None else p1[n0:n1], scales[n0:n1], biases[n0:n1], group_size,
+                      bits, w, stream=stream)
+        if n1 - n0 == n:
+            torch.matmul(x2, w.t(), out=y2)
+        else:
+            y2[:, n0:n1] = x2 @ w.t()
+    return out
+
+
 def _qmatmul_cuda(x, plane0, plane1, scales, biases, group_size, bits, act_bits=16):
     out = x.new_empty(_out_shape(x, plane0))
     if not x.is_cuda:  # CUDA weights with CPU activations: _C raises the device error
@@ -176,6 +204,11 @@ def _qmatmul_cuda(x, plane0, plane1, scales, biases, group_size, bits, act_bits=
     cu = _cuda_module()
     k = x.shape[-1]
     m = x.numel() // k if k else 0
+    if (0 < _DEQUANT_MIN_M <= m and act_bits == 16 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.is_contiguous() and plane0.device == x.device and k == plane0.shape[-1] * VALUES_PER_WORD
+            and (bits != INT8 or plane1 is not None)):
+        # (anything else takes the kernels' path, whose glue raises the usual errors)
+        return _qmatmul_dequant_gemm(x, plane0, plane1, scales, biases, group_size, bits, out)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     key = ("qmatmul", m, plane0.shape[0], k, group_size, bits, x.dtype, scales.dtype, dev)
     ws, ptr, nbytes = _workspace(key, lambda: cu.qmatmul_workspace_bytes(

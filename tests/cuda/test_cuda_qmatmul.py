@@ -69,6 +69,12 @@ extern "C" int bs_qmatmul(const void* x, void* y, const uint32_t* p0, const uint
   return int(bitswitch::cuda::qmatmul(p, ws, size_t(ws_bytes), num_sms, nullptr));
 }
 
+extern "C" int bs_dequantize(void* w, const uint32_t* p0, const uint32_t* p1, const void* s, const void* b,
+                             int64_t n, int64_t k, int group_size, int bits, int w_dtype, int scale_dtype, int num_sms) {
+  const QMatmulParams p = params(nullptr, w, p0, p1, s, b, 0, n, k, group_size, bits, w_dtype, scale_dtype);
+  return int(bitswitch::cuda::dequantize(p, nullptr, 0, num_sms, nullptr));
+}
+
 // 1: 16-bit x with M <= 16 takes qmv_tc_kernel (the default); 0: BITSWITCH_CUDA_SMALL_M=simt's choice.
 extern "C" void bs_set_small_m_tensor_cores(int on) { bitswitch::cuda::qmm::small_m_override() = on; }
 
@@ -122,6 +128,8 @@ def lib(tmp_path_factory):
     lib.bs_qmatmul_workspace.restype = u64
     lib.bs_qmatmul_plan.argtypes = [p, i64, i64, i64, i32, i32, i32, i32, u64]
     lib.bs_qmatmul_plan.restype = i32
+    lib.bs_dequantize.argtypes = [p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32]
+    lib.bs_dequantize.restype = i32
     lib.bs_set_small_m_tensor_cores.argtypes = [i32]
     lib.bs_set_small_m_tensor_cores.restype = None
     return lib
@@ -378,3 +386,31 @@ def test_workspace_bytes(lib):
     small = ws(1, 4096, 4096, 132)                 # 128 row groups < 4 x 132 blocks
     assert small > 0 and small % (4096 * 4) == 0
     assert ws(1, 4096, 4096, 1) == 0
+
+
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_kernel(lib, rng, wdtype, bits):
+    """dequantize_kernel (bitswitch.torch's large-M path): W [N, K] in the requested dtype, each
+    weight the float64 value rounded once, but for the float32 arithmetic before that
+    rounding; grid-stride with fewer blocks than chunks; every scale dtype and group size."""
+    for i, (n, k) in enumerate([(7, 128), (300, 640), (33, 2304)]):
+        gs, sdtype = (32, 64, 128)[i], ("float32", "bfloat16", "float16")[(i + bits) % 3]
+        qw, _ = make_case(rng, 1, n, k, gs, sdtype, "float32")
+        out = np.full(n * k + GUARD, np.nan, np.float32).astype(cast(np.zeros(1, np.float32), wdtype).dtype)
+        p1 = qw.plane1 if bits == 8 else qw.plane0
+        rc = lib.bs_dequantize(emulator.ptr(out), emulator.ptr(qw.plane0), emulator.ptr(p1), emulator.ptr(qw.scales),
+                               emulator.ptr(qw.biases), n, k, gs, bits, DTYPE_CODE[wdtype], DTYPE_CODE[sdtype], 1)
+        assert rc == SUCCESS, emulator.last_error(lib)
+        assert np.isnan(out[n * k:].astype(np.float32)).all(), "the kernel wrote past W"
+        got = out[:n * k].reshape(n, k).astype(np.float64)
+        ref = bs.dequantize_f64(qw, bits)
+        want = cast(ref.astype(np.float32), wdtype).astype(np.float64)
+        # The float32 map w = A f + B (code_affine, as the GEMM's tiles) cancels A f against B:
+        # a few float32 units of the group's range off the exact value, which can also move a
+        # 16-bit rounding by one unit of that type.
+        ulp = {"float32": 0.0, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[wdtype]
+        tol = ulp * np.abs(want) + 2.0 ** -20 * np.abs(ref).max(axis=1, keepdims=True)
+        assert np.all(np.abs(got - want) <= tol), f"N={n} K={k} G={gs} {wdtype}/{sdtype}"
+        if wdtype != "float32":
+            assert (got == want).mean() > 0.99
