@@ -9,7 +9,9 @@ qmatmul: torch.ops.bitswitch.qmatmul (INT4 and INT8 views of one nibble-plane we
 (aten._weight_int4pack_mm, group 64) on the same shapes. Each layer cycles through enough
 weight copies to exceed L2, so small-M timings stream weights from HBM as a model does;
 GB/s is the bytes the view reads over time, and "% copy" compares it with a device-to-device
-copy measured in the same run.
+copy measured in the same run. From M = 64 each shape also runs the other side of
+BITSWITCH_CUDA_DEQUANT_M (rows "kernel": bitswitch's GEMM where the op dequantizes; rows
+"dequant+cuBLAS": the reverse), to place that switch on this GPU.
 
 attention: bitswitch.torch.attention prefill (causal, B=1, 32 query / 8 kv heads, D=128) at
 8K and 32K with block masks of density 1.0 (no mask), 0.25 and 0.1 of the causal blocks,
@@ -123,14 +125,24 @@ def bench_qmatmul(rows: list, quick: bool, copy_gbs: float) -> None:
                     t_tiny = cuda_time(run_tiny)
                 except RuntimeError as e:
                     print(f"tinygemm failed at {name} M={m}: {e}", file=sys.stderr)
-            for bits in (4, 8):
-                t = cuda_time(lambda: bt.qmatmul(x, qws.next(), bits))
-                wbytes = n * k * bits / 8 + 2 * 2 * n * k / 64
-                gbs = (wbytes + 2 * m * (k + n)) / t / 1e9
-                flops = 2 * m * n * k / t / 1e12
-                rows.append(("qmatmul", f"{name} M={m} int{bits}", t * 1e6, t_cublas / t,
-                             None if t_tiny is None else t_tiny / t,
-                             f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% copy) {flops:.1f} TF/s"))
+            # The op as configured, then for M >= 64 the other side of BITSWITCH_CUDA_DEQUANT_M
+            # (bitswitch's GEMM kernel, or dequantize + cuBLAS), to place the switch.
+            paths = [("", bt._DEQUANT_MIN_M)]
+            if m >= 64:
+                paths.append((" kernel", 0) if 0 < bt._DEQUANT_MIN_M <= m else (" dequant+cuBLAS", 1))
+            for label, min_m in paths:
+                for bits in (4, 8):
+                    saved, bt._DEQUANT_MIN_M = bt._DEQUANT_MIN_M, min_m
+                    try:
+                        t = cuda_time(lambda: bt.qmatmul(x, qws.next(), bits))
+                    finally:
+                        bt._DEQUANT_MIN_M = saved
+                    wbytes = n * k * bits / 8 + 2 * 2 * n * k / 64
+                    gbs = (wbytes + 2 * m * (k + n)) / t / 1e9
+                    flops = 2 * m * n * k / t / 1e12
+                    rows.append(("qmatmul", f"{name} M={m} int{bits}{label}", t * 1e6, t_cublas / t,
+                                 None if t_tiny is None else t_tiny / t,
+                                 f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% copy) {flops:.1f} TF/s"))
 
 
 SPLIT_K_SHAPES = {  # M = 1 projections of a small and a large model

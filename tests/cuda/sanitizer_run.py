@@ -1,6 +1,8 @@
 """A small run of every CUDA kernel, for compute-sanitizer (tests/test_cuda.py runs it as
 `compute-sanitizer --tool memcheck --error-exitcode 3 python tests/cuda/sanitizer_run.py`):
-the GEMV with and without split-K, the tensor-core GEMM with ragged edges, prefill attention
+the GEMVs (FFMA and tensor-core, with bfloat16 scales and with float32 ones) with and
+without split-K, the tensor-core GEMM with ragged edges, the dequantize kernel (the large-M
+path, whole and in slices), prefill attention
 with a block mask and strided KV-cache views, decode with forced splits, a garbage mask,
 decode page selection (positions in and out of range), prefill split-KV, the fused layer ops."""
 
@@ -14,9 +16,10 @@ from bitswitch import torch as bt
 
 dev = "cuda"
 rng = np.random.default_rng(0)
-for m, n, k, g in ((1, 300, 640, 32), (5, 64, 4096, 128), (40, 100, 192, 64)):
+for m, n, k, g in ((1, 300, 640, 32), (5, 64, 4096, 128), (12, 70, 320, 32), (40, 100, 192, 64)):
     qw = bs.quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=g, bits=8).to("torch")
-    planes = [t.to(dev) for t in (qw.plane0, qw.plane1, qw.scales.bfloat16(), qw.biases.bfloat16())]
+    sdtype = torch.float32 if m == 12 else torch.bfloat16
+    planes = [t.to(dev) for t in (qw.plane0, qw.plane1, qw.scales.to(sdtype), qw.biases.to(sdtype))]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(m, k, dtype=dtype, device=dev)
         for bits in (4, 8):
@@ -25,6 +28,16 @@ for m, n, k, g in ((1, 300, 640, 32), (5, 64, 4096, 128), (40, 100, 192, 64)):
             _C.qmatmul(x, planes[0], planes[1] if bits == 8 else None, planes[2], planes[3], g, bits,
                        torch.empty(m, n, dtype=dtype, device=dev), 16,
                        stream=torch.cuda.current_stream().cuda_stream)
+
+saved = bt._DEQUANT_MIN_M, bt._DEQUANT_SLICE_BYTES
+bt._DEQUANT_MIN_M = 8
+for slice_bytes in (16 * 2 * 640, 1 << 30):
+    bt._DEQUANT_SLICE_BYTES = slice_bytes
+    qw = bs.quantize(rng.standard_normal((100, 640)).astype(np.float32), group_size=64, bits=8).to("torch")
+    planes = [t.to(dev) for t in (qw.plane0, qw.plane1, qw.scales.bfloat16(), qw.biases.bfloat16())]
+    for bits in (4, 8):
+        torch.ops.bitswitch.qmatmul(torch.randn(9, 640, dtype=torch.bfloat16, device=dev), *planes, 64, bits)
+bt._DEQUANT_MIN_M, bt._DEQUANT_SLICE_BYTES = saved
 
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     cache = torch.randn(2, 2, 2, 300, 128, dtype=dtype, device=dev)
