@@ -736,10 +736,11 @@ __global__ void __launch_bounds__(kQmmThreads, 2) qmm_kernel(const QMatmulParams
     }
   };
   // (A, B) of this thread's dequantization rows (tid/4 + 64 j) for tile t.
-  int group_shift = 0;  // k-tile -> group index: G / 32 is 1, 2 or 4 (no division in the loop)
-  while ((kQmmBK << group_shift) < p.group_size) ++group_shift;
   auto coeffs = [&](int t, float2 ab[kDq]) {
-    const int64_t g = (t_begin + t) >> group_shift;
+    // k-tile -> group: G / 32 is 1, 2 or 4. Recomputed from the parameter each time: a
+    // division here was a 64-bit division call per k-tile, a shift kept in a register made
+    // the 128-row tile spill.
+    const int64_t g = (t_begin + t) >> ((p.group_size > 32) + (p.group_size > 64));
 #pragma unroll
     for (int j = 0; j < kDq; ++j) {
       const int64_t n = n0 + (tid + j * kQmmThreads) / kQmmRowChunks;
