@@ -383,7 +383,7 @@ constexpr int kTcQuad = 4;  // chunks per warp step (one per lane of a row)
 // Splits are at least this many chunks (2 steps of every lane) long.
 constexpr int kTcMinSplitChunks = 2 * kTcQuad;
 
-// Chunks of x staged at once (a multiple of 4): 64 KiB for MT = 16 or 8.
+// Chunks of x staged at once (a multiple of 8, two steps of every lane): 64 KiB for MT = 16 or 8.
 BS_HOST_DEVICE constexpr int qmv_tc_max_stage_chunks(int mt) { return mt > 8 ? 64 : 128; }
 // uint4 per staged row of x: 4 per chunk, padded to 4 mod 8.
 BS_HOST_DEVICE constexpr int qmv_tc_row_pitch(int stage_chunks) {
@@ -511,12 +511,14 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
       if (cs != staged) {  // block-uniform
         if (staged >= 0) __syncthreads();
         // One uint4 per (row, word, chunk): x[m0 + m, (cs + c) * 32 + 8 w ..] reordered to the
-        // pairs (0,4) (1,5) (2,6) (3,7); rows past M are zero.
-        const int total = MT * kTcQuad * nch;
+        // pairs (0,4) (1,5) (2,6) (3,7); rows past M, and chunks from nch up to whole steps of
+        // every lane (npad), are zero, so the loop below reads x unpredicated.
+        const int npad = (nch + kTcQuad * U - 1) / (kTcQuad * U) * (kTcQuad * U);
+        const int total = MT * kTcQuad * npad;
         for (int v = tid; v < total; v += kTcThreads) {
-          const int m = v / (kTcQuad * nch), rem = v % (kTcQuad * nch), w = rem / nch, c = rem % nch;
+          const int m = v / (kTcQuad * npad), rem = v % (kTcQuad * npad), w = rem / npad, c = rem % npad;
           uint4 out = make_uint4(0, 0, 0, 0);
-          if (m0 + m < M) {
+          if (m0 + m < M && c < nch) {
             const uint4 r = ptx::ld_nc(x + (m0 + m) * K + (cs + c) * kChunk + 8 * w);
             out.x = (r.x & 0xffffu) | (r.z << 16);
             out.y = (r.x >> 16) | (r.z & 0xffff0000u);
@@ -532,7 +534,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
 
       for (int q = 0; q < nch; q += kTcQuad * U) {
         // Every load of the U steps first (2 rows x kPlanes 16-byte streams each, and the
-        // scales), then the math. Lanes past the slice or N load nothing and get S = B = 0.
+        // scales), then the math. Lanes past the slice or N read a valid chunk (row 0 or the
+        // slice's first) and get S = B = 0: their weights are exactly 0, their x is 0.
         uint4 w0[U][2], w1[U][2];
         TcAffine f[U][2];
 #pragma unroll
@@ -540,28 +543,18 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
           const int lc = q + kTcQuad * u + t;  // this lane's chunk in the slice
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int c = int(cs) + lc;  // chunk index in the row (K / 32 < 2^31)
-            const int64_t si = srow[r] + (c >> group_shift);
             const bool ok = rok[r] && lc < nch;
-            w0[u][r] = w1[u][r] = make_uint4(0, 0, 0, 0);
-            if (ok) {
-              w0[u][r] = ptx::ld_stream(prow0[r] + c);
-              if (kPlanes == 2) w1[u][r] = ptx::ld_stream(prow1[r] + c);
-            }
+            const int c = int(cs) + (lc < nch ? lc : 0);  // chunk index in the row (K / 32 < 2^31)
+            const int64_t si = srow[r] + (c >> group_shift);
+            w0[u][r] = ptx::ld_stream(prow0[r] + c);
+            w1[u][r] = kPlanes == 2 ? ptx::ld_stream(prow1[r] + c) : make_uint4(0, 0, 0, 0);
             if (kStored) {
-              uint16_t s = 0, b = 0;
-              if (ok) {
-                s = static_cast<const uint16_t*>(p.scales)[si];
-                b = static_cast<const uint16_t*>(p.biases)[si];
-              }
-              f[u][r] = tc_affine_stored<T>(s, b);
+              const uint16_t s = static_cast<const uint16_t*>(p.scales)[si];
+              const uint16_t b = static_cast<const uint16_t*>(p.biases)[si];
+              f[u][r] = tc_affine_stored<T>(ok ? s : uint16_t(0), ok ? b : uint16_t(0));
             } else {
-              float s = 0.0f, b = 0.0f;
-              if (ok) {
-                s = load_scale(p.scales, si, p.scale_dtype);
-                b = load_scale(p.biases, si, p.scale_dtype);
-              }
-              f[u][r] = tc_affine<T, kPlanes>(s, b);
+              const float s = load_scale(p.scales, si, p.scale_dtype), b = load_scale(p.biases, si, p.scale_dtype);
+              f[u][r] = tc_affine<T, kPlanes>(ok ? s : 0.0f, ok ? b : 0.0f);
             }
           }
         }
@@ -573,8 +566,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
           for (int wi = 0; wi < 4; ++wi) {
             uint4 xv[kXTiles];
 #pragma unroll
-            for (int i = 0; i < kXTiles; ++i)
-              xv[i] = lc < nch ? xs[(8 * i + g) * pitch + wi * shape.stage_chunks + lc] : make_uint4(0, 0, 0, 0);
+            for (int i = 0; i < kXTiles; ++i) xv[i] = xs[(8 * i + g) * pitch + wi * shape.stage_chunks + lc];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               // a: W rows g, g + 8 at codes (2h, 2h+4) [k slots 2t, 2t+1] and (2h+1, 2h+5) [2t+8, 2t+9].
@@ -1019,7 +1011,9 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
     const int64_t cap = std::max<int64_t>(1, target / int64_t(pl.splits));
     const int64_t iters = ceil_div(row_groups, cap);
     pl.qmv.split_chunks = pl.split_len;
-    pl.qmv.stage_chunks = int32_t(std::min<int64_t>(pl.split_len, qmv_tc_max_stage_chunks(pl.mt)));
+    // Staged slices hold whole steps of every lane (8 chunks; the kernel zero-fills the tail).
+    pl.qmv.stage_chunks = int32_t(std::min<int64_t>(ceil_div(pl.split_len, 2 * kTcQuad) * 2 * kTcQuad,
+                                                    qmv_tc_max_stage_chunks(pl.mt)));
     pl.qmv.row_groups = int32_t(row_groups);
     pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), 1u);
     pl.smem = qmv_tc_smem_bytes(pl.mt, pl.qmv.stage_chunks);
