@@ -1,23 +1,29 @@
 // qmatmul on NVIDIA GPUs: y[M, N] = x[M, K] @ W[N, K]^T for a nibble-plane weight W
 // (csrc/include/bitswitch/format.h) read as INT4 (plane 0) or INT8 (planes 0 and 1).
 //
-// Two kernels, chosen per call by plan_qmatmul():
-//   qmv_kernel  (decode, M <= 2 for 16-bit x; every M for float32 x, which has no tensor-core
-//               path, and for x rows not 16-byte aligned): a bandwidth kernel. Each weight byte
-//               is read once, with evict-first 16-byte loads, and dequantization is folded into
-//               the dot product (MLX's trick, below), so the per-element work is two integer ops
-//               and one FFMA per row of x.
-//   qmm_kernel  (M > 2, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
-//               brings the x tile and the packed plane words to shared memory, the block
+// Three kernels, chosen per call by plan_qmatmul():
+//   qmv_tc_kernel (bfloat16 / float16 x, M <= 16: decode and small batches): weights streamed
+//               once with evict-first 16-byte loads straight into mma.sync fragments (W as the
+//               16-row operand, x as the 8-column one), codes turned into packed 16-bit pairs
+//               by one LOP3 against a magic number, the affine map in packed FMAs.
+//   qmv_kernel  (float32 x, which has no tensor-core path, every M; 16-bit x rows that are not
+//               16-byte aligned): a bandwidth kernel. Each weight byte is read once, with
+//               evict-first 16-byte loads, and dequantization is folded into the dot product
+//               (MLX's trick, below), so the per-element work is two integer ops and one FFMA
+//               per row of x.
+//   qmm_kernel  (M > 16, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
+//               brings the x tile and the packed plane tiles to shared memory, the block
 //               dequantizes each W tile once to x's type in shared memory, and every warp reads
-//               both operands with ldmatrix into mma.sync m16n8k16. Block tiles of 16 or 32 rows
-//               of x by 256 of W, or 64 by 128, for small batches (the cost per weight does not
-//               grow with M, unlike the GEMV's FFMAs); 128 x 128 for prefill.
-// Both split K across blocks through the caller's workspace when the M x N tiles alone cannot
+//               both operands with ldmatrix into mma.sync m16n8k16. Block tiles of 32 rows of
+//               x by 256 of W, or 64 by 128, for small batches; 128 x 128 for prefill.
+// (BITSWITCH_CUDA_SMALL_M=simt sends 16-bit x with M <= 16 to qmv_kernel, M <= 2, and to
+// qmm_kernel's 16 x 256 tile instead, for comparisons.) dequantize_kernel writes W as a dense
+// matrix, for prefill through a dense GEMM (bitswitch.torch, M >= BITSWITCH_CUDA_DEQUANT_M).
+// All three split K across blocks through the caller's workspace when the M x N tiles alone cannot
 // fill the GPU (float32 partials [S, M, N], then qmm_splitk_reduce_kernel sums them in a fixed
 // order: deterministic, no atomics, graph-capturable).
 //
-// The code-to-float trick both kernels use: OR-ing a 4-bit code q into mantissa bits 19..22 of
+// The code-to-float trick of qmv_kernel and qmm_kernel: OR-ing a 4-bit code q into mantissa bits 19..22 of
 // 1.0f gives the float 1 + q/16 exactly, in one LOP3 after a shift (an I2F conversion runs at a
 // quarter of the FMA rate on sm_80/sm_90 and would be the bottleneck of the GEMV). With
 // f = 1 + q/16 every view is one affine map of f:
@@ -368,7 +374,8 @@ __global__ void __launch_bounds__(kQmvThreads, MT >= 8 ? 1 : 2) qmv_kernel(const
 // into a T part and a T remainder (so the rounding of the scales to T costs nothing): three
 // packed FMAs, w = (S_hi P + B'_hi) + (S_lo P + B'_lo), within about one unit in the last place
 // of w. The INT8 view first joins the exact c = 16 q + r (c <= 255 needs 8 significant bits)
-// and maps c the same way with M = 0. About 2 issue slots per weight, whatever M.
+// and maps c the same way with M = 0. About 3 issue slots per weight whatever M (by the SASS,
+// 6 lane-instructions per INT4 byte with stored scales, 7 per INT8 byte: bench/cuda_resources.py).
 //
 // mma needs A's and B's k indices to match, not to be in order: lane t's registers hold k slots
 // (2t, 2t+1) and (2t+8, 2t+9), which here are codes (2i, 2i+4) and (2i+1, 2i+5) of word w of its
@@ -963,7 +970,7 @@ constexpr int kQmmBlocksPerSm = 2;
 //     tiles of at most 4 rows: the 8- and 16-row GEMV tiles, FFMA-bound and the slowest
 //     instances to compile, are built for float32 x only.
 constexpr int64_t kGemvMaxRows16 = 2;  // 16-bit x: the GEMV takes M <= this
-//   qmv_tc_kernel replaces both for 16-bit x with M <= 16 (kTensorGemvMaxRows): ~2 issue slots
+//   qmv_tc_kernel replaces both for 16-bit x with M <= 16 (kTensorGemvMaxRows): ~3 issue slots
 //     per weight whatever M (the estimates above undercount: by ptxas's SASS the GEMV's inner
 //     loop issues ~12 lane-instructions per INT4 byte at M = 1, the 16-row GEMM's ~32;
 //     bench/cuda_resources.py prints them). BITSWITCH_CUDA_SMALL_M=simt restores the older
