@@ -2,7 +2,7 @@
 // (csrc/include/bitswitch/format.h) read as INT4 (plane 0) or INT8 (planes 0 and 1).
 //
 // Three kernels, chosen per call by plan_qmatmul():
-//   qmv_tc_kernel (bfloat16 / float16 x, M <= 16: decode and small batches): weights streamed
+//   qmv_tc_kernel (bfloat16 / float16 x, M <= 64: decode and small batches): weights streamed
 //               once with evict-first 16-byte loads straight into mma.sync fragments (W as the
 //               16-row operand, x as the 8-column one), codes turned into packed 16-bit pairs
 //               by one LOP3 against a magic number, the affine map in packed FMAs.
@@ -11,13 +11,12 @@
 //               evict-first 16-byte loads, and dequantization is folded into the dot product
 //               (MLX's trick, below), so the per-element work is two integer ops and one FFMA
 //               per row of x.
-//   qmm_kernel  (M > 16, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
+//   qmm_kernel  (M > 64, bfloat16 / float16 x): a tensor-core GEMM. A 4-stage cp.async pipeline
 //               brings the x tile and the packed plane tiles to shared memory, the block
 //               dequantizes each W tile once to x's type in shared memory, and every warp reads
-//               both operands with ldmatrix into mma.sync m16n8k16. Block tiles of 32 rows of
-//               x by 256 of W, or 64 by 128, for small batches; 128 x 128 for prefill.
-// (BITSWITCH_CUDA_SMALL_M=simt sends 16-bit x with M <= 16 to qmv_kernel, M <= 2, and to
-// qmm_kernel's 16 x 256 tile instead, for comparisons.) dequantize_kernel writes W as a dense
+//               both operands with ldmatrix into mma.sync m16n8k16, in 128 x 128 block tiles.
+// (BITSWITCH_CUDA_SMALL_M=simt sends 16-bit x with M <= 64 to qmv_kernel, M <= 2, and to
+// qmm_kernel's 16 x 256, 32 x 256 and 64 x 128 tiles instead, for comparisons.) dequantize_kernel writes W as a dense
 // matrix, for prefill through a dense GEMM (bitswitch.torch, M >= BITSWITCH_CUDA_DEQUANT_M).
 // All three split K across blocks through the caller's workspace when the M x N tiles alone cannot
 // fill the GPU (float32 partials [S, M, N], then qmm_splitk_reduce_kernel sums them in a fixed
@@ -355,7 +354,7 @@ __global__ void __launch_bounds__(kQmvThreads, MT >= 8 ? 1 : 2) qmv_kernel(const
 
 // ---- Small batches on tensor cores: qmv_tc_kernel ----------------------------------------------
 //
-// 16-bit x with M <= 16 rows. The FFMA GEMV above spends ~3 issue slots per weight and row of
+// 16-bit x with M <= 64 rows (33-64 as two tiles). The FFMA GEMV above spends ~3 issue slots per weight and row of
 // x on the code-to-float trick and the FMA (by ptxas's SASS its inner loop issues ~12
 // lane-instructions per byte of INT4 weights at M = 1, where an H200 streams a byte per ~7),
 // and the tensor-core GEMM below pays a shared-memory round trip and a barrier per 32 inputs
@@ -390,8 +389,8 @@ constexpr int kTcQuad = 4;  // chunks per warp step (one per lane of a row)
 // Splits are at least this many chunks (2 steps of every lane) long.
 constexpr int kTcMinSplitChunks = 2 * kTcQuad;
 
-// Chunks of x staged at once (a multiple of 8, two steps of every lane): 64 KiB for MT = 16 or 8.
-BS_HOST_DEVICE constexpr int qmv_tc_max_stage_chunks(int mt) { return mt > 8 ? 64 : 128; }
+// Chunks of x staged at once (a multiple of 8, two steps of every lane): 64 KiB for any MT.
+BS_HOST_DEVICE constexpr int qmv_tc_max_stage_chunks(int mt) { return 1024 / mt; }
 // uint4 per staged row of x: 4 per chunk, padded to 4 mod 8.
 BS_HOST_DEVICE constexpr int qmv_tc_row_pitch(int stage_chunks) {
   return 4 * stage_chunks + ((stage_chunks & 1) ? 0 : 4);
@@ -463,7 +462,7 @@ BS_DEVICE uint32_t weight_pair(uint32_t w0, uint32_t w1, int i, const TcAffine& 
 }
 
 // y[m0 + m, n] (or partials[split, m0 + m, n] when split-K) for the M tile m0 = blockIdx.z * MT.
-//   T: __nv_bfloat16 or __half; MT: 8 or 16 rows of x per tile; kPlanes: 1 (INT4) or 2 (INT8);
+//   T: __nv_bfloat16 or __half; MT: 8, 16 or 32 rows of x per tile; kPlanes: 1 (INT4) or 2 (INT8);
 //   kStored: INT4 with scales of dtype T (tc_affine_stored), else any view and scale dtype.
 // p: the call; x 16-byte aligned (the planner sends other x to qmv_kernel).
 // shape: the split and staging sizes.
@@ -471,7 +470,7 @@ BS_DEVICE uint32_t weight_pair(uint32_t w0, uint32_t w1, int i, const TcAffine& 
 template <class T, int MT, int kPlanes, bool kStored>
 __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulParams p, const QmvShape shape,
                                                              float* partials) {
-  static_assert(MT == 8 || MT == 16, "qmv_tc_kernel tiles: 8 or 16 rows of x");
+  static_assert(MT == 8 || MT == 16 || MT == 32, "qmv_tc_kernel tiles: 8, 16 or 32 rows of x");
   static_assert(!kStored || kPlanes == 1, "the stored-scale map is INT4's");
   constexpr int kXTiles = MT / 8;  // n8 tiles of x
   // Steps whose loads are in flight at once: 64 bytes per lane for either view.
@@ -571,24 +570,23 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
           const int lc = q + kTcQuad * u + t;
 #pragma unroll
           for (int wi = 0; wi < 4; ++wi) {
-            uint4 xv[kXTiles];
+            // a[h]: W rows g, g + 8 at codes (2h, 2h+4) [k slots 2t, 2t+1] and (2h+1, 2h+5)
+            // [2t+8, 2t+9] of word wi; then every n8 tile of x takes both steps.
+            uint32_t a[2][4];
 #pragma unroll
-            for (int i = 0; i < kXTiles; ++i) xv[i] = xs[(8 * i + g) * pitch + wi * shape.stage_chunks + lc];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              // a: W rows g, g + 8 at codes (2h, 2h+4) [k slots 2t, 2t+1] and (2h+1, 2h+5) [2t+8, 2t+9].
-              uint32_t a[4];
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
               for (int e = 0; e < 2; ++e)
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                  a[2 * e + r] = weight_pair<T, kPlanes, kStored>(word_of(w0[u][r], wi), word_of(w1[u][r], wi),
-                                                                   2 * h + e, f[u][r]);
+                  a[h][2 * e + r] = weight_pair<T, kPlanes, kStored>(word_of(w0[u][r], wi), word_of(w1[u][r], wi),
+                                                                      2 * h + e, f[u][r]);
 #pragma unroll
-              for (int i = 0; i < kXTiles; ++i) {
-                const uint32_t b[2] = {h ? xv[i].z : xv[i].x, h ? xv[i].w : xv[i].y};
-                ptx::mma_m16n8k16<T>(acc[i], a, b, acc[i]);
-              }
+            for (int i = 0; i < kXTiles; ++i) {
+              const uint4 xv = xs[(8 * i + g) * pitch + wi * shape.stage_chunks + lc];
+              const uint32_t b0[2] = {xv.x, xv.y}, b1[2] = {xv.z, xv.w};
+              ptx::mma_m16n8k16<T>(acc[i], a[0], b0, acc[i]);
+              ptx::mma_m16n8k16<T>(acc[i], a[1], b1, acc[i]);
             }
           }
         }
@@ -970,14 +968,18 @@ constexpr int kQmmBlocksPerSm = 2;
 //     tiles of at most 4 rows: the 8- and 16-row GEMV tiles, FFMA-bound and the slowest
 //     instances to compile, are built for float32 x only.
 constexpr int64_t kGemvMaxRows16 = 2;  // 16-bit x: the GEMV takes M <= this
-//   qmv_tc_kernel replaces both for 16-bit x with M <= 16 (kTensorGemvMaxRows): ~3 issue slots
+//   qmv_tc_kernel replaces both for 16-bit x with M <= 64 (kTensorGemvMaxRows): ~3 issue slots
 //     per weight whatever M (the estimates above undercount: by ptxas's SASS the GEMV's inner
 //     loop issues ~12 lane-instructions per INT4 byte at M = 1, the 16-row GEMM's ~32;
 //     bench/cuda_resources.py prints them). BITSWITCH_CUDA_SMALL_M=simt restores the older
 //     choice, to compare the two on a GPU.
-constexpr int64_t kTensorGemvMaxRows = 16;
+//     Tiles of 8, 16 and 32 rows of x (the dequantization is shared by every row); 33-64 rows
+//     run two 32-row tiles, each reading W (the second mostly from L2): a 64-row tile's 32
+//     accumulators spill at the 128-register cap (ptxas), and two tiles still issue ~2.5x
+//     fewer instructions per weight than qmm_kernel's 64-row tile.
+constexpr int64_t kTensorGemvMaxRows = 64;
 
-// Whether 16-bit x with M <= 16 takes qmv_tc_kernel: BITSWITCH_CUDA_SMALL_M (read once per
+// Whether 16-bit x with M <= 64 takes qmv_tc_kernel: BITSWITCH_CUDA_SMALL_M (read once per
 // process) "simt" says no; tests set small_m_override() (-1: the environment's choice).
 inline int& small_m_override() {
   static int v = -1;
@@ -1003,26 +1005,26 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
   const bool tc_ok = p.x_dtype != DType::kFloat32 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
   if (tc_ok && M <= kTensorGemvMaxRows && small_m_on_tensor_cores()) {
     pl.path = Path::kTensorGemv;
-    pl.mt = M <= 8 ? 8 : 16;
+    pl.mt = M <= 8 ? 8 : M <= 16 ? 16 : 32;
     const int64_t chunks = K / kChunk;
+    const int64_t m_tiles = ceil_div(M, pl.mt);
     const int64_t row_groups = ceil_div(N, kTcRowsPerGroup);
     const int64_t target = int64_t(num_sms) * kQmvBlocksPerSm;
     int64_t s = 1;
-    if (row_groups < target)
-      s = std::min(ceil_div(target, row_groups), std::max<int64_t>(1, chunks / kTcMinSplitChunks));
+    if (row_groups * m_tiles < target)
+      s = std::min(ceil_div(target, row_groups * m_tiles), std::max<int64_t>(1, chunks / kTcMinSplitChunks));
     s = std::min<int64_t>(s, 64);
     if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
-    // Whole steps of 4 chunks per split where K allows.
-    pl.split_len = std::min(chunks, ceil_div(ceil_div(chunks, s), kTcQuad) * kTcQuad);
+    pl.split_len = ceil_div(chunks, s);
     pl.splits = int32_t(ceil_div(chunks, pl.split_len));
-    const int64_t cap = std::max<int64_t>(1, target / int64_t(pl.splits));
+    const int64_t cap = std::max<int64_t>(1, target / (int64_t(pl.splits) * m_tiles));
     const int64_t iters = ceil_div(row_groups, cap);
     pl.qmv.split_chunks = pl.split_len;
     // Staged slices hold whole steps of every lane (8 chunks; the kernel zero-fills the tail).
     pl.qmv.stage_chunks = int32_t(std::min<int64_t>(ceil_div(pl.split_len, 2 * kTcQuad) * 2 * kTcQuad,
                                                     qmv_tc_max_stage_chunks(pl.mt)));
     pl.qmv.row_groups = int32_t(row_groups);
-    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), 1u);
+    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), unsigned(m_tiles));
     pl.smem = qmv_tc_smem_bytes(pl.mt, pl.qmv.stage_chunks);
   } else if (tc_ok && M > kGemvMaxRows16) {
     pl.path = Path::kGemm;
@@ -1140,7 +1142,11 @@ cudaError_t qmatmul_typed(const QMatmulParams& p, void* ws, size_t ws_bytes, int
   cudaError_t e = cudaSuccess;
   if (pl.path == Path::kTensorGemv) {
     if constexpr (kTensorCores)
-      e = pl.mt == 8 ? launch_qmv_tc<T, 8>(p, pl, partials, stream) : launch_qmv_tc<T, 16>(p, pl, partials, stream);
+      switch (pl.mt) {
+        case 8: e = launch_qmv_tc<T, 8>(p, pl, partials, stream); break;
+        case 16: e = launch_qmv_tc<T, 16>(p, pl, partials, stream); break;
+        default: e = launch_qmv_tc<T, 32>(p, pl, partials, stream); break;
+      }
     else
       return cudaErrorInvalidValue;  // unreachable: plan_qmatmul keeps float32 on the GEMV
   } else if (pl.path == Path::kGemm) {

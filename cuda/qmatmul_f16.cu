@@ -1,15 +1,15 @@
 // qmatmul instances for float16 activations.
 //
-// - qmv_tc_kernel<__half, MT, planes, stored>, MT = 8, 16: M <= 16 on tensor cores, weights
+// - qmv_tc_kernel<__half, MT, planes, stored>, MT = 8, 16, 32: M <= 64 on tensor cores, weights
 //   streamed straight into mma fragments (the decode path); planes 1 with `stored` (scales in
 //   float16: one exact packed FMA per code pair) and without, planes 2 without.
 // - qmv_kernel<__half, MT, planes>, MT = 1, 2, 4, planes 1 (INT4) and 2 (INT8): x rows that
 //   are not 16-byte aligned (cp.async and the tensor-core GEMV's staging need them: a rare
 //   view), in M/4 tiles; and M <= 2 under BITSWITCH_CUDA_SMALL_M=simt.
 // - qmm_kernel<__half, planes, BM>, planes 1 and 2, on tensor cores:
-//   BM = 32, 64 (x 256 / 128 rows of W): small batches, 16 < M <= 64, where the weight stream
-//   and the once-per-block dequantization set the time; BM = 16 for M <= 16 under
-//   BITSWITCH_CUDA_SMALL_M=simt. BM = 128 (x 128): prefill, M > 64.
+//   BM = 128 (x 128): M > 64 (below BITSWITCH_CUDA_DEQUANT_M rows in bitswitch.torch);
+//   BM = 16, 32, 64 (x 256, 256, 128 rows of W) for 2 < M <= 64 under
+//   BITSWITCH_CUDA_SMALL_M=simt only.
 //   Split-K fills the GPU when M x N gives few tiles.
 // - dequantize_kernel<__half, planes>: W as a dense matrix (bitswitch.torch's large-M path).
 // - qmm_splitk_reduce_kernel<__half>: sums the split-K partials of every kernel above.

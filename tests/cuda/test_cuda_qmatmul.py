@@ -5,9 +5,9 @@ tests/test_qmatmul.py checks the CPU kernels.
 
 Covered: both views, group sizes 32 / 64 / 128, x float32 / bfloat16 / float16, every scale
 dtype, negative scales (MLX's quantizer makes them), M on both sides of every switch of the
-plan (16-bit x: the tensor-core GEMV for M <= 16 in tiles of 8 and 16 rows, tensor-core GEMM
-tiles of 32, 64 and 128 rows above; and with BITSWITCH_CUDA_SMALL_M=simt's choice, the FFMA
-GEMV for M <= 2 and the 16-row GEMM tile up to 16) and past
+plan (16-bit x: the tensor-core GEMV for M <= 64 in tiles of 8, 16 and 32 rows, the
+tensor-core GEMM's 128-row tiles above; and with BITSWITCH_CUDA_SMALL_M=simt's choice, the
+FFMA GEMV for M <= 2 and the GEMM's 16-, 32- and 64-row tiles up to 64) and past
 one GEMV launch tile for float32 x, N and K off every tile (N = 1, 7, 200, 300; K = 96 to
 2304), split-K on (num_sms large enough to want it), off (no workspace), and narrowed (a
 workspace smaller than asked for), with the plan's path, tile and split count asserted, x rows
@@ -196,12 +196,12 @@ def check(lib, rng, m, n, k, gs, bits, xdtype, sdtype, num_sms, ws="full", misal
 
 
 # (M, N, K): M across the GEMV and GEMM paths and each GEMV tile (1, 2, 4, 8, 16 rows: all for
-# float32 x; 16-bit x takes the tensor-core GEMV's 8- and 16-row tiles up to 16, the GEMM above);
+# float32 x; 16-bit x takes the tensor-core GEMV's 8-, 16- and 32-row tiles up to 64, the GEMM above);
 # N = 1 and 7 (one partial row group), 200 (past a 128-column GEMM tile, not a multiple of 32);
-# K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks); M = 40
-# over K = 2048: a split 64-row GEMM tile.
+# K of one or three groups, 640 (5 GEMM k-tiles per 128-input group, 20 GEMV chunks); M = 65
+# over K = 2048: a split 128-row GEMM tile, M = 70 over K = 128 an unsplit one.
 SHAPES = [(1, 7, 128), (1, 200, 640), (2, 33, 256), (3, 1, 640), (8, 40, 384), (16, 33, 256), (17, 7, 640),
-          (33, 200, 256), (40, 30, 2048)]
+          (33, 200, 256), (65, 30, 2048), (70, 7, 128)]
 
 
 @pytest.mark.parametrize("xdtype", ["float32", "bfloat16", "float16"])
@@ -239,26 +239,28 @@ def test_scale_dtypes(lib, rng, xdtype, sdtype):
 
 
 # 16-bit x on both sides of every switch of plan_qmatmul: the tensor-core GEMV's tiles of 8
-# (M <= 8) and 16 rows (<= 16), then tensor-core tiles of 32 (<= 32), 64 (<= 64) and 128 rows.
+# (M <= 8), 16 (<= 16) and 32 rows (<= 32, and two of them to 64), then the GEMM's 128 rows.
 # N = 7 (one partial n8 tile), 200 and 300 (past a 128- or 256-column tile, not a multiple of
 # 32); K from 128 to 2304, every one a multiple of 128 so any group size fits. Each with the
 # Plan a 132-SM GPU gets with all the workspace it asks for: (M, N, K, Plan).
 SMALL_BATCH_CASES = [
     (2, 200, 640, Plan(GEMV_TC, 8, 2)),     # 20 chunks: 2 splits of 3 steps of 4 chunks
     (3, 7, 1024, Plan(GEMV_TC, 8, 4)),      # split-K: 32 chunks in splits of >= 8
-    (5, 300, 1152, Plan(GEMV_TC, 8, 3)),
+    (5, 300, 1152, Plan(GEMV_TC, 8, 4)),
     (8, 7, 640, Plan(GEMV_TC, 8, 2)),
     (13, 200, 384, Plan(GEMV_TC, 16, 1)),   # 12 chunks: too few to split
     (16, 300, 1280, Plan(GEMV_TC, 16, 5)),
-    (17, 7, 1024, Plan(GEMM, 32, 2)),     # splits of >= 16 k-tiles
-    (31, 300, 640, Plan(GEMM, 32, 1)),
-    (33, 200, 2304, Plan(GEMM, 64, 2)),   # splits of >= 32 k-tiles, 128 columns per tile
-    (64, 300, 128, Plan(GEMM, 64, 1)),
+    (17, 7, 1024, Plan(GEMV_TC, 32, 4)),
+    (31, 300, 640, Plan(GEMV_TC, 32, 2)),
+    (33, 200, 2304, Plan(GEMV_TC, 32, 9)),  # two M tiles of 32 rows
+    (64, 300, 128, Plan(GEMV_TC, 32, 1)),
     (65, 200, 640, Plan(GEMM, 128, 5)),   # splits of >= 4 k-tiles
 ]
-# The first six under BITSWITCH_CUDA_SMALL_M=simt: the FFMA GEMV to M = 2, the 16-row GEMM tile.
+# The first ten under BITSWITCH_CUDA_SMALL_M=simt: the FFMA GEMV to M = 2, then the GEMM's
+# 16-row (splits of >= 8 k-tiles), 32-row (>= 16) and 64-row tiles (>= 32, 128 columns).
 SIMT_SMALL_BATCH_PLANS = [Plan(GEMV, 2, 2), Plan(GEMM, 16, 4), Plan(GEMM, 16, 4), Plan(GEMM, 16, 2),
-                          Plan(GEMM, 16, 1), Plan(GEMM, 16, 5)]
+                          Plan(GEMM, 16, 1), Plan(GEMM, 16, 5), Plan(GEMM, 32, 2), Plan(GEMM, 32, 1),
+                          Plan(GEMM, 64, 2), Plan(GEMM, 64, 1)]
 
 
 @pytest.mark.parametrize("xdtype", ["bfloat16", "float16"])
@@ -313,8 +315,8 @@ def test_float32_rows_past_one_gemv_tile_and_tall_gemm(lib, rng, xdtype):
 @pytest.mark.parametrize("m,k", [(1, 1024), (12, 1024), (20, 2048), (70, 1024)])
 def test_less_workspace_than_asked(lib, rng, ws, m, k):
     """No workspace turns split-K off; too little narrows it to the partials that fit. For
-    bfloat16 x: the GEMV (M = 1) and the tensor-core tiles of 16, 32 and 128 rows (K long
-    enough for more than two splits of each tile's shortest split)."""
+    bfloat16 x: the tensor-core GEMV's tiles of 8, 16 and 32 rows and the GEMM's 128-row tile
+    (K long enough for more than two splits of each one's shortest split)."""
     for xdtype in ("float32", "bfloat16"):
         qw, x = make_case(rng, m, 30, k, 64, "bfloat16", xdtype)
         want = decode_plan(lib.bs_qmatmul_plan(emulator.ptr(x), m, 30, k, 64, 8, DTYPE_CODE[xdtype], 132, 2**62))
