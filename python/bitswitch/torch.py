@@ -174,8 +174,10 @@ def _workspace(key: tuple, size_fn, device: torch.device) -> tuple:
 # (bitswitch._C.dequantize, in slices of at most _DEQUANT_SLICE_BYTES) and one dense GEMM
 # (cuBLAS, through torch.matmul): for prefill the dequantization streams each weight once and
 # costs a few percent of the GEMM, where the mma.sync GEMM kernel is bound by its issue slots
-# (bench/RESULTS.md). BITSWITCH_CUDA_DEQUANT_M=0 turns it off (every M on bitswitch's kernels).
-_DEQUANT_MIN_M = int(os.environ.get("BITSWITCH_CUDA_DEQUANT_M", "1024") or 0)
+# (bench/RESULTS.md). The default 512 is where that issue-slot count and cuBLAS's ~600 TF/s
+# on an H100 cross (near M = 256, from the SASS: not yet measured; `bitswitch bench gpu` times
+# both sides). BITSWITCH_CUDA_DEQUANT_M=0 turns it off (every M on bitswitch's kernels).
+_DEQUANT_MIN_M = int(os.environ.get("BITSWITCH_CUDA_DEQUANT_M", "512") or 0)
 _DEQUANT_SLICE_BYTES = 64 << 20
 
 
