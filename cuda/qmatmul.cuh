@@ -359,8 +359,8 @@ __global__ void __launch_bounds__(kQmvThreads, MT >= 8 ? 1 : 2) qmv_kernel(const
 // lane-instructions per byte of INT4 weights at M = 1 by ptxas's SASS, where an H200 streams a
 // byte per ~7), and the tensor-core GEMM below pays a shared-memory round trip and a barrier
 // per 32 inputs for dequantized tiles that only one warp reads when M <= 16 (~32 per byte).
-// This kernel takes weights from global memory straight into mma.sync fragments, W as the m16 operand and
-// x as the n8 one (y^T = W x^T: no zero rows to pad at M <= 8):
+// This kernel takes weights from global memory straight into mma.sync fragments, W as the
+// m16 operand and x as the n8 one (y^T = W x^T: no zero rows to pad at M <= 8):
 //
 // Block: 8 warps; a warp owns 16 rows of W and the block's K range (its split), and the block
 // loops over groups of 8 * 16 rows so the x slice it stages is reused. Lane l = 4g + t takes,
