@@ -297,6 +297,21 @@ struct DecodeStepHolder {
   }
 };
 
+// A weight's four arrays (plane1 may be None) into pw's Args and views, unvalidated.
+void to_weight(const char* op, py::handle plane0, py::handle plane1, py::handle scales, py::handle biases,
+               int64_t group_size, PackedWeight& pw) {
+  to_arg(plane0, pw.plane0, op, "plane0");
+  pw.w.has_plane1 = !plane1.is_none();
+  if (pw.w.has_plane1) to_arg(plane1, pw.plane1, op, "plane1");
+  to_arg(scales, pw.scales, op, "scales");
+  to_arg(biases, pw.biases, op, "biases");
+  pw.w.plane0 = pw.plane0.v;
+  pw.w.plane1 = pw.plane1.v;
+  pw.w.scales = pw.scales.v;
+  pw.w.biases = pw.biases.v;
+  pw.w.group_size = group_size;
+}
+
 bs::CudaLaunch cuda_launch(uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
   if (workspace_bytes < 0 || (workspace == 0 && workspace_bytes != 0))
     throw bs::ValueError("workspace_bytes must be >= 0, and 0 when there is no workspace");
@@ -382,16 +397,7 @@ it is in use (build a new one if they are replaced).)doc")
                        int64_t group_size) {
              auto pw = std::make_unique<PackedWeight>();
              const char* op = "PackedWeight";
-             to_arg(plane0, pw->plane0, op, "plane0");
-             pw->w.has_plane1 = !plane1.is_none();
-             if (pw->w.has_plane1) to_arg(plane1, pw->plane1, op, "plane1");
-             to_arg(scales, pw->scales, op, "scales");
-             to_arg(biases, pw->biases, op, "biases");
-             pw->w.plane0 = pw->plane0.v;
-             pw->w.plane1 = pw->plane1.v;
-             pw->w.scales = pw->scales.v;
-             pw->w.biases = pw->biases.v;
-             pw->w.group_size = group_size;
+             to_weight(op, plane0, plane1, scales, biases, group_size, *pw);
              bs::validate_weight(op, pw->w);
              for (py::handle h : {plane0, plane1, scales, biases})
                if (!h.is_none() && py::hasattr(h, "untyped_storage"))
@@ -410,23 +416,14 @@ it is in use (build a new one if they are replaced).)doc")
          int64_t group_size, int64_t bits, py::handle out, int64_t act_bits, uintptr_t stream,
          uintptr_t workspace, int64_t workspace_bytes) {
         const char* op = "qmatmul";
-        Arg ax, ap0, ap1, as, ab, ao;
+        Arg ax, ao;
+        PackedWeight pw;
         to_arg(x, ax, op, "x");
-        to_arg(plane0, ap0, op, "plane0");
-        bs::WeightViews w;
-        w.has_plane1 = !plane1.is_none();
-        if (w.has_plane1) to_arg(plane1, ap1, op, "plane1");
-        to_arg(scales, as, op, "scales");
-        to_arg(biases, ab, op, "biases");
+        to_weight(op, plane0, plane1, scales, biases, group_size, pw);
         to_arg(out, ao, op, "out");
-        w.plane0 = ap0.v;
-        w.plane1 = ap1.v;
-        w.scales = as.v;
-        w.biases = ab.v;
-        w.group_size = group_size;
         const bs::CudaLaunch launch = cuda_launch(stream, workspace, workspace_bytes);
         py::gil_scoped_release nogil;
-        bs::qmatmul(ax.v, w, bits, ao.v, act_bits, &launch);
+        bs::qmatmul(ax.v, pw.w, bits, ao.v, act_bits, &launch);
       },
       py::arg("x"), py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"),
       py::arg("group_size"), py::arg("bits"), py::arg("out"), py::arg("act_bits") = 16, py::arg("stream") = 0,
@@ -448,22 +445,13 @@ bitswitch._cuda.qmatmul_workspace_bytes); nothing waits for it to finish.)doc");
       [](py::handle plane0, py::handle plane1, py::handle scales, py::handle biases, int64_t group_size, int64_t bits,
          py::handle out, uintptr_t stream) {
         const char* op = "dequantize";
-        Arg ap0, ap1, as, ab, ao;
-        to_arg(plane0, ap0, op, "plane0");
-        bs::WeightViews w;
-        w.has_plane1 = !plane1.is_none();
-        if (w.has_plane1) to_arg(plane1, ap1, op, "plane1");
-        to_arg(scales, as, op, "scales");
-        to_arg(biases, ab, op, "biases");
+        Arg ao;
+        PackedWeight pw;
+        to_weight(op, plane0, plane1, scales, biases, group_size, pw);
         to_arg(out, ao, op, "out");
-        w.plane0 = ap0.v;
-        w.plane1 = ap1.v;
-        w.scales = as.v;
-        w.biases = ab.v;
-        w.group_size = group_size;
         const bs::CudaLaunch launch = cuda_launch(stream, 0, 0);
         py::gil_scoped_release nogil;
-        bs::dequantize(w, bits, ao.v, &launch);
+        bs::dequantize(pw.w, bits, ao.v, &launch);
       },
       py::arg("plane0"), py::arg("plane1"), py::arg("scales"), py::arg("biases"), py::arg("group_size"),
       py::arg("bits"), py::arg("out"), py::arg("stream") = 0,
