@@ -994,6 +994,29 @@ inline bool small_m_on_tensor_cores() {
 }
 inline constexpr int qmm_tile_rows(int64_t m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
+// pl.split_len / pl.splits for `len` units of K (chunks or k-tiles) over `tiles` output tiles:
+// enough splits to give `target` blocks, each at least `min_len` long, at most 64, and no more
+// than `fit` partials (the workspace) hold.
+inline void plan_splits(Plan& pl, int64_t tiles, int64_t target, int64_t len, int64_t min_len, int64_t fit) {
+  int64_t s = 1;
+  if (tiles < target) s = std::min(ceil_div(target, tiles), std::max<int64_t>(1, len / min_len));
+  s = std::min<int64_t>(s, 64);
+  if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
+  pl.split_len = ceil_div(len, s);
+  pl.splits = int32_t(ceil_div(len, pl.split_len));
+}
+
+// The GEMVs' grid: splits x row-group blocks x M tiles, persistent over row groups: each block
+// visits `iters` of them (so its staged x is reused), with the count balanced so no block does
+// one more than the others.
+inline void plan_gemv_grid(Plan& pl, int64_t row_groups, int64_t m_tiles, int64_t target) {
+  const int64_t cap = std::max<int64_t>(1, target / (int64_t(pl.splits) * m_tiles));
+  const int64_t iters = ceil_div(row_groups, cap);
+  pl.qmv.split_chunks = pl.split_len;
+  pl.qmv.row_groups = int32_t(row_groups);
+  pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), unsigned(m_tiles));
+}
+
 // The launch for p with `ws_bytes` of workspace (SIZE_MAX: as much as it wants).
 inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
   Plan pl{};
@@ -1010,21 +1033,11 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
     const int64_t m_tiles = ceil_div(M, pl.mt);
     const int64_t row_groups = ceil_div(N, kTcRowsPerGroup);
     const int64_t target = int64_t(num_sms) * kQmvBlocksPerSm;
-    int64_t s = 1;
-    if (row_groups * m_tiles < target)
-      s = std::min(ceil_div(target, row_groups * m_tiles), std::max<int64_t>(1, chunks / kTcMinSplitChunks));
-    s = std::min<int64_t>(s, 64);
-    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
-    pl.split_len = ceil_div(chunks, s);
-    pl.splits = int32_t(ceil_div(chunks, pl.split_len));
-    const int64_t cap = std::max<int64_t>(1, target / (int64_t(pl.splits) * m_tiles));
-    const int64_t iters = ceil_div(row_groups, cap);
-    pl.qmv.split_chunks = pl.split_len;
+    plan_splits(pl, row_groups * m_tiles, target, chunks, kTcMinSplitChunks, fit);
+    plan_gemv_grid(pl, row_groups, m_tiles, target);
     // Staged slices hold whole steps of every lane (8 chunks; the kernel zero-fills the tail).
     pl.qmv.stage_chunks = int32_t(std::min<int64_t>(ceil_div(pl.split_len, 2 * kTcQuad) * 2 * kTcQuad,
                                                     qmv_tc_max_stage_chunks(pl.mt)));
-    pl.qmv.row_groups = int32_t(row_groups);
-    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), unsigned(m_tiles));
     pl.smem = qmv_tc_smem_bytes(pl.mt, pl.qmv.stage_chunks);
   } else if (tc_ok && M > kGemvMaxRows16) {
     pl.path = Path::kGemm;
@@ -1032,14 +1045,7 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
     const int64_t bn = qmm_bn(pl.mt);
     const int64_t k_tiles = K / kQmmBK;
     const int64_t tiles_mn = ceil_div(M, pl.mt) * ceil_div(N, bn);
-    const int64_t target = int64_t(num_sms) * kQmmBlocksPerSm;
-    int64_t s = 1;
-    if (tiles_mn < target)
-      s = std::min(ceil_div(target, tiles_mn), std::max<int64_t>(1, k_tiles / qmm_min_split_tiles(pl.mt)));
-    s = std::min<int64_t>(s, 64);
-    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
-    pl.split_len = ceil_div(k_tiles, s);
-    pl.splits = int32_t(ceil_div(k_tiles, pl.split_len));
+    plan_splits(pl, tiles_mn, int64_t(num_sms) * kQmmBlocksPerSm, k_tiles, qmm_min_split_tiles(pl.mt), fit);
     pl.grid = dim3(unsigned(ceil_div(N, bn)), unsigned(ceil_div(M, pl.mt)), unsigned(pl.splits));
     pl.smem = qmm_smem_bytes(pl.mt, fmt::planes_for_bits(p.bits));
   } else {
@@ -1049,21 +1055,9 @@ inline Plan plan_qmatmul(const QMatmulParams& p, int num_sms, size_t ws_bytes) {
     const int64_t m_tiles = ceil_div(M, pl.mt);
     const int64_t row_groups = ceil_div(N, int64_t(kQmvWarps) * kQmvRowsPerWarp);
     const int64_t target = int64_t(num_sms) * kQmvBlocksPerSm;
-    int64_t s = 1;
-    if (row_groups * m_tiles < target)
-      s = std::min(ceil_div(target, row_groups * m_tiles), std::max<int64_t>(1, chunks / kQmvMinSplitChunks));
-    s = std::min<int64_t>(s, 64);
-    if (s > 1 && fit < s) s = fit >= 2 ? fit : 1;
-    pl.split_len = ceil_div(chunks, s);
-    pl.splits = int32_t(ceil_div(chunks, pl.split_len));
-    // Persistent over row groups: each block visits `iters` of them (so its staged x is reused),
-    // with the count balanced so no block does one more than the others.
-    const int64_t cap = std::max<int64_t>(1, target / (int64_t(pl.splits) * m_tiles));
-    const int64_t iters = ceil_div(row_groups, cap);
-    pl.qmv.split_chunks = pl.split_len;
+    plan_splits(pl, row_groups * m_tiles, target, chunks, kQmvMinSplitChunks, fit);
+    plan_gemv_grid(pl, row_groups, m_tiles, target);
     pl.qmv.stage_chunks = int32_t(std::min<int64_t>(pl.split_len, qmv_max_stage_chunks(pl.mt)));
-    pl.qmv.row_groups = int32_t(row_groups);
-    pl.grid = dim3(unsigned(pl.splits), unsigned(ceil_div(row_groups, iters)), unsigned(m_tiles));
     pl.smem = qmv_smem_bytes(pl.mt, pl.qmv.stage_chunks);
   }
   pl.ws_bytes = pl.splits > 1 ? size_t(pl.splits) * partial_bytes : 0;
