@@ -118,12 +118,16 @@ struct KeyList {
 
   // First key of sub-block s, or -1 when its mask entry names no block of k or it starts
   // past Lk (a garbage mask entry, or the missing tail of the last, partial block).
-  BS_DEVICE int start(int64_t s) const {
+  BS_DEVICE int start(int64_t s) const { return start_from(s, entry(s)); }
+  // The two halves of start(): the mask entry of sub-block s (a global load; 0 for a dense
+  // list), and the first key given that entry. A loop can issue the load early and use the
+  // value later, so the load's latency does not stall the warp.
+  BS_DEVICE int32_t entry(int64_t s) const { return list ? list[s >> spb_log2] : 0; }
+  BS_DEVICE int start_from(int64_t s, int32_t blk) const {
     int st;
     if (!list) {
       st = int(s) * kSubBlock;
     } else {
-      const int32_t blk = list[s >> spb_log2];
       if (blk < 0 || blk >= nkb) return -1;
       st = blk * block_k + int(s & ((1 << spb_log2) - 1)) * kSubBlock;
     }

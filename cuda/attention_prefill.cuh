@@ -45,23 +45,28 @@ struct PrefillConfig {
 // sub-block starting at key s0, rows 32..63 from s1 (-1: no keys). Rows past Lk or of a
 // missing sub-block are zero-filled, so the math on them stays finite.
 // src: this (batch, kv head)'s K or V, row stride `stride` elements; dst: a [64][D] tile.
-// Thread tid copies the 16-byte chunk tid % kChunks of rows tid / kChunks + i * kRowStep:
-// one pointer per sub-block and a fixed step keep the address math to a few registers.
+// Thread tid copies the 16-byte chunk tid % kChunks of rows tid / kChunks + i * kRowStep.
+// One 64-bit multiply per sub-block, then the source pointer advances by a fixed step: the
+// copies cost a pointer add, a compare and a select each (the destination offsets and the
+// swizzle, which depends on the row only modulo 8, are compile-time constants).
 template <class T, int D>
 BS_DEVICE void load_kv_tile(T* dst, const T* src, int64_t stride, int s0, int s1, int lk, int tid) {
   using C = PrefillConfig<T, D>;
   constexpr int kRowStep = C::kThreads / C::kChunks;  // 8 (D = 128) or 16 (D = 64)
   constexpr int kPerHalf = kSubBlock / kRowStep;       // rows per thread per sub-block
   const int r0 = tid / C::kChunks, ch = tid % C::kChunks;
+  const int64_t step = kRowStep * stride;
+  T* d = dst + C::at(r0, ch);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int st = half ? s1 : s0;
+    // Rows of this sub-block this thread may read: row r0 + i * kRowStep for i < n.
+    const int rows = st < 0 ? 0 : lk - (st + r0);
     const T* row = src + int64_t(st < 0 ? 0 : st + r0) * stride + ch * 8;
 #pragma unroll
-    for (int i = 0; i < kPerHalf; ++i) {
-      const bool ok = st >= 0 && st + r0 + i * kRowStep < lk;
-      ptx::cp_async16(dst + C::at(half * kSubBlock + r0 + i * kRowStep, ch), ok ? row + i * kRowStep * stride : src,
-                      ok);
+    for (int i = 0; i < kPerHalf; ++i, row += step) {
+      const bool ok = i * kRowStep < rows;
+      ptx::cp_async16(d + (half * kSubBlock + i * kRowStep) * D, ok ? row : src, ok);
     }
   }
 }
@@ -75,7 +80,10 @@ BS_DEVICE void load_kv_tile(T* dst, const T* src, int64_t stride, int s0, int s1
 //         lse directly, more write each range's normalized output and base-2 log-sum-exp to
 //         part_o [B, Hkv, G * Lq, splits, D] / part_lse [B, Hkv, G * Lq, splits] (packed row
 //         q * G + head), which attention_combine_kernel merges.
-// scale_log2: p.scale * log2(e), so the softmax runs on exp2f (one MUFU instruction).
+// scale_log2: p.scale * log2(e). The softmax runs in base 2 on raw scores: the running max
+// is kept unscaled and each probability is ex2(s * c - max * c), one FFMA and one MUFU, with
+// c = |scale_log2| (Q's signs are flipped for a negative scale, which is exact) and at least
+// FLT_MIN, so that a masked score (-inf) never meets a zero scale.
 // Requires every row of q, k, v and out to start 16-byte aligned (cp.async, 16-byte stores).
 // kSplit: compiled twice, so the common unsplit launch carries none of the split path's
 // registers (the kernel sits at the 255-register limit at D = 128).
@@ -92,6 +100,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row g (and g + 8), column pair tq
 
   const int splits = kSplit ? splits_arg : 1;
+  const uint32_t q_sign = scale_log2 < 0.0f ? 0x80008000u : 0u;
+  const float c2 = fmaxf(fabsf(scale_log2), 1.17549435e-38f);
   int64_t t = blockIdx.x / splits;  // the split (blockIdx.x % splits) is recomputed where needed
   const int tile = int(t % tiles);
   t /= tiles;
@@ -125,6 +135,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   const int n_end = n_begin + per < ntiles_all ? n_begin + per : ntiles_all;
   const int lk = int(p.lk);
   auto sub_start = [&](int64_t s) -> int { return s < keys.count ? keys.start(s) : -1; };
+  auto sub_entry = [&](int64_t s) -> int32_t { return s < keys.count ? keys.entry(s) : -1; };
+  auto sub_start_from = [&](int64_t s, int32_t e) -> int { return s < keys.count ? keys.start_from(s, e) : -1; };
 
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_strides[0] + kvh * p.k_strides[1];
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_strides[0] + kvh * p.v_strides[1];
@@ -143,8 +155,9 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
       ptx::cp_async16(sq + C::at(r, ch), src, ok);
     }
   }
-  // Sub-block starts of the current tile (cur) and the next one (nxt): the index reads of
-  // tile n + 2 are issued one iteration before they are needed, off the critical path.
+  // Sub-block starts of the current tile (cur) and the next one (nxt). The mask entries of
+  // tile n + 2 are loaded at the top of iteration n and turned into starts at its end, so
+  // the loads' latency hides behind the tile's math.
   int cur0 = sub_start(2 * n_begin), cur1 = sub_start(2 * n_begin + 1);
   int nxt0 = sub_start(2 * n_begin + 2), nxt1 = sub_start(2 * n_begin + 3);
   if (n_end > n_begin) load_kv_tile<T, D>(sk, kbase, kstride, cur0, cur1, lk, tid);
@@ -152,11 +165,23 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   if (n_end > n_begin) load_kv_tile<T, D>(sv, vbase, vstride, cur0, cur1, lk, tid);
   ptx::cp_async_commit();
 
+  // Element offsets within a K / V tile of this lane's ldmatrix row for k step (K) or column
+  // pair (V) j = 0..3: PrefillConfig::at's swizzle touches only the low three chunk bits and
+  // the lane's row is fixed modulo 8, so steps j + 4 and the other 16-row groups are these
+  // plus constants (immediate offsets of the ldmatrix instructions).
+  int koff[4], voff[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r7 = lane % 8;
+    koff[j] = ((lane / 16) * 8 + r7) * D + (((2 * j + (lane / 8) % 2) ^ r7) << 3);
+    voff[j] = (((lane / 8) % 2) * 8 + r7) * D + (((2 * j + lane / 16) ^ r7) << 3);
+  }
+
   uint32_t qf[D / 16][4];   // A fragments of this warp's 16 Q rows, one per 16-wide k step
   float o[D / 8][4];        // O accumulators: 16 rows x D, n-tiles of 8 columns
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY;  // running max (base 2) of rows g and g + 8
+  float m0 = -INFINITY, m1 = -INFINITY;  // running max of the raw scores of rows g and g + 8
   float l0 = 0.0f, l1 = 0.0f;            // this thread's part of their running sums
 
   int stage = 0;
@@ -169,13 +194,17 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         ptx::ldmatrix_x4(qf[kk], sq + C::at(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * kk + lane / 16));
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) qf[kk][r] ^= q_sign;
     }
     // Tile n + 1 into the other buffer, which held tile n - 1 (finished: barrier above).
     if (n + 1 < n_end) load_kv_tile<T, D>(sk + (stage ^ 1) * C::kTileElems, kbase, kstride, nxt0, nxt1, lk, tid);
     ptx::cp_async_commit();
     if (n + 1 < n_end) load_kv_tile<T, D>(sv + (stage ^ 1) * C::kTileElems, vbase, vstride, nxt0, nxt1, lk, tid);
     ptx::cp_async_commit();
-    const int nn0 = sub_start(2 * n + 4), nn1 = sub_start(2 * n + 5);
+    const int32_t en0 = sub_entry(2 * n + 4), en1 = sub_entry(2 * n + 5);
 
     // Key range of the tile: which warps see any of it, and whether it needs a mask.
     const bool v0 = cur0 >= 0, v1 = cur1 >= 0;
@@ -199,26 +228,28 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
           // Matrices: keys +0/+8 (lane / 16) x columns +0/+8 ((lane / 8) % 2): B fragments
           // of key n-tiles 2np and 2np + 1 (K rows are B's columns: no transpose).
           uint32_t kf[4];
-          ptx::ldmatrix_x4(kf, ks + C::at(np * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2));
+          // = C::at(np * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2)
+          ptx::ldmatrix_x4(kf, ks + koff[kk % 4] + np * 16 * D + (kk / 4) * 64);
           ptx::mma_m16n8k16<T>(s[2 * np], qf[kk], kf, s[2 * np]);
           ptx::mma_m16n8k16<T>(s[2 * np + 1], qf[kk], kf + 2, s[2 * np + 1]);
         }
       }
-      // Scale to base 2, mask, and find the tile's row maxima.
+      // Mask (only tiles that need it), then the tile's row maxima of the raw scores.
+      if (!full) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int st = j < 4 ? cur0 : cur1;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = st + (j % 4) * 8 + 2 * tq + (c & 1);
+            // key <= limit implies key < Lk; st < 0 marks a missing sub-block.
+            if (st < 0 || key > (c < 2 ? lim0 : lim1)) s[j][c] = -INFINITY;
+          }
+        }
+      }
       float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float x = s[j][c] * scale_log2;
-          if (!full) {
-            const int st = j < 4 ? cur0 : cur1;
-            const int key = st + (j % 4) * 8 + 2 * tq + (c & 1);
-            // key <= limit implies key < Lk; st < 0 marks a missing sub-block.
-            if (st < 0 || key > (c < 2 ? lim0 : lim1)) x = -INFINITY;
-          }
-          s[j][c] = x;
-        }
         mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
         mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
       }
@@ -230,8 +261,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
       const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
       // While a row has seen no key its max stays -inf; exponentiating against 0 instead
       // keeps inf - inf (NaN) out: alpha and every p are then exactly 0.
-      const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-      const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+      const float base0 = mn0 == -INFINITY ? 0.0f : mn0 * c2, base1 = mn1 == -INFINITY ? 0.0f : mn1 * c2;
+      const float alpha0 = ptx::ex2(fmaf(m0, c2, -base0)), alpha1 = ptx::ex2(fmaf(m1, c2, -base1));
       m0 = mn0;
       m1 = mn1;
       l0 *= alpha0;
@@ -245,10 +276,10 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        s[j][0] = exp2f(s[j][0] - base0);
-        s[j][1] = exp2f(s[j][1] - base0);
-        s[j][2] = exp2f(s[j][2] - base1);
-        s[j][3] = exp2f(s[j][3] - base1);
+        s[j][0] = ptx::ex2(fmaf(s[j][0], c2, -base0));
+        s[j][1] = ptx::ex2(fmaf(s[j][1], c2, -base0));
+        s[j][2] = ptx::ex2(fmaf(s[j][2], c2, -base1));
+        s[j][3] = ptx::ex2(fmaf(s[j][3], c2, -base1));
         l0 += s[j][0] + s[j][1];
         l1 += s[j][2] + s[j][3];
       }
@@ -271,7 +302,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
           // form gives each lane two consecutive keys of one column. Matrices: keys +0/+8
           // ((lane / 8) % 2) x columns +0/+8 (lane / 16).
           uint32_t vf[4];
-          ptx::ldmatrix_x4_trans(vf, vs + C::at(kj * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * dp + lane / 16));
+          // = C::at(kj * 16 + ((lane / 8) % 2) * 8 + lane % 8, 2 * dp + lane / 16)
+          ptx::ldmatrix_x4_trans(vf, vs + voff[dp % 4] + kj * 16 * D + (dp / 4) * 64);
           ptx::mma_m16n8k16<T>(o[2 * dp], pa, vf, o[2 * dp]);
           ptx::mma_m16n8k16<T>(o[2 * dp + 1], pa, vf + 2, o[2 * dp + 1]);
         }
@@ -279,8 +311,8 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
     }
     cur0 = nxt0;
     cur1 = nxt1;
-    nxt0 = nn0;
-    nxt1 = nn1;
+    nxt0 = sub_start_from(2 * n + 4, en0);
+    nxt1 = sub_start_from(2 * n + 5, en1);
   }
 
   // Epilogue. No copy may still be landing in the Q tile (with no key tile, nobody waited).
@@ -307,7 +339,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
             make_float2(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
       if (tq == 0) {
         const float l = half ? l1 : l0, mm = half ? m1 : m0;
-        part_lse[slot] = l > 0.0f ? mm + log2f(l) : -INFINITY;
+        part_lse[slot] = l > 0.0f ? fmaf(mm, c2, log2f(l)) : -INFINITY;
       }
     }
   } else {
@@ -337,7 +369,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
         if (r < warp_rows) {
           const float l = half ? l1 : l0, mm = half ? m1 : m0;
           const int64_t pk = p0 + warp * 16 + r, h = kvh * group + pk % group, i = q0 + pk / group;
-          p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? (mm + log2f(l)) * kLn2 : -INFINITY;
+          p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? fmaf(mm, c2, log2f(l)) * kLn2 : -INFINITY;
         }
       }
     }

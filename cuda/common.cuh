@@ -216,6 +216,15 @@ template <> BS_DEVICE uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) 
   return d;
 }
 
+// 2^x with the MUFU unit alone (ex2.approx.ftz.f32: relative error ~2^-22, subnormal inputs
+// and results flushed to zero, ex2(-inf) = 0). exp2f without fast-math adds a range check
+// and two multiplies around the same instruction to keep subnormal results.
+BS_DEVICE float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 #endif  // !BITSWITCH_CUDA_EMULATION
 
 }  // namespace ptx

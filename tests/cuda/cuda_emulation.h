@@ -27,7 +27,7 @@
 //     cudaPeekAtLastError, cudaGetErrorString, cudaGetErrorName, cudaFuncSetAttribute,
 //     cudaGetDevice (always device 0);
 //   - bitswitch::cuda::ptx: mma_m16n8k16, ldmatrix_x4/_x4_trans/_x2/_x2_trans, cp_async16,
-//     cp_async_commit, cp_async_wait<N>, ld_stream, ld_nc, and_or, fma2, with the PTX ISA's semantics and
+//     cp_async_commit, cp_async_wait<N>, ld_stream, ld_nc, and_or, fma2, ex2, with the PTX ISA's semantics and
 //     the fragment layouts written in common.cuh;
 //   - cuda_emu::launch_kernel (what BS_LAUNCH expands to), cuda_emu::dynamic_shared_memory
 //     (BS_DYNAMIC_SMEM), cuda_emu::last_error(), cuda_emu::set_mode().
@@ -67,6 +67,7 @@
 #define MSL_EMU_CORE_ONLY 1
 #include "msl_emulation.h"
 
+#include <float.h>
 #include <math.h>
 
 #include <deque>
@@ -720,6 +721,13 @@ template <class T> inline uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     d |= uint32_t(bits) << (16 * half);
   }
   return d;
+}
+
+// ex2.approx.ftz.f32: subnormal inputs read as zero, subnormal results flush to +0.
+inline float ex2(float x) {
+  if (std::fabs(x) < FLT_MIN) x = 0.0f;
+  const float y = std::exp2(x);
+  return y < FLT_MIN ? 0.0f : y;
 }
 
 }  // namespace ptx

@@ -306,6 +306,22 @@ def test_running_max_moves(rng, lib):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_negative_and_zero_scales(rng, lib, dtype):
+    """The tensor-core kernel keeps its running max on raw scores and folds the scale into
+    the exponent (flipping Q's signs for a negative scale): a negative scale must still take
+    the max of the scaled scores, and a zero scale give uniform weights over the visible
+    keys with masked ones still excluded. float32 covers the SIMT kernel the same way."""
+    lq, lk, d, qo = 70, 300, 128, 230
+    q, k, v = make_qkv(rng, 1, 4, 2, lq, lk, d, dtype)
+    mask = make_mask("random", rng, q, k, qo, 64, 64)
+    for scale in (-0.3, -1e-3, 0.0):
+        for causal in (True, False):
+            ref, ref_lse = A.attention_reference(q, k, v, mask, causal=causal, scale=scale, q_offset=qo)
+            out, lse = attention(lib, q, k, v, mask, causal, qo, scale=scale)
+            check(out, lse, ref, ref_lse, dtype, f"scale {scale} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_strided_cache_views(rng, lib, dtype, d):
     """k and v narrow views of a larger KV cache (capacity > Lk), q with heads interleaved
