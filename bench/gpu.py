@@ -1,7 +1,7 @@
 """bitswitch's CUDA kernels against torch's on one NVIDIA GPU: `bitswitch bench gpu` (see
 python/bitswitch/bench_gpu.py). Prints a table last.
 
-    python bench/gpu.py [--quick] [--no-qmatmul] [--no-attention] [--e2e 0.6b,8b]
+    python bench/gpu.py [--quick] [--no-qmatmul] [--no-attention] [--decode-only] [--e2e 0.6b,8b]
 """
 
 import sys

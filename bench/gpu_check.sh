@@ -12,8 +12,9 @@
 # run of one part still leaves the others' output.
 #
 # SMALL_M_AB=1 adds, last, the qmatmul table of --quick with BITSWITCH_CUDA_SMALL_M=simt (the
-# FFMA GEMV and the 16-row GEMM tile in place of qmv_tc_kernel for 16-bit x with M <= 16), to
-# compare the two small-batch paths on this GPU (AB_TIMEOUT, 90 s by default).
+# FFMA GEMV and the 16-row GEMM tile in place of qmv_tc_kernel for 16-bit x with M <= 16), and
+# the decode attention rows with BITSWITCH_CUDA_DECODE=simt (the SIMT rows kernel in place of
+# the tensor-core one), to compare the paths on this GPU (AB_TIMEOUT, 90 s each by default).
 #
 # Uses the python3 that holds torch; needs cmake, pybind11, numpy, ml_dtypes, safetensors,
 # tokenizers and pytest there (no network access is needed).
@@ -44,6 +45,9 @@ bench_rc=$?
 if [ "${SMALL_M_AB:-0}" = 1 ]; then
   echo "== benchmark, BITSWITCH_CUDA_SMALL_M=simt"
   BITSWITCH_CUDA_SMALL_M=simt timeout "${AB_TIMEOUT:-90}" $py bench/gpu.py --quick --no-attention
+  echo "== decode attention, tensor-core kernel (default) then BITSWITCH_CUDA_DECODE=simt"
+  timeout "${AB_TIMEOUT:-90}" $py bench/gpu.py --no-qmatmul --decode-only
+  BITSWITCH_CUDA_DECODE=simt timeout "${AB_TIMEOUT:-90}" $py bench/gpu.py --no-qmatmul --decode-only
 fi
 echo "tests rc=$tests_rc sanitizer rc=$san_rc bench rc=$bench_rc"
 exit $(( tests_rc || san_rc || bench_rc ))

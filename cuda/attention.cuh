@@ -5,13 +5,15 @@
 //
 // Kernels (all launched by attention() below; templates in the two headers it includes):
 //   attention_prefill_kernel  (attention_prefill.cuh) bf16/f16 flash-attention-2 on tensor
-//                             cores: 64 query rows x 64-key tiles, 4 warps.
+//                             cores: 64 query rows x 64-key tiles, 4 warps. Prefill, and
+//                             bf16/f16 decode split over key ranges (see decode_on_tensor_cores).
 //   attention_rows_kernel     (attention_decode.cuh) SIMT, up to 8 query rows per CTA against
-//                             one range of the key list: decode (split-KV), float32, and
-//                             16-bit inputs whose addresses are not 16-byte aligned.
-//   attention_combine_kernel  (attention_decode.cuh) merges the split-KV partials (of the
-//                             rows kernel, or of the prefill kernel when a short query
-//                             chunk over a long cache leaves the GPU underfilled).
+//                             one range of the key list: float32 (decode split-KV), 16-bit
+//                             inputs whose addresses are not 16-byte aligned, and 16-bit decode
+//                             under BITSWITCH_CUDA_DECODE=simt.
+//   attention_combine_kernel  (attention_decode.cuh) merges the split-KV partials (of either
+//                             kernel: decode, or a short query chunk over a long cache that
+//                             leaves the GPU underfilled).
 //
 // Query rows are "packed" per kv head: the mask is per (batch, kv head, query block), so the
 // G = Hq / Hkv query heads that share a kv head also share its mask row and its K/V. Packed
@@ -34,6 +36,9 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 
@@ -82,7 +87,7 @@ constexpr int kSubBlock = 32;              // keys per sub-block (divides every 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Decode: at most this many packed rows (Lq * Hq / Hkv) in one query block take the split-KV
-// rows kernel; more rows fill tensor-core tiles well enough.
+// decode plan (many key ranges, see plan()); more rows fill tensor-core tiles well enough.
 constexpr int kDecodeMaxRows = 16;
 constexpr int kMaxSplits = 256;           // automatic split-KV never goes beyond this
 // Packed query rows per CTA of the rows kernel: every lane keeps an output slice, running
@@ -208,10 +213,33 @@ namespace bitswitch {
 namespace cuda {
 namespace attn {
 
-// How a call runs, decided from shapes alone (so attention_workspace_bytes, which sees no
-// pointers, agrees with the launch).
+// Whether bf16/f16 decode runs on the tensor-core kernel (the default) or on the SIMT rows
+// kernel: BITSWITCH_CUDA_DECODE=simt (read once per process) says the rows kernel, to compare
+// the two on a GPU; tests set decode_override() (-1: the environment's choice).
+//
+// Why tensor cores for a handful of rows: the rows kernel converts and multiplies every key
+// on the FMA pipe for each query row, ~7 lane-instructions per byte of K/V at GQA 4 (SASS),
+// which is about what an H200 can issue per byte of its bandwidth, and it loads the next
+// key range only after the current one's math. The tile kernel wastes most of its 16-row
+// mma tiles on 4 rows, but issues ~0.7 lane-instructions per byte and double-buffers its
+// key tiles with cp.async.
+inline int& decode_override() {
+  static int v = -1;
+  return v;
+}
+inline bool decode_on_tensor_cores() {
+  static const bool env = [] {
+    const char* v = std::getenv("BITSWITCH_CUDA_DECODE");
+    return !(v != nullptr && std::strcmp(v, "simt") == 0);
+  }();
+  return decode_override() >= 0 ? decode_override() != 0 : env;
+}
+
+// How a call runs, decided from shapes (and decode_on_tensor_cores) alone, so
+// attention_workspace_bytes, which sees no pointers, agrees with the launch.
 struct Plan {
-  bool decode = false;  // one query block of <= kDecodeMaxRows packed rows: split-KV rows kernel
+  bool decode = false;  // one query block of <= kDecodeMaxRows packed rows: split-KV decode
+  bool decode_tiles = false;  // ... on the tensor-core kernel (16-bit dtypes; rows kernel otherwise)
   int64_t rows = 0;     // packed rows Lq * G (every query block's)
   int64_t splits = 1;   // key ranges wanted per CTA (decode, and bf16/f16 prefill)
   size_t split_bytes = 0;  // workspace per split: [B, Hkv, rows] x (D + 1) floats
@@ -224,12 +252,20 @@ inline Plan plan(const AttentionParams& p, int num_sms) {
   Plan pl;
   const int64_t group = p.hq / p.hkv, nqb = ceil_div(p.lq, p.block_q);
   pl.decode = nqb == 1 && group * p.lq <= kDecodeMaxRows;
+  pl.decode_tiles = pl.decode && p.dtype != DType::kFloat32 && decode_on_tensor_cores();
   pl.rows = group * p.lq;
   pl.split_bytes = size_t(p.b * p.hkv * pl.rows) * size_t(p.d + 1) * sizeof(float);
   const int64_t sms = num_sms > 0 ? num_sms : 100;
   if (pl.decode) {
     if (p.kv_splits > 0) {
       pl.splits = p.kv_splits;
+    } else if (pl.decode_tiles) {
+      // Two CTAs per SM (the tile kernel's shared memory allows two at D = 128 on sm_80 and
+      // sm_90), each range at least two 64-key tiles so the pipeline's fill and the combine
+      // stay small against the range.
+      const int64_t ctas = p.b * p.hkv;
+      const int64_t want = ceil_div(2 * sms, ctas), most = ceil_div(ceil_div(p.lk, 2 * kSubBlock), 2);
+      pl.splits = want < most ? want : most;
     } else {
       // Two CTAs per SM (what the rows kernel's registers allow) hide one key range's load
       // latency behind the other's math; each split keeps at least two sub-blocks (64 keys)
@@ -285,29 +321,9 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
   constexpr int kRows = kRowsPerCta;
   constexpr int kRowsThreads = RowsConfig<T, D>::kThreads;
 
-  if (pl.decode) {
-    int64_t splits = pl.splits;
-    const int64_t fit = pl.split_bytes ? int64_t(workspace ? workspace_bytes / pl.split_bytes : 0) : 0;
-    if (splits > fit) splits = fit;
-    if (splits < 1) splits = 1;
-    const int64_t rgroups = ceil_div(pl.rows, kRows);
-    const int64_t grid = p.b * p.hkv * rgroups * splits;
-    if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    float* part_o = nullptr;
-    float* part_lse = nullptr;
-    if (splits > 1) {
-      part_o = static_cast<float*>(workspace);
-      part_lse = part_o + p.b * p.hkv * pl.rows * splits * D;
-    }
-    cudaError_t e = BS_LAUNCH((attention_rows_kernel<T, D>), grid, kRowsThreads, 0, stream, p,
-                              int(rgroups), int(splits), scale_log2, aligned, part_o, part_lse);
-    if (e != cudaSuccess || splits == 1) return e;
-    return BS_LAUNCH((attention_combine_kernel<T, D>), p.b * p.hkv * pl.rows, D, 0, stream, p, int(splits),
-                     static_cast<const float*>(part_o), static_cast<const float*>(part_lse));
-  }
-
   if constexpr (sizeof(T) == 2) {
-    if (aligned) {
+    // Prefill, and decode unless BITSWITCH_CUDA_DECODE=simt: the tensor-core kernel.
+    if (aligned && (!pl.decode || pl.decode_tiles)) {
       using C = PrefillConfig<T, D>;
       static_assert(C::kRows == kPrefillRows, "plan() sizes prefill CTAs by kPrefillRows");
       const int64_t tiles = ceil_div(group * (p.lq < p.block_q ? p.lq : p.block_q), C::kRows);
@@ -337,6 +353,29 @@ cudaError_t attention_run(const AttentionParams& p, void* workspace, size_t work
       return BS_LAUNCH((attention_combine_kernel<T, D>), p.b * p.hkv * pl.rows, D, 0, stream, p, int(splits),
                        static_cast<const float*>(part_o), static_cast<const float*>(part_lse));
     }
+  }
+
+  // Decode in float32, on unaligned 16-bit rows or under BITSWITCH_CUDA_DECODE=simt: the
+  // rows kernel over pl.splits key ranges.
+  if (pl.decode) {
+    int64_t splits = pl.splits;
+    const int64_t fit = pl.split_bytes ? int64_t(workspace ? workspace_bytes / pl.split_bytes : 0) : 0;
+    if (splits > fit) splits = fit;
+    if (splits < 1) splits = 1;
+    const int64_t rgroups = ceil_div(pl.rows, kRows);
+    const int64_t grid = p.b * p.hkv * rgroups * splits;
+    if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    float* part_o = nullptr;
+    float* part_lse = nullptr;
+    if (splits > 1) {
+      part_o = static_cast<float*>(workspace);
+      part_lse = part_o + p.b * p.hkv * pl.rows * splits * D;
+    }
+    cudaError_t e = BS_LAUNCH((attention_rows_kernel<T, D>), grid, kRowsThreads, 0, stream, p,
+                              int(rgroups), int(splits), scale_log2, aligned, part_o, part_lse);
+    if (e != cudaSuccess || splits == 1) return e;
+    return BS_LAUNCH((attention_combine_kernel<T, D>), p.b * p.hkv * pl.rows, D, 0, stream, p, int(splits),
+                     static_cast<const float*>(part_o), static_cast<const float*>(part_lse));
   }
 
   // float32, or 16-bit rows that cp.async cannot copy: the SIMT kernel, one key range.

@@ -9,7 +9,8 @@
 // rows' normalized partial output and log2-sum-exp to the workspace; the combine kernel
 // merges them. The same kernel with one split writes the result directly: that is the
 // float32 path (no tensor cores for float32) and the path of 16-bit inputs whose rows are
-// not 16-byte aligned (element loads).
+// not 16-byte aligned (element loads). Aligned bf16/f16 decode runs on the tensor-core tile
+// kernel unless BITSWITCH_CUDA_DECODE=simt (attention.cuh, decode_on_tensor_cores).
 //
 // Thread layout: 4 warps; a warp splits D over kLanes lanes (16 bytes each), so it reads
 // kGroups = 32 / kLanes keys at a time; each 32-key sub-block gives every warp 8 keys

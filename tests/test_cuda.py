@@ -219,6 +219,18 @@ def test_decode_matches_float64(rng, dtype, d):
         assert rel_err(out.float().cpu().numpy(), ref) <= ATTN_TOL[dtype], (kind, splits)
 
 
+@gpu_only
+def test_decode_on_the_rows_kernel():
+    """BITSWITCH_CUDA_DECODE=simt (read once per process): the decode test above on the SIMT
+    rows kernel, which bf16/f16 decode no longer takes by default."""
+    env = dict(os.environ, BITSWITCH_CUDA_DECODE="simt", PYTHONPATH=os.pathsep.join(sys.path))
+    test = f"{__file__}::test_decode_matches_float64"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], capture_output=True,
+                       text=True, env=env, cwd=Path(__file__).parent, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "6 passed" in r.stdout, r.stdout[-2000:]
+
+
 def test_page_selection_runs_on_cuda_tensors(rng):
     """select_pages on a CUDA q and the mask it builds, through bitswitch.torch.attention."""
     b, hq, hkv, d, lk = 1, 8, 2, 128, 1000

@@ -1,6 +1,7 @@
 """bitswitch's CUDA kernels against torch's, on one NVIDIA GPU, in one run.
 
-    bitswitch bench gpu [--quick] [--no-qmatmul] [--no-attention] [--e2e 0.6b,8b] [--context N]
+    bitswitch bench gpu [--quick] [--no-qmatmul] [--no-attention] [--decode-only] [--e2e 0.6b,8b]
+                        [--context N]
     python bench/gpu.py ...        (the same)
 
 qmatmul: torch.ops.bitswitch.qmatmul (INT4 and INT8 views of one nibble-plane weight, group
@@ -18,7 +19,8 @@ attention: bitswitch.torch.attention prefill (causal, B=1, 32 query / 8 kv heads
 against SDPA's flash backend (dense causal) and flex_attention (compiled) with the same
 block mask; decode (one token over the same cache) dense and with 64 pages selected on the
 GPU (select_pages_at, included in the time), and a 64-token chunk over the cache (prefill
-split-KV), against SDPA.
+split-KV), against SDPA. --decode-only runs just the decode rows at 8K and 32K (with
+BITSWITCH_CUDA_DECODE=simt: the SIMT rows kernel instead of the tensor-core one).
 
 --e2e: Qwen3 decode tokens/s on random weights of the real shapes, bitswitch in performance
 (INT8) and efficiency (INT4) modes, with the step captured in CUDA graphs and eager, against
@@ -210,7 +212,7 @@ def _density_mask(density: float, lq: int, block: int, hkv: int):
     return A.BlockMask.from_block_table(table, block, block, lq, lq), table
 
 
-def bench_attention(rows: list, quick: bool) -> None:
+def bench_attention(rows: list, quick: bool, decode_only: bool = False) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from . import torch as bt
@@ -221,6 +223,10 @@ def bench_attention(rows: list, quick: bool) -> None:
     except ImportError:
         flex = None
     hq, hkv, d, block = 32, 8, 128, 128
+    if decode_only:
+        for lq in (8192, 32768):
+            bench_decode(rows, lq, hq, hkv, d)
+        return
     for lq in ((8192,) if quick else (8192, 32768)):
         q = torch.randn(1, hq, lq, d, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(1, hkv, lq, d, dtype=torch.bfloat16, device="cuda")
@@ -345,6 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer shapes (8B only, M 1/16/2048, 8K attention)")
     ap.add_argument("--no-qmatmul", action="store_true")
     ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="of attention, only decode (8K and 32K caches)")
     ap.add_argument("--e2e", default="", help="comma-separated model shapes for decode tokens/s (0.6b, 8b)")
     ap.add_argument("--context", type=int, default=128,
                     help="e2e prompt tokens before decoding (past 4096, efficiency mode selects pages)")
@@ -363,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bench_qmatmul(rows, args.quick, copy_gbs)
         bench_split_k(rows)
     if not args.no_attention:
-        bench_attention(rows, args.quick)
+        bench_attention(rows, args.quick, args.decode_only)
     if args.e2e:
         bench_e2e(rows, [m.strip() for m in args.e2e.split(",") if m.strip()], context=args.context)
     print("\nratios: anchor time / bitswitch time (above 1: bitswitch faster). "

@@ -3,7 +3,8 @@ attention_{bf16,f16,f32}.cu compiled by g++ under cuda_emulation.h and launched 
 bitswitch::cuda::attention, against float64 dense attention with the block mask expanded
 (bitswitch.attention.attention_reference), as tests/test_attention.py checks the CPU kernels.
 
-Covered: bfloat16 / float16 (tensor-core prefill, SIMT decode) and float32 (SIMT), head dims
+Covered: bfloat16 / float16 (tensor-core prefill and decode; the SIMT rows kernel for decode
+under BITSWITCH_CUDA_DECODE=simt and for unaligned rows) and float32 (SIMT), head dims
 64 and 128, causal or not, GQA groups 1 to 8, q_offset (chunked prefill), every mask kind the
 mask builders make (dense, causal, streaming, random, runtime-selected, Quest pages), rows that
 see no key, strided q / k / v / out views, lengths off the tile and block grids, decode with
@@ -97,12 +98,16 @@ extern "C" uint64_t bs_attention_workspace(int dtype, const int64_t* dims, int b
   return bitswitch::cuda::attention_workspace_bytes(p, num_sms);
 }
 
-// 1 when the call takes the split-KV decode path (rows kernel + combine), else 0.
+// 1 when the call takes the split-KV decode plan (tile or rows kernel + combine), else 0.
 extern "C" int bs_attention_is_decode(const int64_t* dims, int block_q) {
   const int64_t strides[12] = {};
   const AttentionParams p = params(0, dims, strides, nullptr, nullptr, 0, block_q, 64, 1, 1.0f, 0, 0);
   return bitswitch::cuda::attn::plan(p, 1).decode ? 1 : 0;
 }
+
+// 1: bf16/f16 decode on the tensor-core kernel (the default); 0: BITSWITCH_CUDA_DECODE=simt's
+// rows kernel; -1: the environment's choice.
+extern "C" void bs_set_decode_tensor_cores(int on) { bitswitch::cuda::attn::decode_override() = on; }
 '''
 
 DTYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -123,7 +128,17 @@ def _load(lib):
     lib.bs_attention_workspace.restype = ctypes.c_uint64
     lib.bs_attention_is_decode.argtypes = [p, i32]
     lib.bs_attention_is_decode.restype = i32
+    lib.bs_set_decode_tensor_cores.argtypes = [i32]
     return lib
+
+
+@pytest.fixture(params=["tiles", "simt"])
+def decode_kernel(request, lib):
+    """Both bf16/f16 decode kernels: the tensor-core tile kernel (the default) and the SIMT
+    rows kernel (BITSWITCH_CUDA_DECODE=simt)."""
+    lib.bs_set_decode_tensor_cores(1 if request.param == "tiles" else 0)
+    yield request.param
+    lib.bs_set_decode_tensor_cores(-1)
 
 
 def _dtype(a: np.ndarray) -> str:
@@ -341,7 +356,7 @@ DECODE_ROWS = [(1, 1), (2, 3), (4, 1), (4, 2), (8, 1), (4, 4), (2, 7)]  # (GQA g
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_decode_splits(rng, lib, d):
+def test_decode_splits(rng, lib, d, decode_kernel):
     """The split-KV path for every row count it takes (one and two row groups): no mask, a
     subset of blocks, rows that see no key (and a kv head with no block at all); automatic,
     1, 3 and 13 splits (more than there are blocks), and workspaces too small for the splits
@@ -370,7 +385,7 @@ def test_decode_splits(rng, lib, d):
                     assert np.all(np.asarray(out[:, :, :4], np.float32) == 0), what
 
 
-def test_decode_page_selection(rng, lib):
+def test_decode_page_selection(rng, lib, decode_kernel):
     """Quest-style pages chosen from the key summaries (one query block, Lq = 1, GQA 4, as
     Qwen3-8B decodes) drive the split-KV kernel; automatic splits on a larger GPU."""
     b, hq, hkv, lk, d = 1, 8, 2, 700, 128
@@ -520,6 +535,14 @@ def test_workspace_and_paths(lib):
     decode = dims(1, 32, 8, 1, 4096)  # Qwen3-8B decode: 8 kv heads, GQA 4
     ws = lib.bs_attention_workspace(1, decode.ctypes.data, 64, 64, 0, 132)
     assert ws > 0 and ws % (8 * 4 * 129 * 4) == 0  # whole splits of [B, Hkv, rows, D + 1] floats
+    # Automatic splits: two CTAs per SM over the 8 (b, kv head) pairs, 33 ranges; the tile
+    # kernel keeps at least two 64-key tiles per range (32 of them at 4096 keys).
+    for on, splits in ((1, 32), (0, 33)):
+        lib.bs_set_decode_tensor_cores(on)
+        try:
+            assert lib.bs_attention_workspace(1, decode.ctypes.data, 64, 64, 0, 132) == splits * 8 * 4 * 129 * 4
+        finally:
+            lib.bs_set_decode_tensor_cores(-1)
     assert lib.bs_attention_workspace(1, decode.ctypes.data, 64, 64, 1, 132) == 0  # one split: none
     assert lib.bs_attention_workspace(1, decode.ctypes.data, 64, 64, 5, 132) == 5 * 8 * 4 * 129 * 4
     prefill = dims(1, 32, 8, 300, 300)
