@@ -491,11 +491,16 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
   int64_t staged = -1;
   for (int64_t rg = blockIdx.y; rg < shape.row_groups; rg += gridDim.y) {
     const int64_t n0 = (rg * kTcWarps + warp) * 16;
-    // This lane's two W rows (g, g + 8): plane rows as uint4 (one per chunk) and the first
-    // scale index; rows past N read row 0's addresses but never load.
+    // This lane's two W rows (g, g + 8): plane rows as uint4 (one per chunk) and the rows of
+    // scales, so the loop indexes them with 32-bit chunk and group numbers (one wide
+    // multiply-add per load, no 64-bit arithmetic); a bias sits bias_delta bytes after its
+    // scale (one pointer pair less: the 32-row tile is at the 128-register cap). Rows past N
+    // read row 0 (S = B = 0).
+    const int64_t scale_bytes = p.scale_dtype == DType::kFloat32 ? 4 : 2;
+    const int64_t bias_delta = static_cast<const char*>(p.biases) - static_cast<const char*>(p.scales);
     const uint4* prow0[2];
     const uint4* prow1[2];
-    int64_t srow[2];
+    const char* srow[2];
     bool rok[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -504,7 +509,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
       const int64_t nn = rok[r] ? n : 0;
       prow0[r] = reinterpret_cast<const uint4*>(p.plane0 + nn * words);
       prow1[r] = reinterpret_cast<const uint4*>((kPlanes == 2 ? p.plane1 : p.plane0) + nn * words);
-      srow[r] = nn * groups;
+      srow[r] = static_cast<const char*>(p.scales) + nn * groups * scale_bytes;
     }
     float acc[kXTiles][4];
 #pragma unroll
@@ -551,15 +556,15 @@ __global__ void __launch_bounds__(kTcThreads, 2) qmv_tc_kernel(const QMatmulPara
           for (int r = 0; r < 2; ++r) {
             const bool ok = rok[r] && lc < nch;
             const int c = int(cs) + (lc < nch ? lc : 0);  // chunk index in the row (K / 32 < 2^31)
-            const int64_t si = srow[r] + (c >> group_shift);
+            const int gi = c >> group_shift;
             w0[u][r] = ptx::ld_stream(prow0[r] + c);
             w1[u][r] = kPlanes == 2 ? ptx::ld_stream(prow1[r] + c) : make_uint4(0, 0, 0, 0);
             if (kStored) {
-              const uint16_t s = static_cast<const uint16_t*>(p.scales)[si];
-              const uint16_t b = static_cast<const uint16_t*>(p.biases)[si];
+              const uint16_t* sp = reinterpret_cast<const uint16_t*>(srow[r]) + gi;
+              const uint16_t s = *sp, b = *reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(sp) + bias_delta);
               f[u][r] = tc_affine_stored<T>(ok ? s : uint16_t(0), ok ? b : uint16_t(0));
             } else {
-              const float s = load_scale(p.scales, si, p.scale_dtype), b = load_scale(p.biases, si, p.scale_dtype);
+              const float s = load_scale(srow[r], gi, p.scale_dtype), b = load_scale(srow[r] + bias_delta, gi, p.scale_dtype);
               f[u][r] = tc_affine<T, kPlanes>(ok ? s : 0.0f, ok ? b : 0.0f);
             }
           }
