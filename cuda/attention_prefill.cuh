@@ -80,8 +80,8 @@ BS_DEVICE void load_kv_tile(T* dst, const T* src, int64_t stride, int s0, int s1
 //         lse directly, more write each range's normalized output and base-2 log-sum-exp to
 //         part_o [B, Hkv, G * Lq, splits, D] / part_lse [B, Hkv, G * Lq, splits] (packed row
 //         q * G + head), which attention_combine_kernel merges.
-// scale_log2: p.scale * log2(e). The softmax runs in base 2 on raw scores: the running max
-// is kept unscaled and each probability is ex2(s * c - max * c), one FFMA and one MUFU, with
+// scale_log2: p.scale * log2(e). The softmax runs in base 2 on raw scores: the tile's max is
+// taken unscaled and each probability is ex2(s * c - max * c), one FFMA and one MUFU, with
 // c = |scale_log2| (Q's signs are flipped for a negative scale, which is exact) and at least
 // FLT_MIN, so that a masked score (-inf) never meets a zero scale.
 // Requires every row of q, k, v and out to start 16-byte aligned (cp.async, 16-byte stores).
@@ -181,7 +181,10 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
   float o[D / 8][4];        // O accumulators: 16 rows x D, n-tiles of 8 columns
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY;  // running max of the raw scores of rows g and g + 8
+  // Running max of rows g and g + 8 in base 2: the raw max times c2, rounded, which is also
+  // the exponent base of every probability computed against it (so alpha is exactly 1 while
+  // the max stays).
+  float m0 = -INFINITY, m1 = -INFINITY;
   float l0 = 0.0f, l1 = 0.0f;            // this thread's part of their running sums
 
   int stage = 0;
@@ -258,11 +261,12 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      // c2 > 0: scaling keeps the order (and -inf stays -inf).
+      const float mn0 = fmaxf(m0, mx0 * c2), mn1 = fmaxf(m1, mx1 * c2);
       // While a row has seen no key its max stays -inf; exponentiating against 0 instead
       // keeps inf - inf (NaN) out: alpha and every p are then exactly 0.
-      const float base0 = mn0 == -INFINITY ? 0.0f : mn0 * c2, base1 = mn1 == -INFINITY ? 0.0f : mn1 * c2;
-      const float alpha0 = ptx::ex2(fmaf(m0, c2, -base0)), alpha1 = ptx::ex2(fmaf(m1, c2, -base1));
+      const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
+      const float alpha0 = ptx::ex2(m0 - base0), alpha1 = ptx::ex2(m1 - base1);
       m0 = mn0;
       m1 = mn1;
       l0 *= alpha0;
@@ -339,7 +343,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
             make_float2(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
       if (tq == 0) {
         const float l = half ? l1 : l0, mm = half ? m1 : m0;
-        part_lse[slot] = l > 0.0f ? fmaf(mm, c2, log2f(l)) : -INFINITY;
+        part_lse[slot] = l > 0.0f ? mm + log2f(l) : -INFINITY;
       }
     }
   } else {
@@ -369,7 +373,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
         if (r < warp_rows) {
           const float l = half ? l1 : l0, mm = half ? m1 : m0;
           const int64_t pk = p0 + warp * 16 + r, h = kvh * group + pk % group, i = q0 + pk / group;
-          p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? fmaf(mm, c2, log2f(l)) * kLn2 : -INFINITY;
+          p.lse[(b * p.hq + h) * p.lq + i] = l > 0.0f ? (mm + log2f(l)) * kLn2 : -INFINITY;
         }
       }
     }

@@ -320,6 +320,24 @@ def test_running_max_moves(rng, lib):
         assert np.max(np.abs(lse - ref_lse)) <= 1e-4 * max(1.0, np.max(np.abs(ref_lse))), dtype
 
 
+def test_max_set_early_and_kept(rng, lib, decode_kernel):
+    """One key scores far above all others (the running max is set on the first tile and
+    never moves) over 64 tiles of keys, with scores large in base 2: every tile's rescale
+    must be exactly 1, or the sum (and the lse) drifts by the max's rounding once per tile."""
+    lk, d = 4096, 64
+    u = rng.standard_normal(d).astype(np.float32)
+    u /= np.linalg.norm(u)
+    q = cast(np.broadcast_to(40.0 * u, (1, 8, 1, d)).copy(), "bfloat16")
+    k = rng.standard_normal((1, 2, lk, d)).astype(np.float32) * 0.5
+    k[:, :, 3] = 30.0 * u  # scores ~1200 for key 3, ~+-20 for the rest
+    k = cast(k, "bfloat16")
+    v = cast(rng.standard_normal((1, 2, lk, d)).astype(np.float32), "bfloat16")
+    for scale in (1.0, 0.73):
+        ref, ref_lse = A.attention_reference(q, k, v, None, causal=True, scale=scale, q_offset=lk - 1)
+        out, lse = attention(lib, q, k, v, None, True, lk - 1, scale=scale, kv_splits=1)
+        check(out, lse, ref, ref_lse, "bfloat16", f"scale {scale}")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_negative_and_zero_scales(rng, lib, dtype):
     """The tensor-core kernel keeps its running max on raw scores and folds the scale into
