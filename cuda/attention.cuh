@@ -218,7 +218,8 @@ namespace attn {
 // the two on a GPU; tests set decode_override() (-1: the environment's choice).
 //
 // Why tensor cores for a handful of rows: the rows kernel converts and multiplies every key
-// on the FMA pipe for each query row, ~7 lane-instructions per byte of K/V at GQA 4 (SASS),
+// on the FMA pipe for each query row, ~7 lane-instructions per byte of K/V at GQA 4 (an
+// estimate from the source and its SASS: the loop holds both load paths and unrolled rows),
 // which is about what an H200 can issue per byte of its bandwidth, and it loads the next
 // key range only after the current one's math. The tile kernel wastes most of its 16-row
 // mma tiles on 4 rows, but issues ~0.7 lane-instructions per byte and double-buffers its
