@@ -266,18 +266,24 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(const AttentionP
       // While a row has seen no key its max stays -inf; exponentiating against 0 instead
       // keeps inf - inf (NaN) out: alpha and every p are then exactly 0.
       const float base0 = mn0 == -INFINITY ? 0.0f : mn0, base1 = mn1 == -INFINITY ? 0.0f : mn1;
-      const float alpha0 = ptx::ex2(m0 - base0), alpha1 = ptx::ex2(m1 - base1);
+      // Rescale what was accumulated only where a row's max moved: otherwise alpha is exactly
+      // 1 (or the row has seen nothing and its O and sum are 0), and once a long key list
+      // has set the max most tiles skip the D / 2 multiplies (a branch, not predication: the
+      // warp takes it when any of its rows moved).
+      if (mn0 != m0 || mn1 != m1) {
+        const float alpha0 = ptx::ex2(m0 - base0), alpha1 = ptx::ex2(m1 - base1);
+        l0 *= alpha0;
+        l1 *= alpha1;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          o[j][0] *= alpha0;
+          o[j][1] *= alpha0;
+          o[j][2] *= alpha1;
+          o[j][3] *= alpha1;
+        }
+      }
       m0 = mn0;
       m1 = mn1;
-      l0 *= alpha0;
-      l1 *= alpha1;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[j][0] *= alpha0;
-        o[j][1] *= alpha0;
-        o[j][2] *= alpha1;
-        o[j][3] *= alpha1;
-      }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         s[j][0] = ptx::ex2(fmaf(s[j][0], c2, -base0));

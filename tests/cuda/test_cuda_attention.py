@@ -320,22 +320,36 @@ def test_running_max_moves(rng, lib):
         assert np.max(np.abs(lse - ref_lse)) <= 1e-4 * max(1.0, np.max(np.abs(ref_lse))), dtype
 
 
+def _base_rounding(score: float, scale: float) -> float:
+    """How far the kernels' base-2 max, float32(score * float32(scale * log2 e)), lies from the
+    exact product, in units in the last place of the base."""
+    c = np.float32(np.float32(scale) * np.float32(1.4426950408889634))
+    base = np.float32(np.float32(score) * c)
+    return abs(float(score) * float(c) - float(base)) / float(np.spacing(base))
+
+
 def test_max_set_early_and_kept(rng, lib, decode_kernel):
-    """One key scores far above all others (the running max is set on the first tile and
-    never moves) over 64 tiles of keys, with scores large in base 2: every tile's rescale
-    must be exactly 1, or the sum (and the lse) drifts by the max's rounding once per tile."""
+    """One key scores far above all others (the running max is set on its tile and never
+    moves) over 64 tiles of keys: every later tile's rescale must be exactly 1, or the sum and
+    the lse drift by the base-2 max's rounding once per tile. The scale is picked so that this
+    rounding is at least 0.4 units in the last place: a drifting kernel misses the lse by over
+    0.4 * 62 ulp (~2e-3 here), a correct one stays within float32's reach of the value (~1200)."""
     lk, d = 4096, 64
-    u = rng.standard_normal(d).astype(np.float32)
-    u /= np.linalg.norm(u)
-    q = cast(np.broadcast_to(40.0 * u, (1, 8, 1, d)).copy(), "bfloat16")
-    k = rng.standard_normal((1, 2, lk, d)).astype(np.float32) * 0.5
-    k[:, :, 3] = 30.0 * u  # scores ~1200 for key 3, ~+-20 for the rest
-    k = cast(k, "bfloat16")
+    q = np.zeros((1, 8, 1, d), np.float32)
+    q[..., 0] = 40.0
+    k = rng.standard_normal((1, 2, lk, d)).astype(np.float32)
+    k[..., 0] *= 0.5   # other keys score 40 * N(0, 0.25): far below key 3, whose score is 1200
+    k[:, :, 3] = 0.0
+    k[:, :, 3, 0] = 30.0
+    q, k = cast(q, "bfloat16"), cast(k, "bfloat16")
     v = cast(rng.standard_normal((1, 2, lk, d)).astype(np.float32), "bfloat16")
-    for scale in (1.0, 0.73):
-        ref, ref_lse = A.attention_reference(q, k, v, None, causal=True, scale=scale, q_offset=lk - 1)
-        out, lse = attention(lib, q, k, v, None, True, lk - 1, scale=scale, kv_splits=1)
-        check(out, lse, ref, ref_lse, "bfloat16", f"scale {scale}")
+    scale = max((1.0 + i / 64 for i in range(64)), key=lambda sc: _base_rounding(1200.0, sc))
+    assert _base_rounding(1200.0, scale) >= 0.4
+    ref, ref_lse = A.attention_reference(q, k, v, None, causal=True, scale=scale, q_offset=lk - 1)
+    out, lse = attention(lib, q, k, v, None, True, lk - 1, scale=scale, kv_splits=1)
+    check(out, None, ref, None, "bfloat16", f"scale {scale}")
+    err = np.max(np.abs(lse - ref_lse))
+    assert err <= 1e-4 + 4e-7 * np.max(np.abs(ref_lse)), (scale, err)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
