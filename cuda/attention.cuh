@@ -37,9 +37,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common.cuh"
 
 namespace bitswitch {
@@ -229,11 +226,8 @@ inline int& decode_override() {
   return v;
 }
 inline bool decode_on_tensor_cores() {
-  static const bool env = [] {
-    const char* v = std::getenv("BITSWITCH_CUDA_DECODE");
-    return !(v != nullptr && std::strcmp(v, "simt") == 0);
-  }();
-  return decode_override() >= 0 ? decode_override() != 0 : env;
+  static const bool env = env_not_simt("BITSWITCH_CUDA_DECODE");
+  return ab_switch_on(decode_override(), env);
 }
 
 // How a call runs, decided from shapes (and decode_on_tensor_cores) alone, so

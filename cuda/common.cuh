@@ -17,6 +17,9 @@
 
 #include <stdint.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(BITSWITCH_CUDA_EMULATION)
 // cuda_emulation.h (included before this header) defines the built-ins, the element types
 // and every function of namespace bitswitch::cuda::ptx below.
@@ -109,6 +112,15 @@ BS_DEVICE float load_scale(const void* p, int64_t i, DType t) {
     case DType::kFloat16: return to_float(static_cast<const __half*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
+}
+
+// A host-side A/B switch between a kernel path and an older one kept for comparisons: true
+// (the new path) unless the environment variable `env` equals "simt"; the caller reads it
+// once per process and passes it in. override >= 0 (tests) wins: 1 new path, 0 the old one.
+inline bool ab_switch_on(int override, bool env_on) { return override >= 0 ? override != 0 : env_on; }
+inline bool env_not_simt(const char* env) {
+  const char* v = std::getenv(env);
+  return !(v != nullptr && std::strcmp(v, "simt") == 0);
 }
 
 // ---- PTX -----------------------------------------------------------------------------------

@@ -38,8 +38,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 
@@ -991,11 +989,8 @@ inline int& small_m_override() {
   return v;
 }
 inline bool small_m_on_tensor_cores() {
-  static const bool env = [] {
-    const char* v = std::getenv("BITSWITCH_CUDA_SMALL_M");
-    return !(v != nullptr && std::strcmp(v, "simt") == 0);
-  }();
-  return small_m_override() >= 0 ? small_m_override() != 0 : env;
+  static const bool env = env_not_simt("BITSWITCH_CUDA_SMALL_M");
+  return ab_switch_on(small_m_override(), env);
 }
 inline constexpr int qmm_tile_rows(int64_t m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
